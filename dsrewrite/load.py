@@ -1,0 +1,396 @@
+"""Stage 1, load: turn a model spec (a file, a module path, a zoo name, a saved model) into a module.
+
+Spec grammar (see README):
+
+* ``path/to/file.py`` — the model is found by convention (``build_model`` / ``get_model`` /
+  ``create_model``, then a module-level ``model``, then the one ``nn.Module`` subclass the file
+  defines that takes no arguments). ``example_inputs()`` or ``INPUT_SHAPE`` in the file give
+  the default input.
+* ``path/to/file.py:NAME`` and ``package.module:NAME`` — a factory, a class or an instance.
+* ``torchvision:NAME`` and ``timm:NAME`` — zoo models with random weights.
+* ``model.pt`` / ``model.pth`` — a TorchScript archive, or a pickled module (``trust_pickle``).
+* ``program.pt2`` — a ``torch.export`` program.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError, ModelLoadError, UsageError
+
+FACTORY_NAMES = ("build_model", "get_model", "create_model")
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "double": torch.float64,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32,
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model and what the loader learned about it."""
+
+    model: nn.Module
+    spec: str
+    #: Inputs the model's source proposes (``example_inputs()``, ``INPUT_SHAPE``, a .pt2's own inputs).
+    example_inputs: tuple | None = None
+    #: The file and line where the model is defined, when known (for CI annotations).
+    source_file: str | None = None
+    source_line: int | None = None
+    #: ``python`` (fx-traceable source), ``torchscript``, ``export`` or ``pickle``.
+    origin: str = "python"
+
+
+def parse_kwargs(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``['num_classes=10', 'name=tiny'] -> {'num_classes': 10, 'name': 'tiny'}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--arg expects key=value with a Python identifier as key, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
+def load_model(spec: str, kwargs: dict[str, Any] | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Resolve a model spec to a :class:`LoadedModel`; raises :class:`ModelLoadError` on failure."""
+    kwargs = kwargs or {}
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("empty model spec: give a file (model.py), module:NAME or torchvision:NAME")
+    zoo, sep, name = spec.partition(":")
+    if sep and zoo in ("torchvision", "timm"):
+        return _load_zoo(zoo, name, kwargs, spec)
+    path_part, name = _split_file_spec(spec)
+    suffix = Path(path_part).suffix.lower()
+    if suffix in (".pt", ".pth", ".ts", ".pt2", ".pkl", ".bin"):
+        if name:
+            raise ModelLoadError(f"{spec}: a saved model takes no :NAME part")
+        if kwargs:
+            raise UsageError("--arg is for factories; a saved model takes no arguments")
+        return _load_saved(Path(path_part), trust_pickle, spec)
+    if suffix == ".py" or os.sep in path_part or "/" in path_part:
+        return _load_file(Path(path_part), name, kwargs, spec)
+    if sep:
+        return _load_module_attr(path_part, name, kwargs, spec)
+    raise ModelLoadError(
+        f"cannot read model spec {spec!r}: give a file (model.py or model.py:NAME), "
+        "package.module:NAME, torchvision:NAME, timm:NAME, or a saved .pt/.pth/.pt2 file"
+    )
+
+
+def _split_file_spec(spec: str) -> tuple[str, str]:
+    """Split ``file.py:NAME`` (a Windows drive letter ``C:`` is not a separator)."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or (len(head) == 1 and head.isalpha()) or "/" in tail or "\\" in tail:
+        return spec, ""
+    return head, tail
+
+
+# ---------------------------------------------------------------------------------- zoo
+
+
+def _load_zoo(zoo: str, name: str, kwargs: dict, spec: str) -> LoadedModel:
+    if not name:
+        raise ModelLoadError(f"{spec}: name a model, e.g. {zoo}:resnet50")
+    try:
+        lib = importlib.import_module("torchvision.models" if zoo == "torchvision" else "timm")
+    except ImportError:
+        raise ModelLoadError(f"{spec}: {zoo} is not installed; run: pip install {zoo}") from None
+    if zoo == "torchvision":
+        available = sorted(lib.list_models())
+        if name not in available:
+            raise ModelLoadError(f"{spec}: torchvision has no model {name!r}{_did_you_mean(name, available)}")
+        build: Callable = lambda: lib.get_model(name, weights=None, **kwargs)  # noqa: E731
+        factory = getattr(lib, name, None)
+    else:
+        available = sorted(lib.list_models())
+        if name not in available:
+            raise ModelLoadError(f"{spec}: timm has no model {name!r}{_did_you_mean(name, available)}")
+        build = lambda: lib.create_model(name, pretrained=False, **kwargs)  # noqa: E731
+        factory = None
+    model = _call_factory(build, f"{zoo} {name}()")
+    file, line = _source_of(factory or type(model))
+    return LoadedModel(model, spec, None, file, line)
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------- python files
+
+
+def _load_file(path: Path, name: str, kwargs: dict, spec: str) -> LoadedModel:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder; give a .py file that builds the model")
+    module = _import_file(path)
+    if name:
+        if not hasattr(module, name):
+            raise ModelLoadError(f"{path}: defines no {name!r}{_did_you_mean(name, _public_names(module))}")
+        loaded = _materialize(getattr(module, name), kwargs, f"{path}:{name}", spec)
+    else:
+        loaded = _materialize(_discover(module, path), kwargs, str(path), spec)
+    loaded.example_inputs = _example_inputs_of(module, path)
+    return loaded
+
+
+def _import_file(path: Path):
+    """Import a user's file as a fresh module, with its folder importable for sibling imports."""
+    module_name = f"_dsrewrite_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"{path}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # the user's module-level code raised
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(f"{path}: importing the file raised {type(e).__name__}: {e}") from e
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+    return module
+
+
+def _public_names(module) -> list[str]:
+    return [n for n in vars(module) if not n.startswith("_")]
+
+
+def _discover(module, path: Path):
+    """Find the model in a file by the documented convention."""
+    for factory in FACTORY_NAMES:
+        obj = getattr(module, factory, None)
+        if callable(obj):
+            return obj
+    obj = getattr(module, "model", None)
+    if isinstance(obj, nn.Module):
+        return obj
+    classes = [
+        c for c in vars(module).values()
+        if inspect.isclass(c) and issubclass(c, nn.Module) and c.__module__ == module.__name__
+    ]
+    buildable = [c for c in classes if _constructible_without_args(c)]
+    if len(buildable) == 1:
+        return buildable[0]
+    if not classes:
+        raise ModelLoadError(
+            f"{path}: no model found; define build_model() (or get_model/create_model), "
+            "a module-level `model`, or an nn.Module class"
+        )
+    names = ", ".join(sorted(c.__name__ for c in (buildable or classes)))
+    if not buildable:
+        raise ModelLoadError(
+            f"{path}: its nn.Module classes ({names}) all need arguments; "
+            f"name a factory as {path}:NAME and pass --arg key=value"
+        )
+    raise ModelLoadError(f"{path}: several nn.Module classes ({names}); pick one as {path}:NAME")
+
+
+def _constructible_without_args(cls) -> bool:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in list(params)[1:]
+    )
+
+
+def _materialize(obj, kwargs: dict, where: str, spec: str) -> LoadedModel:
+    """Turn a factory, class or instance into a module."""
+    if isinstance(obj, nn.Module):
+        if kwargs:
+            raise UsageError(f"{where} is a module instance; --arg only applies to factories and classes")
+        model = obj
+        file, line = _source_of(type(obj))
+    elif callable(obj):
+        model = _call_factory(lambda: obj(**kwargs), f"{where}()")
+        file, line = _source_of(obj)
+    else:
+        raise ModelLoadError(f"{where} is a {type(obj).__name__}, not a model, a class or a factory")
+    return LoadedModel(model, spec, None, file, line)
+
+
+def _call_factory(build: Callable[[], Any], what: str) -> nn.Module:
+    try:
+        model = build()
+    except TypeError as e:
+        raise ModelLoadError(f"calling {what} failed: {e} (pass arguments with --arg key=value)") from e
+    except Exception as e:
+        raise ModelLoadError(f"calling {what} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{what} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _source_of(obj) -> tuple[str | None, int | None]:
+    try:
+        file = inspect.getsourcefile(obj)
+        _, line = inspect.getsourcelines(obj)
+        return file, line
+    except (TypeError, OSError):
+        return None, None
+
+
+def _example_inputs_of(module, path: Path) -> tuple | None:
+    """Default inputs a file proposes: ``example_inputs()`` or ``INPUT_SHAPE``."""
+    fn = getattr(module, "example_inputs", None)
+    if callable(fn):
+        try:
+            value = fn()
+        except Exception as e:
+            raise ModelLoadError(f"{path}: example_inputs() raised {type(e).__name__}: {e}") from e
+        return as_input_tuple(value, f"{path}: example_inputs()")
+    shape = getattr(module, "INPUT_SHAPE", None)
+    if shape is not None:
+        shapes = [shape] if shape and isinstance(shape[0], int) else list(shape)
+        return make_inputs([tuple(s) for s in shapes], torch.float32)
+    return None
+
+
+def _load_module_attr(module_name: str, name: str, kwargs: dict, spec: str) -> LoadedModel:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ModelLoadError(f"{spec}: cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?") from e
+    except Exception as e:
+        raise ModelLoadError(f"{spec}: importing {module_name} raised {type(e).__name__}: {e}") from e
+    if not name:
+        raise ModelLoadError(f"{spec}: name the factory, class or instance as {module_name}:NAME")
+    if not hasattr(module, name):
+        raise ModelLoadError(f"{spec}: {module_name} defines no {name!r}{_did_you_mean(name, _public_names(module))}")
+    loaded = _materialize(getattr(module, name), kwargs, spec, spec)
+    loaded.example_inputs = _example_inputs_of(module, Path(getattr(module, "__file__", module_name)))
+    return loaded
+
+
+# ------------------------------------------------------------------------------ saved models
+
+
+def _load_saved(path: Path, trust_pickle: bool, spec: str) -> LoadedModel:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.suffix.lower() == ".pt2":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a torch.export program ({type(e).__name__}: {e})") from e
+        args, kwargs = program.example_inputs or ((), {})
+        return LoadedModel(program.module(), spec, tuple(args) or None, str(path), None, origin="export")
+    if _is_torchscript(path):
+        try:
+            return LoadedModel(torch.jit.load(str(path), map_location="cpu"), spec, None, str(path), None,
+                               origin="torchscript")
+        except Exception as e:
+            raise ModelLoadError(f"{path}: broken TorchScript archive ({type(e).__name__}: {e})") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"{path}: holds a pickled module, and loading a pickle runs code from the file; "
+                "re-run with --trust-pickle if you trust its source"
+            ) from e
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise ModelLoadError(f"{path}: cannot be loaded ({type(e2).__name__}: {e2})") from e2
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, spec, None, str(path), None, origin="pickle")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(
+            f"{path}: holds a state_dict (weights only), not a model; "
+            "analyze the code that builds it (file.py:factory) instead"
+        )
+    raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder (pickled torch.save zips have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``'1,3,224,224'`` (or ``1x3x224x224``) ``-> (1, 3, 224, 224)``."""
+    parts = [p for p in text.replace("x", ",").replace("×", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape expects comma-separated integers such as 1,3,224,224, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape expects positive sizes such as 1,3,224,224, got {text!r}")
+    return shape
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``'bfloat16' -> torch.bfloat16``."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; choose from {', '.join(sorted(set(DTYPES)))}") from None
+
+
+def make_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Meta tensors of the given shapes: they carry shape and dtype, no memory and no values."""
+    return tuple(torch.empty(s, dtype=dtype, device="meta") for s in shapes)
+
+
+def as_input_tuple(value, what: str) -> tuple:
+    """Normalize a user's example inputs (a tensor, a tuple or list of them) to a tuple."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise InputError(f"{what} must return a tensor or a tuple of tensors, got {type(value).__name__}")
+
+
+def resolve_inputs(
+    loaded: LoadedModel,
+    shapes: list[tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple:
+    """Inputs to analyze with: explicit shapes win, then the model's own proposal, then 1×3×224×224."""
+    if shapes:
+        return make_inputs(shapes, dtype or torch.float32)
+    if loaded.example_inputs is not None:
+        if dtype is None:
+            return loaded.example_inputs
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in loaded.example_inputs)
+    return make_inputs([DEFAULT_INPUT_SHAPE], dtype or torch.float32)

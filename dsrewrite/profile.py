@@ -1,0 +1,654 @@
+"""Stage 3, profile: shapes and costs of every op, one row per conv call site.
+
+The model runs once on **meta tensors**: tensors that carry shape and dtype but no memory,
+so analysis time and memory do not grow with resolution or batch size. A
+``TorchDispatchMode`` sees every aten op, inside traced code and inside untraced leaves
+alike, prices it with the handlers in :mod:`dsrewrite.costs`, and attributes it to the
+fx node and the module that ran it. Facts go onto ``node.meta`` (``val``,
+``dsrewrite_macs``, ``dsrewrite_depth``); the graph itself is never edited.
+
+Shape functions for the commonest shape-preserving ops (pointwise, in-place, batch and
+layer norm) answer directly, because torch's meta kernels for them are Python
+decompositions that would dominate analysis time. Everything else runs its meta kernel.
+If an op has no meta kernel, or the model mixes real tensors into its forward, the
+profile is taken with one real forward instead, and the report says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from .costs import OpCall, handler_for, op_kind
+from .errors import InputError
+from .trace import TraceResult
+
+aten = torch.ops.aten
+OP_KIND_NAMES = ("conv", "linear", "matmul", "other")
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+
+
+@dataclasses.dataclass
+class ConvProfile:
+    """One convolution call site: its geometry, cost and place in the network."""
+
+    index: int
+    name: str
+    #: Qualified name of the conv module (None for a functional ``F.conv*d`` call).
+    module_name: str | None
+    module_type: str
+    #: 1-based call number of this module, and how many times the module is called.
+    call_index: int
+    calls: int
+    kind: str  # standard / depthwise / grouped / pointwise / transposed
+    transposed: bool
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    in_channels: int
+    out_channels: int
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    activation_bytes: int
+    macs_share: float
+    depth: int
+    depth_fraction: float
+    downsamples: bool
+    weight_name: str | None
+    #: The fx node that ran it (None when it ran in an untraced model).
+    fx_node: str | None
+    #: False when the conv sits inside an untraced leaf (it is costed, but cannot be rewritten in-graph).
+    traced: bool
+    has_bias: bool
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class KindTotals:
+    """MACs, parameters and call count of one op kind."""
+
+    macs: int = 0
+    params: int = 0
+    calls: int = 0
+
+
+@dataclasses.dataclass
+class ModelProfile:
+    """Everything the profiler learned about a model on given inputs."""
+
+    input_shapes: list[tuple[int, ...]]
+    output_shapes: list[tuple[int, ...]]
+    dtype: str
+    convs: list[ConvProfile]
+    params: int
+    param_bytes: int
+    buffer_bytes: int
+    macs: int
+    activation_bytes: int
+    peak_activation_bytes: int | None
+    by_kind: dict[str, KindTotals]
+    #: ``aten.op -> {"calls": n, "where": first module or node}`` for ops no handler prices.
+    unsupported_ops: dict[str, dict]
+    untraced: dict[str, str]
+    trace_method: str
+    #: ``meta`` (no arithmetic) or ``real`` (fell back to one real forward; see notes).
+    propagation: str
+    notes: list[str]
+
+    @property
+    def flops(self) -> int:
+        """FLOPs, derived as 2 × MACs (never counted separately)."""
+        return 2 * self.macs
+
+
+def classify_conv(groups: int, in_channels: int, out_channels: int, kernel: tuple, transposed: bool) -> str:
+    """standard / depthwise / grouped / pointwise / transposed."""
+    if transposed:
+        return "transposed"
+    if groups > 1 and groups == in_channels and out_channels % in_channels == 0:
+        return "depthwise"
+    if groups > 1:
+        return "grouped"
+    if all(k == 1 for k in kernel):
+        return "pointwise"
+    return "standard"
+
+
+def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None) -> ModelProfile:
+    """Propagate shapes and costs through a traced model (see module docstring)."""
+    model = traced.root
+    notes: list[str] = []
+    can_meta = not isinstance(model, torch.jit.ScriptModule)
+    if not can_meta:
+        notes.append("TorchScript archive: profiled with one real forward (its parameters cannot become meta tensors)")
+    with _eval_mode(model), torch.no_grad():
+        if can_meta:
+            try:
+                return _profile_once(traced, inputs, dtype, meta=True, notes=notes)
+            except _NeedsRealForward as e:
+                notes.append(f"profiled with one real forward: meta propagation failed at {e.where}: {e.reason}")
+        return _profile_once(traced, inputs, dtype, meta=False, notes=notes)
+
+
+class _NeedsRealForward(Exception):
+    def __init__(self, where: str, reason: str):
+        super().__init__(reason)
+        self.where, self.reason = where, reason
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Profile in eval mode (as published counts are), restoring each module's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _meta_state(model: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[int, str]]:
+    """Swap every parameter and buffer for a meta tensor; yield ``id(meta tensor) -> name``.
+
+    Shared tensors stay shared (one meta tensor per original), so a parameter used at two
+    call sites is recognized as one.
+    """
+    replacements: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    saved: list[tuple[dict, str, Any]] = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for key, t in list(store.items()):
+                if t is None:
+                    continue
+                meta = replacements.get(id(t))
+                if meta is None:
+                    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    meta = torch.empty_like(t, device="meta", dtype=target)
+                    replacements[id(t)] = meta
+                    names[id(meta)] = f"{mod_name}.{key}" if mod_name else key
+                saved.append((store, key, t))
+                store[key] = meta
+    try:
+        yield names
+    finally:
+        for store, key, t in saved:
+            store[key] = t
+
+
+def _real_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
+def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: list[str]) -> ModelProfile:
+    model = traced.root
+    if meta:
+        run_inputs = tuple(_as_meta(x) for x in inputs)
+        state = _meta_state(model, dtype)
+    else:
+        run_inputs = tuple(_as_real(x) for x in inputs)
+        state = contextlib.nullcontext(_real_names(model))
+    with state as tensor_names:
+        counter = _Counter(model, tensor_names, meta, traced.untraced)
+        with counter.hooks(), counter:
+            if traced.graph is not None:
+                outputs = _run_graph(traced.graph, model, run_inputs, counter)
+            else:
+                outputs = counter.guard(lambda: model(*run_inputs), "forward")
+    return counter.finish(traced, inputs, outputs, dtype, "meta" if meta else "real", notes)
+
+
+def _as_meta(x):
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _as_real(x):
+    if isinstance(x, torch.Tensor):
+        return torch.zeros(x.shape, dtype=x.dtype) if x.is_meta else x
+    return x
+
+
+# ---------------------------------------------------------------------------- graph walk
+
+
+def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Counter"):
+    """Execute an fx graph node by node (like ``fx.Interpreter``, without building a GraphModule)."""
+    env: dict[fx.Node, Any] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if len(inputs) < len(required) or len(inputs) > len(placeholders):
+        names = ", ".join(n.target for n in placeholders)
+        raise InputError(
+            f"the model takes {len(required)}–{len(placeholders)} inputs ({names}) but {len(inputs)} "
+            "were given; pass --input-shape once per input"
+            if len(required) != len(placeholders) else
+            f"the model takes {len(placeholders)} input(s) ({names}) but {len(inputs)} were given; "
+            "pass --input-shape once per input"
+        )
+    feed = iter(inputs)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
+    release: dict[int, list[fx.Node]] = collections.defaultdict(list)
+    for n, i in last_use.items():
+        release[i].append(n)
+
+    def load(a):
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    for node in graph.nodes:
+        counter.enter(node)
+        if node.op == "placeholder":
+            value = next(feed, None) if len(env) < len(inputs) else (node.args[0] if node.args else None)
+        elif node.op == "get_attr":
+            value = _fetch_attr(root, node.target)
+        elif node.op == "call_module":
+            mod = root.get_submodule(node.target)
+            args, kwargs = load(node.args), load(node.kwargs)
+            value = counter.guard(lambda: mod(*args, **kwargs), node.target)
+        elif node.op == "call_function":
+            args, kwargs = load(node.args), load(node.kwargs)
+            value = counter.guard(lambda: node.target(*args, **kwargs), node.name)
+        elif node.op == "call_method":
+            args, kwargs = load(node.args), load(node.kwargs)
+            value = counter.guard(lambda: getattr(args[0], node.target)(*args[1:], **kwargs), node.name)
+        else:  # output
+            counter.leave(node, None, env)
+            return load(node.args[0])
+        env[node] = value
+        counter.leave(node, value, env)
+        for done in release[order[node]]:
+            counter.release(done)
+    return None
+
+
+def _fetch_attr(root: nn.Module, target: str):
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ------------------------------------------------------------------------- dispatch counter
+
+
+@dataclasses.dataclass
+class _RawConv:
+    module_name: str | None
+    module_type: str
+    name_hint: str
+    args: tuple
+    out: Any
+    macs: int
+    depth: int
+    weight_name: str | None
+    fx_node: str | None
+    traced: bool
+
+
+class _Counter(TorchDispatchMode):
+    """Prices every aten op and attributes it to the current fx node and module."""
+
+    def __init__(self, model: nn.Module, tensor_names: dict[int, str], meta: bool, untraced: dict[str, str]):
+        super().__init__()
+        self.model = model
+        self.tensor_names = tensor_names
+        self.meta = meta
+        self.untraced_prefixes = tuple(f"{n}." for n in untraced if n) + tuple(n for n in untraced if n)
+        self.root_untraced = "" in untraced
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.node: fx.Node | None = None
+        self.node_base_depth = 0
+        self.node_weighted = 0
+        self.running_depth = 0
+        self.raw_convs: list[_RawConv] = []
+        self.by_kind = {k: KindTotals() for k in OP_KIND_NAMES}
+        self.params_by_kind: dict[str, set[str]] = {k: set() for k in OP_KIND_NAMES}
+        self.unsupported: dict[str, dict] = {}
+        self.activation_bytes = 0
+        self.live: dict[fx.Node, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    # -- module attribution
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        if not isinstance(self.model, torch.jit.ScriptModule):
+            seen: set[int] = set()
+            for name, mod in self.model.named_modules():
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                handles.append(mod.register_forward_pre_hook(self._push(name)))
+                handles.append(mod.register_forward_hook(self._pop, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _push(self, name: str):
+        def hook(mod, args):
+            self.stack.append((name, mod))
+        return hook
+
+    def _pop(self, mod, args, out):
+        if self.stack and self.stack[-1][1] is mod:
+            self.stack.pop()
+
+    # -- fx node bookkeeping
+    def enter(self, node: fx.Node) -> None:
+        self.node = node
+        deps = node.all_input_nodes
+        self.node_base_depth = max((d.meta.get("dsrewrite_depth", 0) for d in deps), default=0)
+        self.node_weighted = 0
+        node.meta["dsrewrite_macs"] = 0
+
+    def leave(self, node: fx.Node, value, env) -> None:
+        node.meta["dsrewrite_depth"] = self.node_base_depth + self.node_weighted
+        if node.op == "output":
+            return
+        # Keep shapes, not activations: after a real-forward fallback the values are real tensors.
+        node.meta["val"] = value if self.meta else tree_map_only(
+            torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
+        inputs = {id(t) for t in tree_flatten(fx.node.map_arg((node.args, node.kwargs), lambda n: env[n]))[0]
+                  if isinstance(t, torch.Tensor)}
+        fresh = sum(_nbytes(t) for t in tree_flatten(value)[0]
+                    if isinstance(t, torch.Tensor) and id(t) not in inputs and t._base is None)
+        self.live[node] = fresh
+        self.live_bytes += fresh
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release(self, node: fx.Node) -> None:
+        self.live_bytes -= self.live.pop(node, 0)
+
+    def guard(self, fn, where: str):
+        """Run one node; turn failures into a real-forward fallback or a clear input error."""
+        try:
+            return fn()
+        except (InputError, _NeedsRealForward):
+            raise
+        except Exception as e:
+            message = (str(e).strip().splitlines() or [""])[0]
+            if self.meta and (isinstance(e, NotImplementedError) or "meta" in message.lower()):
+                raise _NeedsRealForward(where, f"{type(e).__name__}: {message}") from e
+            raise InputError(f"the model rejects the input at {where}: {type(e).__name__}: {message}") from e
+
+    # -- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = self._compute(func, args, kwargs)
+        known, handler = handler_for(func)
+        if not known:
+            entry = self.unsupported.setdefault(str(func.overloadpacket), {"calls": 0, "where": self._where()})
+            entry["calls"] += 1
+        elif handler is not None:
+            self._record(func, handler, args, kwargs, out)
+        if not func.is_view and torch.Tag.inplace not in func.tags:
+            self.activation_bytes += sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+    def _compute(self, func, args, kwargs):
+        if self.meta:
+            fast = _fast_shape(func, args, kwargs)
+            if fast is not None:
+                return fast
+        return func(*args, **kwargs)
+
+    def _record(self, func, handler, args, kwargs, out) -> None:
+        macs = int(handler(OpCall(func, args, kwargs, out)))
+        kind = op_kind(func)
+        linear_module = self._linear_module()
+        if kind == "matmul" and linear_module is not None:
+            kind = "linear"
+            self.params_by_kind["linear"].update(
+                n for n in (self.tensor_names.get(id(p)) for p in linear_module.parameters(recurse=False)) if n)
+        elif kind == "matmul" and self._node_is_linear():
+            kind = "linear"
+            self.params_by_kind["linear"].update(self._node_param_names())
+        totals = self.by_kind[kind]
+        totals.macs += macs
+        totals.calls += 1
+        if self.node is not None:
+            self.node.meta["dsrewrite_macs"] += macs
+        if kind in ("conv", "linear", "matmul"):
+            self.node_weighted += 1
+            self.running_depth += 1
+        depth = self.node_base_depth + self.node_weighted if self.node is not None else self.running_depth
+        if kind == "conv":
+            tensors = [a for a in args[1:3] if isinstance(a, torch.Tensor)]
+            self.params_by_kind["conv"].update(n for n in (self.tensor_names.get(id(t)) for t in tensors) if n)
+            self._record_conv(args, out, macs, depth)
+
+    def _linear_module(self) -> nn.Module | None:
+        if self.stack and isinstance(self.stack[-1][1], nn.Linear):
+            return self.stack[-1][1]
+        return None
+
+    def _node_is_linear(self) -> bool:
+        return self.node is not None and self.node.op == "call_function" and self.node.target in _LINEAR_FUNCTIONS
+
+    def _node_param_names(self) -> set[str]:
+        names = set()
+        for a in self.node.all_input_nodes:
+            if a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor):
+                name = self.tensor_names.get(id(a.meta["val"]))
+                if name:
+                    names.add(name)
+        return names
+
+    def _record_conv(self, args, out, macs: int, depth: int) -> None:
+        weight = args[1]
+        weight_name = self.tensor_names.get(id(weight))
+        path, mod = self._enclosing()
+        is_module = isinstance(mod, nn.modules.conv._ConvNd) and weight_name == (f"{path}.weight" if path else "weight")
+        node_name = self.node.name if self.node is not None else None
+        if is_module:
+            module_name, module_type, hint = path, type(mod).__name__, path
+        else:
+            op = node_name if (self.node is not None and self.node.op != "call_module") else "conv"
+            module_name, module_type = None, "functional"
+            hint = f"{path}.{op}" if path else op
+        self.raw_convs.append(_RawConv(
+            module_name, module_type, hint, args, out, macs, depth, weight_name, node_name,
+            traced=not self._inside_untraced(path),
+        ))
+
+    def _enclosing(self) -> tuple[str, nn.Module | None]:
+        """The innermost module running now: from hooks, else from the fx node's module stack."""
+        if self.stack:
+            return self.stack[-1]
+        if self.node is not None:
+            stack = self.node.meta.get("nn_module_stack")
+            if stack:
+                path = _stack_path(list(stack.values())[-1])
+                try:
+                    return path, self.model.get_submodule(path)
+                except AttributeError:
+                    return path, None
+        return "", None
+
+    def _inside_untraced(self, path: str) -> bool:
+        return self.root_untraced or bool(path) and path.startswith(self.untraced_prefixes)
+
+    def _where(self) -> str:
+        if self.stack:
+            return self.stack[-1][0] or "(model)"
+        return self.node.name if self.node is not None else "(model)"
+
+    # -- results
+    def finish(self, traced: TraceResult, inputs, outputs, dtype, propagation: str, notes: list[str]) -> ModelProfile:
+        model = traced.root
+        params = list(model.parameters())
+        n_params = sum(p.numel() for p in params)
+        eff = (lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        param_bytes = sum(p.numel() * _itemsize(eff(p)) for p in params)
+        buffer_bytes = sum(b.numel() * _itemsize(eff(b)) for b in model.buffers())
+        sizes = dict(model.named_parameters())
+        for kind in ("conv", "linear"):
+            self.by_kind[kind].params = sum(sizes[n].numel() for n in self.params_by_kind[kind] if n in sizes)
+        self.by_kind["other"].params = n_params - self.by_kind["conv"].params - self.by_kind["linear"].params
+        total_macs = sum(k.macs for k in self.by_kind.values())
+        convs = _conv_rows(self.raw_convs, total_macs)
+        in_bytes = sum(_nbytes(t) for t in inputs if isinstance(t, torch.Tensor))
+        peak = self.peak_bytes if traced.graph is not None else None
+        if peak is not None:
+            peak = max(peak, in_bytes)
+        out_shapes = [tuple(t.shape) for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+        return ModelProfile(
+            input_shapes=[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+            output_shapes=out_shapes,
+            dtype=str(dtype or _first_dtype(inputs)).replace("torch.", ""),
+            convs=convs,
+            params=n_params,
+            param_bytes=param_bytes,
+            buffer_bytes=buffer_bytes,
+            macs=total_macs,
+            activation_bytes=self.activation_bytes + in_bytes,
+            peak_activation_bytes=peak,
+            by_kind=self.by_kind,
+            unsupported_ops=self.unsupported,
+            untraced=dict(traced.untraced),
+            trace_method=traced.method,
+            propagation=propagation,
+            notes=notes,
+        )
+
+
+def _conv_rows(raw: list[_RawConv], total_macs: int) -> list[ConvProfile]:
+    calls = collections.Counter(r.module_name for r in raw if r.module_name)
+    seen: collections.Counter = collections.Counter()
+    hint_count = collections.Counter(r.name_hint for r in raw)
+    hint_seen: collections.Counter = collections.Counter()
+    max_depth = max((r.depth for r in raw), default=1) or 1
+    rows = []
+    for i, r in enumerate(raw):
+        x, w, bias = r.args[0], r.args[1], r.args[2]
+        stride, padding, dilation = (tuple(int(v) for v in r.args[k]) for k in (3, 4, 5))
+        transposed, groups = bool(r.args[6]), int(r.args[8])
+        out = r.out[0] if isinstance(r.out, (tuple, list)) else r.out
+        batched = x.dim() == w.dim()
+        in_channels = int(x.shape[1] if batched else x.shape[0])
+        out_channels = int(out.shape[1] if batched else out.shape[0])
+        kernel = tuple(int(k) for k in w.shape[2:])
+        if r.module_name:
+            seen[r.module_name] += 1
+            call_index, n_calls = seen[r.module_name], calls[r.module_name]
+        else:
+            call_index, n_calls = 1, 1
+        hint_seen[r.name_hint] += 1
+        name = r.name_hint if hint_count[r.name_hint] == 1 else f"{r.name_hint}#{hint_seen[r.name_hint]}"
+        rows.append(ConvProfile(
+            index=i,
+            name=name,
+            module_name=r.module_name,
+            module_type=r.module_type,
+            call_index=call_index,
+            calls=n_calls,
+            kind=classify_conv(groups, in_channels, out_channels, kernel, transposed),
+            transposed=transposed,
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            input_shape=tuple(int(s) for s in x.shape),
+            output_shape=tuple(int(s) for s in out.shape),
+            params=int(w.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)),
+            macs=r.macs,
+            activation_bytes=_nbytes(x) + _nbytes(out),
+            macs_share=r.macs / total_macs if total_macs else 0.0,
+            depth=r.depth,
+            depth_fraction=round(r.depth / max_depth, 4),
+            downsamples=not transposed and any(s > 1 for s in stride),
+            weight_name=r.weight_name,
+            fx_node=r.fx_node,
+            traced=r.traced,
+            has_bias=isinstance(bias, torch.Tensor),
+        ))
+    return rows
+
+
+def _stack_path(entry) -> str:
+    """An ``nn_module_stack`` value is ``(qualified path, type)``; export may write ``L['self'].a[0]``."""
+    path = entry[0] if isinstance(entry, tuple) else str(entry)
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".").replace("[", ".").replace("]", "").replace("'", "")
+    return path
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _first_dtype(inputs) -> torch.dtype:
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            return t.dtype
+    return torch.float32
+
+
+# --------------------------------------------------------------------- fast shape functions
+
+_BOOL_RESULT = ("eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "signbit",
+                "logical_and", "logical_or", "logical_not", "logical_xor", "isneginf", "isposinf")
+_NORMS_WITH_STATS = {aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def _fast_shape(func, args, kwargs):
+    """Output of a shape-preserving op on meta tensors, or None to run the op's meta kernel."""
+    if func in _NORMS_WITH_STATS:
+        x = args[0]
+        stats = torch.empty((0,), dtype=x.dtype, device="meta")
+        return torch.empty_like(x), stats, stats.clone()
+    if func is aten.native_layer_norm.default:
+        x, normalized = args[0], args[1]
+        stat_shape = tuple(x.shape[: x.dim() - len(normalized)]) + (1,) * len(normalized)
+        stats = torch.empty(stat_shape, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype,
+                            device="meta")
+        return torch.empty_like(x), stats, stats.clone()
+    tags = func.tags
+    if "out" in kwargs or len(func._schema.returns) != 1:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or not all(isinstance(a, (torch.Tensor, int, float, bool)) or a is None for a in args):
+        return None
+    if torch.Tag.inplace in tags and torch.Tag.inplace_view not in tags and args[0] is tensors[0]:
+        return args[0] if tensors[0].shape == torch.broadcast_shapes(*(t.shape for t in tensors)) else None
+    if torch.Tag.pointwise not in tags:
+        return None
+    dtype = tensors[0].dtype
+    if not dtype.is_floating_point or any(t.dtype != dtype for t in tensors):
+        return None
+    if func.__name__.split(".")[0] in _BOOL_RESULT:
+        dtype = torch.bool
+    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
