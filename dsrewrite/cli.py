@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import DsrewriteError, ExitCode, exit_code_for
+from .errors import ConfigError, DsrewriteError, ExitCode, exit_code_for
 from .load import parse_dtype, parse_kwargs, parse_shape
 from .settings import ModelSettings, OutputSettings, default_map, find_config
 
@@ -46,13 +47,13 @@ def model_options(fn):
 def output_options(formats: tuple[str, ...]):
     """``--format`` and ``-o``, shared by every command that writes a report."""
     def decorate(fn):
-        @click.option("--format", "fmt", type=click.Choice(formats), default=formats[0], show_default=True,
+        @click.option("--format", "format", type=click.Choice(formats), default=formats[0], show_default=True,
                       help="Report format.")
         @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
                       help="Write the report to this file (atomically) instead of stdout.")
         @functools.wraps(fn)
-        def wrapper(*a, fmt, output, **kw):
-            return fn(*a, output_settings=OutputSettings(fmt, output), **kw)
+        def wrapper(*a, format, output, **kw):  # noqa: A002 (the option's name in pyproject is "format")
+            return fn(*a, output_settings=OutputSettings(format, output), **kw)
         return wrapper
     return decorate
 
@@ -65,14 +66,50 @@ def _as_list(value) -> list:
     return list(value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """The command group; turns every failure into one line and a documented exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DsrewriteError as e:
+            if (ctx.obj or {}).get("debug"):
+                traceback.print_exc()
+            click.echo(f"dsrewrite: error: {e}", err=True)
+            ctx.exit(exit_code_for(e, ctx.invoked_subcommand or ""))
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("dsrewrite: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug in dsrewrite: still one line unless --debug
+            if (ctx.obj or {}).get("debug"):
+                traceback.print_exc()
+            click.echo(f"dsrewrite: internal error: {type(e).__name__}: {e} "
+                       "(re-run with --debug for the traceback)", err=True)
+            ctx.exit(ExitCode.INTERNAL_ERROR)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dsrewrite")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Settings file (default: the nearest dsrewrite.toml, or pyproject.toml with [tool.dsrewrite]).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, config_file: str | None) -> None:
     """Profile every conv of a PyTorch model; rewrite heavy ones as depthwise-separable blocks."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    try:
+        path = Path(config_file) if config_file else find_config()
+        if config_file and not path.is_file():
+            raise ConfigError(f"{config_file}: no such config file")
+        ctx.obj["config"] = path
+        # [tool.dsrewrite.<command>] fills the subcommand's defaults; flags still win.
+        ctx.default_map = default_map(path)
+    except DsrewriteError as e:
+        click.echo(f"dsrewrite: error: {e}", err=True)
+        ctx.exit(ExitCode.BAD_INPUT)
 
 
 @cli.command()
@@ -105,35 +142,8 @@ def _emit(text: str, out: OutputSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning errors into one line and a documented exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        config = find_config()
-        defaults = default_map(config)
-        rv = cli.main(args=argv, prog_name="dsrewrite", standalone_mode=False, default_map=defaults)
-    except click.exceptions.Abort:
-        click.echo("dsrewrite: aborted", err=True)
-        sys.exit(ExitCode.BAD_INPUT)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(ExitCode.BAD_INPUT)
-    except DsrewriteError as e:
-        if debug:
-            traceback.print_exc()
-        command = next((a for a in argv if not a.startswith("-")), "")
-        click.echo(f"dsrewrite: error: {e}", err=True)
-        sys.exit(exit_code_for(e, command))
-    except KeyboardInterrupt:
-        click.echo("dsrewrite: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # a bug in dsrewrite: still one line unless --debug
-        if debug:
-            traceback.print_exc()
-        click.echo(f"dsrewrite: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback)",
-                   err=True)
-        sys.exit(ExitCode.INTERNAL_ERROR)
-    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
+    """Console entry point."""
+    cli.main(args=argv, prog_name="dsrewrite")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def _register_defaults() -> None:
         "adaptive_max_pool2d", "adaptive_max_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
         "mean", "sum", "prod", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "var_mean",
         "norm", "linalg_vector_norm", "logsumexp", "cumsum", "any", "all",
-        "_softmax", "_log_softmax", "softmax", "log_softmax",
+        "_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax",
         "cat", "stack", "split", "split_with_sizes", "unbind", "chunk", "_to_copy", "copy_", "clone",
         "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
         "fill_", "zero_", "arange", "scalar_tensor", "lift_fresh", "lift_fresh_copy", "new_empty", "new_zeros",

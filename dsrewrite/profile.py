@@ -31,11 +31,13 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .costs import OpCall, handler_for, op_kind
 from .errors import InputError
-from .trace import TraceResult
+from .trace import TraceResult, eval_mode
 
 aten = torch.ops.aten
 OP_KIND_NAMES = ("conv", "linear", "matmul", "other")
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+_CONV_TYPE_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                    "LazyConv1d", "LazyConv2d", "LazyConv3d"}
 
 
 @dataclasses.dataclass
@@ -139,7 +141,7 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
     can_meta = not isinstance(model, torch.jit.ScriptModule)
     if not can_meta:
         notes.append("TorchScript archive: profiled with one real forward (its parameters cannot become meta tensors)")
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if can_meta:
             try:
                 return _profile_once(traced, inputs, dtype, meta=True, notes=notes)
@@ -152,18 +154,6 @@ class _NeedsRealForward(Exception):
     def __init__(self, where: str, reason: str):
         super().__init__(reason)
         self.where, self.reason = where, reason
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Profile in eval mode (as published counts are), restoring each module's flag after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextlib.contextmanager
@@ -213,6 +203,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
         state = contextlib.nullcontext(_real_names(model))
     with state as tensor_names:
         counter = _Counter(model, tensor_names, meta, traced.untraced)
+        counter.input_desc = ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
         with counter.hooks(), counter:
             if traced.graph is not None:
                 outputs = _run_graph(traced.graph, model, run_inputs, counter)
@@ -248,7 +239,7 @@ def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Count
             f"the model takes {len(placeholders)} input(s) ({names}) but {len(inputs)} were given; "
             "pass --input-shape once per input"
         )
-    feed = iter(inputs)
+    fed = 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
     release: dict[int, list[fx.Node]] = collections.defaultdict(list)
@@ -261,7 +252,8 @@ def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Count
     for node in graph.nodes:
         counter.enter(node)
         if node.op == "placeholder":
-            value = next(feed, None) if len(env) < len(inputs) else (node.args[0] if node.args else None)
+            value = inputs[fed] if fed < len(inputs) else (node.args[0] if node.args else None)
+            fed += 1
         elif node.op == "get_attr":
             value = _fetch_attr(root, node.target)
         elif node.op == "call_module":
@@ -311,6 +303,12 @@ class _RawConv:
 class _Counter(TorchDispatchMode):
     """Prices every aten op and attributes it to the current fx node and module."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in dynamo.disable, whose first call imports
+        # torch._dynamo (over a second). This mode never runs under torch.compile.
+        return False
+
     def __init__(self, model: nn.Module, tensor_names: dict[int, str], meta: bool, untraced: dict[str, str]):
         super().__init__()
         self.model = model
@@ -327,6 +325,7 @@ class _Counter(TorchDispatchMode):
         self.by_kind = {k: KindTotals() for k in OP_KIND_NAMES}
         self.params_by_kind: dict[str, set[str]] = {k: set() for k in OP_KIND_NAMES}
         self.unsupported: dict[str, dict] = {}
+        self.input_desc = ""
         self.activation_bytes = 0
         self.live: dict[fx.Node, int] = {}
         self.live_bytes = 0
@@ -395,7 +394,7 @@ class _Counter(TorchDispatchMode):
             message = (str(e).strip().splitlines() or [""])[0]
             if self.meta and (isinstance(e, NotImplementedError) or "meta" in message.lower()):
                 raise _NeedsRealForward(where, f"{type(e).__name__}: {message}") from e
-            raise InputError(f"the model rejects the input at {where}: {type(e).__name__}: {message}") from e
+            raise InputError(f"the model rejects input {self.input_desc} at {where}: {message}") from e
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -463,11 +462,11 @@ class _Counter(TorchDispatchMode):
     def _record_conv(self, args, out, macs: int, depth: int) -> None:
         weight = args[1]
         weight_name = self.tensor_names.get(id(weight))
-        path, mod = self._enclosing()
-        is_module = isinstance(mod, nn.modules.conv._ConvNd) and weight_name == (f"{path}.weight" if path else "weight")
+        path, type_name, is_conv = self._enclosing()
+        is_module = is_conv and weight_name == (f"{path}.weight" if path else "weight")
         node_name = self.node.name if self.node is not None else None
         if is_module:
-            module_name, module_type, hint = path, type(mod).__name__, path
+            module_name, module_type, hint = path, type_name, path
         else:
             op = node_name if (self.node is not None and self.node.op != "call_module") else "conv"
             module_name, module_type = None, "functional"
@@ -477,19 +476,26 @@ class _Counter(TorchDispatchMode):
             traced=not self._inside_untraced(path),
         ))
 
-    def _enclosing(self) -> tuple[str, nn.Module | None]:
-        """The innermost module running now: from hooks, else from the fx node's module stack."""
+    def _enclosing(self) -> tuple[str, str, bool]:
+        """Path, class name and conv-ness of the innermost module running now.
+
+        From the module hooks when a module is being called; else from the fx node's
+        ``nn_module_stack`` (functional code inside traced modules, and exported programs,
+        whose modules keep their names and class names only there).
+        """
         if self.stack:
-            return self.stack[-1]
+            path, mod = self.stack[-1]
+            return path, type(mod).__name__, isinstance(mod, nn.modules.conv._ConvNd)
         if self.node is not None:
             stack = self.node.meta.get("nn_module_stack")
             if stack:
-                path = _stack_path(list(stack.values())[-1])
-                try:
-                    return path, self.model.get_submodule(path)
-                except AttributeError:
-                    return path, None
-        return "", None
+                entry = list(stack.values())[-1]
+                cls = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else ""
+                if isinstance(cls, type):
+                    return _stack_path(entry), cls.__name__, issubclass(cls, nn.modules.conv._ConvNd)
+                type_name = str(cls).rsplit(".", 1)[-1]
+                return _stack_path(entry), type_name, type_name in _CONV_TYPE_NAMES
+        return "", "", False
 
     def _inside_untraced(self, path: str) -> bool:
         return self.root_untraced or bool(path) and path.startswith(self.untraced_prefixes)
@@ -624,8 +630,124 @@ _BOOL_RESULT = ("eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite"
 _NORMS_WITH_STATS = {aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 
 
+def _conv_shape(args):
+    """``aten.convolution`` output on meta tensors, with torch's own input checks.
+
+    torch's meta kernel for convolution is a Python function whose first call imports
+    torch._dynamo (over a second); the arithmetic is a few lines.
+    """
+    x, w = args[0], args[1]
+    stride, padding, dilation, transposed, output_padding, groups = args[3:9]
+    spatial_dims = w.dim() - 2
+    batched = x.dim() == w.dim()
+    if x.dim() not in (w.dim(), w.dim() - 1):
+        raise RuntimeError(f"expected a {w.dim()}-D (batched) or {w.dim() - 1}-D (unbatched) input to a "
+                           f"{spatial_dims}-D conv, got input of shape {list(x.shape)}")
+    channels = x.shape[1] if batched else x.shape[0]
+    expected = w.shape[0] if transposed else w.shape[1] * groups
+    if channels != expected:
+        raise RuntimeError(f"expected input of shape {list(x.shape)} to have {expected} channels, "
+                           f"but got {channels} channels instead")
+    out_channels = w.shape[1] * groups if transposed else w.shape[0]
+    sizes = []
+    for i in range(spatial_dims):
+        size, k = x.shape[x.dim() - spatial_dims + i], w.shape[2 + i]
+        if transposed:
+            out = (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + output_padding[i] + 1
+        else:
+            out = (size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1
+        if out <= 0:
+            raise RuntimeError(f"input of shape {list(x.shape)} is too small for a kernel of size "
+                               f"{list(w.shape[2:])} (output size {out})")
+        sizes.append(out)
+    shape = ([x.shape[0]] if batched else []) + [out_channels] + sizes
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
+def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """torch's ``pooling_output_shape``."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    if out <= 0:
+        raise RuntimeError(f"pooling input of spatial size {size} is too small for kernel {k} (output size {out})")
+    return out
+
+
+def _pair(v, n: int = 2) -> list[int]:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * n if len(v) == 1 else v
+
+
+def _pool2d_shape(args, with_indices: bool):
+    x = args[0]
+    kernel = _pair(args[1])
+    stride = _pair(args[2]) if len(args) > 2 and args[2] else kernel
+    padding = _pair(args[3]) if len(args) > 3 else [0, 0]
+    if with_indices:
+        dilation = _pair(args[4]) if len(args) > 4 else [1, 1]
+        ceil = bool(args[5]) if len(args) > 5 else False
+    else:
+        dilation, ceil = [1, 1], bool(args[4]) if len(args) > 4 else False
+    h = _pool_size(x.shape[-2], kernel[0], stride[0], padding[0], dilation[0], ceil)
+    w = _pool_size(x.shape[-1], kernel[1], stride[1], padding[1], dilation[1], ceil)
+    out = torch.empty((*x.shape[:-2], h, w), dtype=x.dtype, device="meta")
+    return (out, torch.empty(out.shape, dtype=torch.int64, device="meta")) if with_indices else out
+
+
+def _reduce_shape(x, dims, keepdim: bool, dtype):
+    rank = x.dim()
+    dims = range(rank) if dims is None or len(dims) == 0 else [d % rank for d in dims]
+    shape = [1 if i in dims else n for i, n in enumerate(x.shape)] if keepdim else \
+        [n for i, n in enumerate(x.shape) if i not in dims]
+    return torch.empty(shape, dtype=dtype or x.dtype, device="meta")
+
+
+def _cat_shape(tensors, dim: int = 0):
+    parts = [t for t in tensors if not (t.dim() == 1 and t.shape[0] == 0)]
+    if not parts or any(t.dtype != parts[0].dtype or t.dim() != parts[0].dim() for t in parts):
+        return None
+    dim %= parts[0].dim()
+    base = list(parts[0].shape)
+    for t in parts[1:]:
+        if any(a != b for i, (a, b) in enumerate(zip(base, t.shape)) if i != dim):
+            raise RuntimeError(f"torch.cat: sizes of tensors must match except in dimension {dim}, "
+                               f"got {list(parts[0].shape)} and {list(t.shape)}")
+    base[dim] = sum(t.shape[dim] for t in parts)
+    return torch.empty(base, dtype=parts[0].dtype, device="meta")
+
+
+def _mm_shape(a, b):
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({a.shape[0]}x{a.shape[1]} and "
+                           f"{b.shape[0]}x{b.shape[1]})")
+    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device="meta")
+
+
 def _fast_shape(func, args, kwargs):
-    """Output of a shape-preserving op on meta tensors, or None to run the op's meta kernel."""
+    """Output of a common op on meta tensors, or None to run the op's own meta kernel.
+
+    Many of torch's meta kernels are Python references, some wrapped so that their first
+    call imports torch._dynamo; these few formulas keep analysis at a few milliseconds.
+    """
+    if func is aten.convolution.default:
+        return _conv_shape(args)
+    if func is aten.max_pool2d_with_indices.default:
+        return _pool2d_shape(args, with_indices=True)
+    if func is aten.avg_pool2d.default:
+        return _pool2d_shape(args, with_indices=False)
+    if func is aten._adaptive_avg_pool2d.default:
+        x, size = args[0], _pair(args[1])
+        return torch.empty((*x.shape[:-2], *size), dtype=x.dtype, device="meta")
+    if func is aten.mean.dim:
+        return _reduce_shape(args[0], args[1], bool(args[2]) if len(args) > 2 else kwargs.get("keepdim", False),
+                             kwargs.get("dtype"))
+    if func is aten.cat.default and not kwargs:
+        return _cat_shape(args[0], args[1] if len(args) > 1 else 0)
+    if func is aten.mm.default:
+        return _mm_shape(args[0], args[1])
+    if func is aten.addmm.default and not kwargs:
+        return _mm_shape(args[1], args[2])
     if func in _NORMS_WITH_STATS:
         x = args[0]
         stats = torch.empty((0,), dtype=x.dtype, device="meta")

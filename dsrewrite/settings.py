@@ -69,7 +69,6 @@ def default_map(path: Path | None) -> dict[str, Any]:
         return {}
     table = read_tool_table(path)
     return {
-        command: {k.replace("-", "_"): v for k, v in options.items() if not isinstance(v, (dict, list)) or k in
-                  ("input_shape", "input-shape", "arg")}
+        command: {k.replace("-", "_"): v for k, v in options.items() if not isinstance(v, dict)}
         for command, options in table.items() if isinstance(options, dict)
     }

@@ -9,7 +9,9 @@ report lists each leaf and the error that made it one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -72,11 +74,33 @@ class _LeafTracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module) -> TraceResult:
-    """Trace ``model`` with torch.fx, turning untraceable submodules into leaves.
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode (as published counts are taken), restoring every module's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    # Set the flags directly: an exported program's module refuses .eval(), and user
+    # overrides of .train() (freezing BN, say) are not analysis's business.
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
-    A graph produced by ``torch.export`` (a ``.pt2`` program's module) is used as it is.
+
+def trace(model: nn.Module) -> TraceResult:
+    """Trace ``model`` in eval mode with torch.fx, turning untraceable submodules into leaves.
+
+    Eval mode, because Python control flow on ``self.training`` (auxiliary heads, dropout
+    paths) is baked into the graph. A graph produced by ``torch.export`` (a ``.pt2``
+    program's module) is used as it is.
     """
+    with eval_mode(model):
+        return _trace(model)
+
+
+def _trace(model: nn.Module) -> TraceResult:
     if isinstance(model, torch.jit.ScriptModule):
         return TraceResult(model, None, {"": "TorchScript module: torch.fx cannot trace it"}, "none")
     if isinstance(model, fx.GraphModule) and _is_export_graph(model):

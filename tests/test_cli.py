@@ -1,0 +1,197 @@
+"""The CLI through click's CliRunner: output formats, settings, and every exit code."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dsrewrite.cli import cli
+
+EXAMPLE = "examples/resnet.py"
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def write(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+def test_analyze_example_table():
+    r = run("analyze", EXAMPLE)
+    assert r.exit_code == 0, r.output
+    assert "stages.3.1.conv2" in r.output and "1.81G MACs" in r.output and "FLOPs = 2 × MACs" in r.output
+
+
+@pytest.mark.parametrize("fmt,check", [
+    ("json", lambda t: json.loads(t)["totals"]["macs"] == 1814073344),
+    ("markdown", lambda t: t.startswith("# dsrewrite analysis") and "| stem.0 " in t),
+    ("csv", lambda t: t.splitlines()[0].startswith("index,name,kind") and len(t.splitlines()) == 21),
+])
+def test_formats(fmt, check):
+    r = run("analyze", EXAMPLE, "--format", fmt)
+    assert r.exit_code == 0 and check(r.output)
+
+
+def test_output_file_and_factory_args(tmp_path):
+    out = tmp_path / "r.json"
+    r = run("analyze", EXAMPLE, "--arg", "num_classes=10", "--input-shape", "2,3,64,64", "--format", "json", "-o", out)
+    assert r.exit_code == 0
+    doc = json.loads(out.read_text())
+    assert doc["input_shapes"] == [[2, 3, 64, 64]] and doc["output_shapes"] == [[2, 10]]
+    assert doc["schema_version"] == 1 and doc["layers"][0]["name"] == "stem.0"
+
+
+def test_zoo_spec():
+    r = run("analyze", "torchvision:squeezenet1_1", "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.output)["totals"]["params"] == 1235496
+
+
+def test_module_spec(tmp_path, monkeypatch):
+    write(tmp_path, "mypkg_models.py", """
+        from torch import nn
+        def build_encoder(width=4):
+            return nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU())
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = run("analyze", "mypkg_models:build_encoder", "--arg", "width=8", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["layers"][0]["out_channels"] == 8
+
+
+def test_file_conventions(tmp_path):
+    single = write(tmp_path, "single.py", """
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self, c=4):
+                super().__init__()
+                self.conv = nn.Conv2d(1, c, 3)
+            def forward(self, x):
+                return self.conv(x)
+        def example_inputs():
+            return torch.randn(1, 1, 28, 28)
+    """)
+    r = run("analyze", single, "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["input_shapes"] == [[1, 1, 28, 28]]
+    r = run("analyze", f"{single}:Net", "--arg", "c=6", "--format", "json")
+    assert json.loads(r.output)["layers"][0]["out_channels"] == 6
+
+
+def test_saved_models(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    torch.save(model, tmp_path / "whole.pt")
+    torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 16, 16),)), str(tmp_path / "prog.pt2"))
+    r = run("analyze", tmp_path / "whole.pt")
+    assert r.exit_code == 2 and "--trust-pickle" in r.output and "Traceback" not in r.output
+    r = run("analyze", tmp_path / "whole.pt", "--trust-pickle", "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.output)["totals"]["macs"] == 8 * 222 * 222 * 27
+    r = run("analyze", tmp_path / "scripted.pt", "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.output)["totals"]["macs"] == 8 * 222 * 222 * 27
+    r = run("analyze", tmp_path / "prog.pt2", "--format", "json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["input_shapes"] == [[1, 3, 16, 16]], "a .pt2 program brings its own example inputs"
+    assert doc["layers"][0]["name"] == "0" and doc["totals"]["macs"] == 8 * 14 * 14 * 27
+
+
+def test_model_without_convs_is_exit_0(tmp_path):
+    f = write(tmp_path, "mlp.py", """
+        from torch import nn
+        INPUT_SHAPE = (1, 16)
+        model = nn.Sequential(nn.Linear(16, 4))
+    """)
+    r = run("analyze", f)
+    assert r.exit_code == 0 and "no convolutions" in r.output
+
+
+BAD_INPUTS = {
+    "missing file": (["analyze", "does/not/exist.py"], "no such file"),
+    "syntax error": (["analyze", "{tmp}/broken.py"], "syntax error"),
+    "no model": (["analyze", "{tmp}/empty.py"], "no model found"),
+    "factory raises": (["analyze", "{tmp}/raises.py"], "raised ValueError: bad width"),
+    "wrong shape": (["analyze", EXAMPLE, "--input-shape", "1,1,224,224"], "3 channels"),
+    "too small": (["analyze", "torchvision:squeezenet1_1", "--input-shape", "1,3,1,1"], "too small"),
+    "unknown zoo model": (["analyze", "torchvision:resnet5"], "did you mean"),
+    "uninstalled zoo": (["analyze", "timm:resnet50"], "timm is not installed"),
+    "state dict": (["analyze", "{tmp}/weights.pth"], "state_dict"),
+    "bad shape text": (["analyze", EXAMPLE, "--input-shape", "1,3,a"], "comma-separated integers"),
+    "bad dtype": (["analyze", EXAMPLE, "--dtype", "float7"], "unknown dtype"),
+    "bad arg": (["analyze", EXAMPLE, "--arg", "nokey"], "key=value"),
+    "bad factory arg": (["analyze", EXAMPLE, "--arg", "depth=3"], "unexpected keyword"),
+    "output folder missing": (["analyze", EXAMPLE, "-o", "{tmp}/nope/out.txt"], "does not exist"),
+    "bad spec": (["analyze", "justaname"], "cannot read model spec"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch):
+    write(tmp_path, "broken.py", "def build_model(:\n")
+    write(tmp_path, "empty.py", "x = 1\n")
+    write(tmp_path, "raises.py", "def build_model():\n    raise ValueError('bad width')\n")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    args, message = BAD_INPUTS[case]
+    r = run(*[a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_failure_leaves_existing_output_untouched(tmp_path):
+    out = tmp_path / "report.md"
+    out.write_text("previous report\n")
+    r = run("analyze", EXAMPLE, "--input-shape", "1,1,8,8", "-o", out)
+    assert r.exit_code == 2
+    assert out.read_text() == "previous report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"], "no temporary file left behind"
+
+
+def test_internal_error_is_exit_70_and_debug_shows_traceback(monkeypatch):
+    import dsrewrite.api
+
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(dsrewrite.api, "analyze_spec", boom)
+    r = run("analyze", EXAMPLE)
+    assert r.exit_code == 70 and "internal error" in r.output and "--debug" in r.output
+    r = run("--debug", "analyze", EXAMPLE)
+    assert r.exit_code == 70 and "Traceback" in r.output
+
+
+def test_usage_error_is_exit_2():
+    r = run("analyze")
+    assert r.exit_code == 2 and "Missing argument" in r.output
+
+
+def test_settings_from_pyproject(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[tool.dsrewrite.analyze]\nformat = "json"\ninput-shape = ["1,3,32,32"]\n')
+    monkeypatch.chdir(tmp_path)
+    example = str((__import__("pathlib").Path(__file__).parent.parent / EXAMPLE).resolve())
+    r = run("analyze", example)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["input_shapes"] == [[1, 3, 32, 32]]
+    r = run("analyze", example, "--format", "csv")  # a flag overrides the file
+    assert r.output.startswith("index,name")
+
+
+def test_broken_config_is_exit_2(tmp_path, monkeypatch):
+    (tmp_path / "dsrewrite.toml").write_text("[analyze\n")
+    monkeypatch.chdir(tmp_path)
+    r = run("analyze", "x.py")
+    assert r.exit_code == 2 and "cannot read TOML" in r.output
