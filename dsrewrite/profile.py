@@ -373,10 +373,13 @@ class _Counter(TorchDispatchMode):
         # Keep shapes, not activations: after a real-forward fallback the values are real tensors.
         node.meta["val"] = value if self.meta else tree_map_only(
             torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
-        inputs = {id(t) for t in tree_flatten(fx.node.map_arg((node.args, node.kwargs), lambda n: env[n]))[0]
-                  if isinstance(t, torch.Tensor)}
-        fresh = sum(_nbytes(t) for t in tree_flatten(value)[0]
-                    if isinstance(t, torch.Tensor) and id(t) not in inputs and t._base is None)
+        # Bytes this node allocates: its output tensors that are neither views nor its inputs
+        # (in-place ops return their input). This runs per node, so it avoids pytree.
+        outputs = _tensors_in(value)
+        fresh = 0
+        if outputs:
+            inputs = {id(t) for n in node.all_input_nodes for t in _tensors_in(env[n])}
+            fresh = sum(_nbytes(t) for t in outputs if t._base is None and id(t) not in inputs)
         self.live[node] = fresh
         self.live_bytes += fresh
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
@@ -606,6 +609,15 @@ def _stack_path(entry) -> str:
     if path.startswith("L['self']"):
         path = path[len("L['self']"):].lstrip(".").replace("[", ".").replace("]", "").replace("'", "")
     return path
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """Tensors in a node's value: a tensor, or a (nested) tuple/list of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,0 +1,1 @@
+"""Built-in rule presets for ``dsrewrite convert`` (TOML files), shipped as ``dsrewrite.presets``."""
