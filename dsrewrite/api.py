@@ -101,3 +101,181 @@ def analyze_spec(
     inputs = resolve_inputs(loaded, input_shapes, dtype)
     traced = trace(loaded.model)
     return Analysis(spec, profile(traced, inputs, dtype), traced, loaded)
+
+
+# ------------------------------------------------------------------------------------ convert
+
+
+@dataclasses.dataclass
+class LayerChange:
+    """Before/after numbers of one replaced conv module (summed over its call sites)."""
+
+    name: str
+    kernel: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    depth_multiplier: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    kept_energy: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        d["kernel"] = list(self.kernel)
+        return d
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion changed, in numbers."""
+
+    model_name: str
+    rules: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    layers: list[LayerChange]
+    #: Output fidelity on the example inputs (relative_error, cosine, max_abs_error).
+    fidelity: dict[str, float]
+    conv_calls: int
+    notes: list[str]
+
+    def ratios(self) -> dict[str, float]:
+        """before / after for params, MACs and parameter bytes (>1 means smaller)."""
+        return {k: (self.before[k] / self.after[k] if self.after[k] else float("inf"))
+                for k in ("params", "macs", "param_bytes")}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The documented JSON document of ``convert --report x.json``."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model_name,
+            "rules": self.rules,
+            "convention": CONVENTION,
+            "before": self.before,
+            "after": self.after,
+            "ratios": self.ratios(),
+            "replaced_modules": len(self.layers),
+            "conv_calls": self.conv_calls,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "fidelity": self.fidelity,
+            "notes": self.notes,
+        }
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """The result of :func:`convert`: the rewritten model, the plan, and the report."""
+
+    model: nn.Module
+    plan: Any
+    report: ConversionReport
+    before: Analysis
+    after: Analysis
+
+
+def _inputs_from(example_inputs: Any, dtype: torch.dtype | None) -> tuple:
+    if example_inputs is None:
+        return make_inputs([(1, 3, 224, 224)], dtype or torch.float32)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(d, int) for d in example_inputs):
+        return make_inputs([tuple(example_inputs)], dtype or torch.float32)
+    return as_input_tuple(example_inputs, "example_inputs")
+
+
+def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "default",
+               overrides: tuple[str, ...] | list[str] = (), *, name: str | None = None,
+               analysis: Analysis | None = None):
+    """The conversion plan only (decisions with reasons); nothing is changed."""
+    from .plan import make_plan
+    from .rules import RuleConfig, load_rules
+
+    config = rules if isinstance(rules, RuleConfig) else load_rules(rules, overrides)
+    if analysis is None:
+        analysis = analyze(model, example_inputs, name=name)
+    return make_plan(analysis, config)
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: Any = None,
+    rules: Any = "default",
+    overrides: tuple[str, ...] | list[str] = (),
+    *,
+    name: str | None = None,
+    analysis: Analysis | None = None,
+) -> ConversionResult:
+    """Plan and apply the separable rewrite; ``model`` itself is left untouched.
+
+    ``rules`` is a preset name (default, conservative, aggressive, mobile), a path to a TOML
+    file, or a :class:`~dsrewrite.rules.RuleConfig`; ``overrides`` are ``key=value`` strings
+    such as ``"replace.min_in_channels=128"``. Example inputs that are only shapes (or meta
+    tensors) are filled with seeded N(0, 1) values where real data is needed: to place the
+    inserted BN in the activation's linear range and to measure output fidelity.
+    """
+    from .rewrite import apply_plan, fidelity, real_inputs
+
+    inputs = _inputs_from(example_inputs, None)
+    if analysis is None:
+        traced_before = trace(model)
+        analysis = Analysis(name or type(model).__name__, profile(traced_before, inputs), traced_before)
+    before = analysis
+    plan = plan_model(model, inputs, rules, overrides, analysis=before)
+    real = real_inputs(inputs)
+    rewritten = apply_plan(model, plan, real)
+    traced_after = trace(rewritten.model)
+    after = Analysis(before.model_name, profile(traced_after, inputs), traced_after)
+    report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))
+    return ConversionResult(rewritten.model, plan, report, before, after)
+
+
+def convert_spec(spec: str, input_shapes=None, dtype=None, kwargs=None, trust_pickle: bool = False,
+                 rules: Any = "default", overrides=(), dry_run: bool = False):
+    """Load a model from a spec and convert it (or, with ``dry_run``, only plan)."""
+    before = analyze_spec(spec, input_shapes, dtype, kwargs, trust_pickle)
+    model = before.loaded.model
+    inputs = resolve_inputs(before.loaded, input_shapes, dtype)
+    if dry_run:
+        return plan_model(model, inputs, rules, overrides, analysis=before)
+    return convert(model, inputs, rules, overrides, analysis=before)
+
+
+def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dict[str, float],
+                       fid: dict[str, float]) -> ConversionReport:
+    after_rows: dict[str, list] = {}
+    for c in after.convs:
+        if c.module_name:
+            after_rows.setdefault(c.module_name.rpartition(".")[0], []).append(c)
+    layers = []
+    for module_name, decision in plan.modules_to_replace.items():
+        sites = [d for d in plan.replacements if d.module_name == module_name]
+        new_rows = after_rows.get(module_name, [])
+        block = after.trace.root.get_submodule(module_name)
+        layers.append(LayerChange(
+            name=module_name,
+            kernel=decision.kernel,
+            in_channels=decision.in_channels,
+            out_channels=decision.out_channels,
+            depth_multiplier=decision.depth_multiplier,
+            params_before=decision.params_before,
+            params_after=sum(p.numel() for p in block.parameters()),
+            macs_before=sum(d.macs_before for d in sites),
+            macs_after=sum(c.macs for c in new_rows),
+            kept_energy=kept_energy.get(module_name, 1.0),
+            reason=decision.reason,
+        ))
+    notes = []
+    if not layers:
+        notes.append("nothing to replace under these rules: the converted model equals the original")
+    return ConversionReport(
+        model_name=before.model_name,
+        rules=plan.config.to_dict(),
+        before=before.totals(),
+        after=after.totals(),
+        layers=layers,
+        fidelity=fid,
+        conv_calls=len(before.convs),
+        notes=notes,
+    )

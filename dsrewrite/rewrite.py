@@ -1,0 +1,124 @@
+"""Stage 5, rewrite: apply a plan to a copy of the model.
+
+Each replaced conv module is swapped, under its own qualified name, for a
+:class:`~dsrewrite.layers.DepthwiseSeparableConv2d` initialized from its weights. The
+traced graph calls modules by those names (``call_module`` targets), so swapping the module
+rewrites every call site of the graph at once and consistently, and it works the same for
+models torch.fx cannot trace. The result is the user's own model class, with its methods and
+``state_dict`` layout intact apart from the replaced convs. Only this stage mutates, and
+only the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import InputError
+from .layers import DepthwiseSeparableConv2d
+from .plan import Plan
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    """The rewritten copy and per-module facts about the replacement."""
+
+    model: nn.Module
+    #: conv module name -> fraction of ‖W‖² the SVD truncation keeps.
+    kept_energy: dict[str, float]
+
+
+def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
+    """Concrete tensors for the example inputs: meta tensors become seeded N(0, 1) samples."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            if x.is_floating_point():
+                x = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
+            else:
+                x = torch.zeros(x.shape, dtype=x.dtype)
+        out.append(x)
+    return tuple(out)
+
+
+def apply_plan(model: nn.Module, plan: Plan, inputs: tuple) -> RewriteResult:
+    """Return a copy of ``model`` with every planned conv replaced (``model`` is not touched)."""
+    targets = plan.modules_to_replace
+    new = copy.deepcopy(model)
+    if not targets:
+        return RewriteResult(new, {})
+    needs_sample = any(d.bn or d.activation != "none" for d in targets.values())
+    samples = _conv_inputs(model, list(targets), inputs) if needs_sample else {}
+    energy = {}
+    for name, decision in targets.items():
+        conv = new.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise InputError(f"cannot replace {name}: it is a {type(conv).__name__}, not an nn.Conv2d")
+        block = DepthwiseSeparableConv2d.from_conv(conv, decision.depth_multiplier, decision.bn,
+                                                   decision.activation, samples.get(name))
+        block.train(conv.training)
+        energy[name] = block.kept_energy
+        del block.kept_energy
+        _set_submodule(new, name, block)
+    return RewriteResult(new, energy)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def _conv_inputs(model: nn.Module, names: list[str], inputs: tuple) -> dict[str, torch.Tensor]:
+    """What each named conv receives (its first call) on the example inputs, in eval mode."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, name=name):
+            if name not in seen:
+                seen[name] = args[0].detach()
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        run_eval(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def run_eval(model: nn.Module, inputs: tuple):
+    """Run ``model`` once in eval mode without gradients, restoring its train/eval flags."""
+    from .trace import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        try:
+            return model(*inputs)
+        except Exception as e:
+            raise InputError(f"the model fails on the example inputs: {type(e).__name__}: {e}") from e
+
+
+def fidelity(original: nn.Module, converted: nn.Module, inputs: tuple) -> dict[str, float]:
+    """How close the converted model's outputs are to the original's on ``inputs``.
+
+    ``relative_error`` = ‖y' − y‖ / ‖y‖ over all output elements; ``cosine`` their cosine
+    similarity; ``max_abs_error`` the largest elementwise difference.
+    """
+    a = _flat(run_eval(original, inputs))
+    b = _flat(run_eval(converted, inputs))
+    if a.numel() == 0:
+        return {"relative_error": 0.0, "cosine": 1.0, "max_abs_error": 0.0}
+    diff = (b - a).double()
+    norm = a.double().norm()
+    rel = float(diff.norm() / norm) if norm > 0 else float(diff.norm())
+    cos = float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+    return {"relative_error": rel, "cosine": cos, "max_abs_error": float(diff.abs().max())}
+
+
+def _flat(out) -> torch.Tensor:
+    tensors = [t.reshape(-1).float() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return torch.cat(tensors) if tensors else torch.zeros(0)

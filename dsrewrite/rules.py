@@ -1,0 +1,361 @@
+"""Rules: small named objects that decide, per conv, whether to keep it or replace it.
+
+A rule has one job and a declared contract. Keep-rules return the reason to keep a conv
+(or None to let it pass); :class:`ReplaceHeavyConv` is the only rule that proposes a
+replacement, and :class:`AlignChannels` adjusts what a replacement creates. Rules read
+:class:`~dsrewrite.profile.ConvProfile` rows and the traced graph; they never touch a model.
+
+Their thresholds come from a :class:`RuleConfig`, loaded from a preset in the top-level
+``rules/`` folder (shipped as ``dsrewrite.presets``), a user's TOML file, and ``--set``
+overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+from .profile import ConvProfile
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleConfig:
+    """Every threshold and switch the rules read (TOML key in brackets)."""
+
+    preset: str = "default"
+    source: str = "built-in"
+    #: [keep.first_convs] keep this many convs at the start of the network standard.
+    keep_first_convs: int = 1
+    #: [keep.first_depth_fraction] keep convs in the first fraction of network depth standard.
+    keep_first_depth_fraction: float = 0.1
+    #: [keep.downsampling] keep stride > 1 convs standard.
+    keep_downsampling: bool = True
+    #: [replace.kernel_sizes] square kernel sizes that may be replaced.
+    kernel_sizes: tuple[int, ...] = (3,)
+    #: [replace.min_in_channels] only convs with at least this many input channels.
+    min_in_channels: int = 64
+    #: [replace.min_macs_share] only convs with at least this share of the model's MACs.
+    min_macs_share: float = 0.005
+    #: [replace.min_mac_reduction] only if the block has at least this many times fewer MACs.
+    min_mac_reduction: float = 2.0
+    #: [block.depth_multiplier] depthwise filters per input channel (the SVD rank).
+    depth_multiplier: int = 1
+    #: [block.bn] insert BatchNorm after the depthwise conv.
+    bn: bool = True
+    #: [block.activation] activation after the depthwise conv: relu, relu6 or none.
+    activation: str = "relu"
+    #: [align.divisor] channel counts the rewrite creates are multiples of this (0 or 1: off).
+    align_divisor: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-shaped dict (``{"keep": {...}, ...}``) plus the preset name and source."""
+        out: dict[str, Any] = {"preset": self.preset, "source": self.source}
+        for key, (field, _) in SCHEMA.items():
+            section, name = key.split(".")
+            value = getattr(self, field)
+            out.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+#: TOML key -> (RuleConfig field, expected type). One table for files and --set alike.
+SCHEMA: dict[str, tuple[str, type]] = {
+    "keep.first_convs": ("keep_first_convs", int),
+    "keep.first_depth_fraction": ("keep_first_depth_fraction", float),
+    "keep.downsampling": ("keep_downsampling", bool),
+    "replace.kernel_sizes": ("kernel_sizes", list),
+    "replace.min_in_channels": ("min_in_channels", int),
+    "replace.min_macs_share": ("min_macs_share", float),
+    "replace.min_mac_reduction": ("min_mac_reduction", float),
+    "block.depth_multiplier": ("depth_multiplier", int),
+    "block.bn": ("bn", bool),
+    "block.activation": ("activation", str),
+    "align.divisor": ("align_divisor", int),
+}
+ACTIVATION_CHOICES = ("relu", "relu6", "none")
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(p.name[:-5] for p in importlib.resources.files("dsrewrite.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_rules(spec: str | Path | None = "default", overrides: list[str] | tuple[str, ...] = ()) -> RuleConfig:
+    """A :class:`RuleConfig` from a preset name or TOML path, then ``key=value`` overrides."""
+    spec = str(spec or "default")
+    if spec.endswith(".toml") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"{spec}: no such rules file")
+        config = _from_toml(path.read_text(encoding="utf-8"), str(path), depth=0)
+    else:
+        config = _preset(spec, depth=0)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value (e.g. replace.min_in_channels=128), got {item!r}")
+        config = _apply(config, {key.strip(): _parse_value(raw.strip())}, "--set")
+    return config
+
+
+def _preset(name: str, depth: int) -> RuleConfig:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown rules preset {name!r}; built-in presets: {', '.join(names)} "
+                          "(or give a path to a .toml file)")
+    text = (importlib.resources.files("dsrewrite.presets") / f"{name}.toml").read_text(encoding="utf-8")
+    return dataclasses.replace(_from_toml(text, f"preset {name}", depth), preset=name, source=f"preset {name}")
+
+
+def _from_toml(text: str, where: str, depth: int) -> RuleConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from e
+    base_name = data.pop("extends", None)
+    if depth > 5:
+        raise ConfigError(f"{where}: 'extends' chain is too deep")
+    if base_name is not None and not isinstance(base_name, str):
+        raise ConfigError(f"{where}: 'extends' must name a preset, got {base_name!r}")
+    base = _preset(base_name, depth + 1) if base_name else RuleConfig()
+    flat: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: unknown key {section!r}; expected sections "
+                              f"{', '.join(sorted({k.split('.')[0] for k in SCHEMA}))} and 'extends'")
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    config = _apply(base, flat, where)
+    return dataclasses.replace(config, preset=base_name or "custom", source=where)
+
+
+def _apply(config: RuleConfig, values: dict[str, Any], where: str) -> RuleConfig:
+    changes = {}
+    for key, value in values.items():
+        if key not in SCHEMA:
+            raise ConfigError(f"{where}: unknown rules key {key!r}; known keys: {', '.join(SCHEMA)}")
+        field, expected = SCHEMA[key]
+        changes[field] = _check_type(key, value, expected, where)
+    return dataclasses.replace(config, **changes)
+
+
+def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
+    bad = ConfigError(f"{where}: {key} must be {_type_word(expected)}, got {value!r}")
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad
+        if key == "block.depth_multiplier" and value < 1:
+            raise ConfigError(f"{where}: block.depth_multiplier must be at least 1, got {value}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise bad
+        return float(value)
+    if expected is list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in value):
+            raise bad
+        return tuple(value)
+    if not isinstance(value, str):
+        raise bad
+    if key == "block.activation" and value not in ACTIVATION_CHOICES:
+        raise ConfigError(f"{where}: block.activation must be one of {', '.join(ACTIVATION_CHOICES)}, got {value!r}")
+    return value
+
+
+def _type_word(t: type) -> str:
+    return {bool: "true or false", int: "a non-negative integer", float: "a non-negative number",
+            list: "a list of kernel sizes such as [3, 5]", str: "a string"}[t]
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values are TOML values (``128``, ``0.02``, ``true``, ``[3, 5]``, ``relu6``)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+@dataclasses.dataclass
+class PlanContext:
+    """What rules may look at besides the conv itself."""
+
+    config: RuleConfig
+    convs: list[ConvProfile]
+    #: conv module name -> names of its parameters read directly by the traced graph (get_attr).
+    weight_reads: dict[str, list[str]]
+    #: whether the top-level forward could not be traced (convs are swapped by name).
+    root_untraced: bool
+
+
+class Rule:
+    """A keep-rule: returns the reason to keep a conv standard, or None to let it pass."""
+
+    name: ClassVar[str] = "Rule"
+    #: Whether applying this rule's change leaves the model's outputs exactly unchanged.
+    preserves_computation: ClassVar[bool] = True
+
+    def keep_reason(self, conv: ConvProfile, ctx: PlanContext) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class SkipNonStandard(Rule):
+    """Only standard convs (groups == 1, not 1×1, not transposed) are candidates."""
+
+    name = "SkipNonStandard"
+
+    def keep_reason(self, conv, ctx):
+        if conv.kind == "transposed":
+            return "kept: transposed conv"
+        if conv.kind != "standard":
+            return f"kept: already {conv.kind}"
+        if len(conv.kernel) != 2:
+            return f"kept: Conv{len(conv.kernel)}d (only 2-D convs are rewritten)"
+        return None
+
+
+class SkipFunctional(Rule):
+    """Functional ``F.conv2d`` calls have no module to swap; they are listed, never mangled."""
+
+    name = "SkipFunctional"
+
+    def keep_reason(self, conv, ctx):
+        if conv.module_name is None:
+            return "kept: functional F.conv call (not convertible; write it as an nn.Conv2d module)"
+        return None
+
+
+class SkipUntraced(Rule):
+    """Convs inside an untraced leaf of a traced model are costed but never replaced."""
+
+    name = "SkipUntraced"
+
+    def keep_reason(self, conv, ctx):
+        if not conv.traced and not ctx.root_untraced:
+            return "kept: inside an untraced block"
+        return None
+
+
+class SkipWeightReads(Rule):
+    """A conv whose parameters the model reads directly (``self.conv.weight``) cannot be swapped."""
+
+    name = "SkipWeightReads"
+
+    def keep_reason(self, conv, ctx):
+        reads = ctx.weight_reads.get(conv.module_name or "")
+        if reads:
+            return f"kept: the model reads {', '.join(reads)} directly"
+        return None
+
+
+class KeepStem(Rule):
+    """Keep early layers standard: the first N convs and the first fraction of network depth."""
+
+    name = "KeepStem"
+
+    def keep_reason(self, conv, ctx):
+        c = ctx.config
+        if conv.index < c.keep_first_convs:
+            return "kept: stem conv" if conv.index == 0 else f"kept: among the first {c.keep_first_convs} convs"
+        if conv.depth_fraction < c.keep_first_depth_fraction:
+            return f"kept: early layer (depth {conv.depth_fraction:.2f} < {c.keep_first_depth_fraction:g})"
+        return None
+
+
+class KeepDownsampling(Rule):
+    """Keep stride > 1 convs standard."""
+
+    name = "KeepDownsampling"
+
+    def keep_reason(self, conv, ctx):
+        if ctx.config.keep_downsampling and conv.downsamples:
+            return f"kept: downsampling, stride {'×'.join(map(str, conv.stride))}"
+        return None
+
+
+KEEP_RULES: list[Rule] = [SkipNonStandard(), SkipFunctional(), SkipUntraced(), SkipWeightReads(),
+                          KeepStem(), KeepDownsampling()]
+
+
+@dataclasses.dataclass
+class Proposal:
+    """What a replacement would create."""
+
+    depth_multiplier: int
+    mid_channels: int
+    macs_after: int
+    params_after: int
+    reason: str
+
+
+class ReplaceHeavyConv:
+    """Replace deep, heavy K×K convs with depthwise K×K + pointwise 1×1, if it pays enough."""
+
+    name = "ReplaceHeavyConv"
+    preserves_computation = False
+
+    def propose(self, conv: ConvProfile, ctx: PlanContext, depth_multiplier: int) -> tuple[Proposal | None, str]:
+        """A proposal, or None and the reason to keep."""
+        from .layers import theoretical_costs
+
+        c = ctx.config
+        k = conv.kernel
+        if k[0] != k[1] or k[0] not in c.kernel_sizes:
+            return None, f"kept: kernel {'×'.join(map(str, k))} not in replace.kernel_sizes {list(c.kernel_sizes)}"
+        if conv.in_channels < c.min_in_channels:
+            return None, f"kept: {conv.in_channels} input channels < replace.min_in_channels {c.min_in_channels}"
+        if conv.macs_share < c.min_macs_share:
+            return None, (f"kept: {100 * conv.macs_share:.2f}% of model MACs < replace.min_macs_share "
+                          f"{100 * c.min_macs_share:g}%")
+        positions = conv.output_shape[0] * math.prod(conv.output_shape[2:]) if len(conv.output_shape) == 4 else \
+            math.prod(conv.output_shape[1:])
+        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, k, positions, depth_multiplier,
+                                         c.bn, conv.has_bias)
+        reduction = conv.macs / macs if macs else float("inf")
+        if reduction < c.min_mac_reduction:
+            return None, f"kept: only {reduction:.1f}× fewer MACs < replace.min_mac_reduction {c.min_mac_reduction:g}×"
+        hw = "×".join(map(str, conv.output_shape[2:]))
+        reason = (f"replaced: {k[0]}×{k[1]} {conv.in_channels}→{conv.out_channels} at {hw}, "
+                  f"{reduction:.1f}× fewer MACs")
+        return Proposal(depth_multiplier, conv.in_channels * depth_multiplier, macs, params, reason), ""
+
+
+class AlignChannels:
+    """Make the channel count a replacement creates (C_in × depth multiplier) a multiple of the divisor.
+
+    The depthwise conv's output count must be a multiple of C_in, so alignment raises the
+    depth multiplier to the smallest value whose C_in × multiplier is divisible; the
+    model's external widths are left to channel alignment of the whole graph.
+    """
+
+    name = "AlignChannels"
+    preserves_computation = True
+
+    def depth_multiplier(self, in_channels: int, depth_multiplier: int, divisor: int) -> int:
+        """The aligned depth multiplier (≥ the requested one)."""
+        if divisor <= 1:
+            return depth_multiplier
+        step = divisor // math.gcd(in_channels, divisor)
+        return -(-depth_multiplier // step) * step
