@@ -206,6 +206,7 @@ def convert(
     *,
     name: str | None = None,
     analysis: Analysis | None = None,
+    progress=None,
 ) -> ConversionResult:
     """Plan and apply the separable rewrite; ``model`` itself is left untouched.
 
@@ -217,6 +218,7 @@ def convert(
     """
     from .rewrite import apply_plan, fidelity, real_inputs
 
+    say = progress or (lambda message: None)
     inputs = _inputs_from(example_inputs, None)
     if analysis is None:
         traced_before = trace(model)
@@ -224,7 +226,9 @@ def convert(
     before = analysis
     plan = plan_model(model, inputs, rules, overrides, analysis=before)
     real = real_inputs(inputs)
+    say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
     rewritten = apply_plan(model, plan, real)
+    say("analyzing the converted model and checking output fidelity ...")
     traced_after = trace(rewritten.model)
     after = Analysis(before.model_name, profile(traced_after, inputs), traced_after)
     report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))

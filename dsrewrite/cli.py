@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConfigError, DsrewriteError, ExitCode, exit_code_for
+from .errors import ConfigError, DsrewriteError, ExitCode, UsageError, exit_code_for
 from .load import parse_dtype, parse_kwargs, parse_shape
 from .settings import ModelSettings, OutputSettings, default_map, find_config
 
@@ -56,6 +56,20 @@ def output_options(formats: tuple[str, ...]):
             return fn(*a, output_settings=OutputSettings(format, output), **kw)
         return wrapper
     return decorate
+
+
+def rules_options(fn):
+    """``--rules`` and ``--set``, shared by analyze and convert."""
+    @click.option("--rules", "rules", default="default", show_default=True, metavar="PRESET|FILE.toml",
+                  help="Rule preset (default, conservative, aggressive, mobile) or a TOML rules file.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override one rules key, e.g. --set replace.min_in_channels=128 (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*a, rules, overrides, **kw):
+        from .rules import load_rules
+
+        return fn(*a, rule_config=load_rules(rules, _as_list(overrides)), **kw)
+    return wrapper
 
 
 def _as_list(value) -> list:
@@ -115,20 +129,92 @@ def cli(ctx: click.Context, debug: bool, config_file: str | None) -> None:
 @cli.command()
 @model_options
 @output_options(("table", "markdown", "json", "csv"))
+@rules_options
 @click.option("--all", "show_all", is_flag=True, help="Show every conv in the table (default: the 60 costliest).")
-def analyze(model_settings: ModelSettings, output_settings: OutputSettings, show_all: bool) -> None:
-    """Show where a model's cost is, conv by conv.
+def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule_config, show_all: bool) -> None:
+    """Show where a model's cost is, conv by conv, and what convert would do with each.
 
     MODEL is a file (model.py, model.py:NAME), package.module:NAME, torchvision:NAME,
     timm:NAME, or a saved model (.pt/.pth/.pt2).
     """
     from .api import analyze_spec
+    from .plan import make_plan
     from .report import render_analysis
 
     ms = model_settings
     analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
-    text = render_analysis(analysis, output_settings.format, max_rows=None if show_all else 60)
+    plan = make_plan(analysis, rule_config)
+    text = render_analysis(analysis, output_settings.format, max_rows=None if show_all else 60, plan=plan)
     _emit(text, output_settings)
+
+
+@cli.command()
+@model_options
+@rules_options
+@click.option("--format", "format", type=click.Choice(("table", "markdown", "json")), default="table",
+              show_default=True, help="Format of what is printed (the plan, or the report when no --report).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would change and why); change nothing.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the whole converted module (.pt).")
+@click.option("--state-dict", type=click.Path(dir_okay=False), help="Save the converted model's state_dict (.pth).")
+@click.option("--export-code", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write standalone model.py + weights.pt (loadable without dsrewrite) into DIR.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Export the converted model to ONNX.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the before/after report to FILE (.md, .json or .txt).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
+            export_code, onnx_path, report_path, quiet: bool) -> None:
+    """Rewrite heavy standard convs as depthwise-separable blocks.
+
+    Decides per conv with explicit rules (see --dry-run), initializes each block from the
+    original weights, and reports params, MACs and output fidelity before and after.
+    """
+    from . import export
+    from .api import analyze_spec, convert as convert_model
+    from .load import resolve_inputs
+    from .plan import make_plan
+    from .report import format_for_path, render_conversion, render_plan, write_atomic
+
+    ms = model_settings
+    say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    spec_inputs = [ms.spec]
+    for path in (output, state_dict, onnx_path, report_path):
+        if path:
+            export.check_output_path(path, spec_inputs)
+    if export_code:
+        export.check_output_path(export_code, spec_inputs, "code folder")
+    report_format = format_for_path(report_path) if report_path else None
+    if report_format == "csv":
+        raise UsageError("--report: a conversion report is .md, .json or .txt")
+
+    say(f"analyzing {ms.spec} ...")
+    analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
+    if dry_run:
+        click.echo(render_plan(make_plan(analysis, rule_config), format), nl=False)
+        return
+    inputs = resolve_inputs(analysis.loaded, ms.input_shapes, ms.dtype)
+    say(f"converting with {rule_config.source} ...")
+    result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis, progress=say)
+    from .rewrite import real_inputs
+
+    real = real_inputs(inputs)
+    if output:
+        export.save_model(result.model, output)
+        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
+    if state_dict:
+        export.save_state_dict(result.model, state_dict)
+        say(f"wrote {state_dict}")
+    if export_code:
+        path = export.export_code(result.model, real, export_code, source=ms.spec)
+        say(f"wrote {path} and weights.pt (standalone: needs only torch)")
+    if onnx_path:
+        export.export_onnx(result.model, real, onnx_path)
+        say(f"wrote {onnx_path}")
+    if report_path:
+        write_atomic(report_path, render_conversion(result.report, result.plan, report_format))
+        say(f"wrote {report_path}")
+    else:
+        click.echo(render_conversion(result.report, result.plan, format), nl=False)
 
 
 def _emit(text: str, out: OutputSettings) -> None:

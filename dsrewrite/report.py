@@ -24,7 +24,7 @@ FORMATS = ("table", "markdown", "json", "csv")
 CSV_COLUMNS = [
     "index", "name", "kind", "module_type", "kernel", "stride", "padding", "dilation", "groups",
     "in_channels", "out_channels", "input_shape", "output_shape", "params", "macs", "activation_bytes",
-    "macs_share", "depth", "depth_fraction", "downsamples", "call_index", "calls", "traced",
+    "macs_share", "depth", "depth_fraction", "downsamples", "call_index", "calls", "traced", "decision", "reason",
 ]
 
 
@@ -33,14 +33,20 @@ def shape_text(shape) -> str:
     return "×".join(str(s) for s in shape)
 
 
-def render_analysis(analysis, fmt: str = "table", max_rows: int | None = None) -> str:
-    """Render an :class:`~dsrewrite.api.Analysis` in one of :data:`FORMATS`."""
+def render_analysis(analysis, fmt: str = "table", max_rows: int | None = None, plan=None) -> str:
+    """Render an :class:`~dsrewrite.api.Analysis` (with each conv's decision when a plan is given)."""
+    doc = analysis.to_dict()
+    if plan is not None:
+        doc["rules"] = plan.config.to_dict()
+        for layer, decision in zip(doc["layers"], plan.decisions):
+            layer["decision"] = "replace" if decision.replaced else "keep"
+            layer["reason"] = decision.reason
     if fmt == "json":
-        return json.dumps(analysis.to_dict(), indent=2) + "\n"
+        return json.dumps(doc, indent=2) + "\n"
     if fmt == "csv":
-        return _csv(analysis.to_dict()["layers"])
+        return _csv(doc["layers"])
     if fmt in ("table", "markdown"):
-        return _text(analysis.to_dict(), markdown=fmt == "markdown", max_rows=max_rows)
+        return _text(doc, markdown=fmt == "markdown", max_rows=max_rows)
     raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
@@ -53,7 +59,7 @@ def _csv(layers: list[dict]) -> str:
     return buf.getvalue()
 
 
-def layer_rows(layers: list[dict], extra: dict[int, list] | None = None) -> list[list]:
+def layer_rows(layers: list[dict]) -> list[list]:
     """Human-scaled rows of the per-conv table."""
     rows = []
     for c in layers:
@@ -67,7 +73,9 @@ def layer_rows(layers: list[dict], extra: dict[int, list] | None = None) -> list
             format_count(c["params"]), format_count(c["macs"]), f"{100 * c['macs_share']:.1f}%",
             f"{c['depth_fraction']:.2f}", "yes" if c["downsamples"] else "",
         ]
-        rows.append(row + (extra or {}).get(c["index"], []))
+        if "reason" in c:
+            row.append(c["reason"])
+        rows.append(row)
     return rows
 
 
@@ -94,7 +102,8 @@ def _text(doc: dict[str, Any], markdown: bool, max_rows: int | None) -> str:
         if max_rows is not None and len(layers) > max_rows:
             shown = sorted(sorted(layers, key=lambda c: -c["macs"])[:max_rows], key=lambda c: c["index"])
             out.append(f"Showing the {max_rows} most expensive of {len(layers)} conv calls (--all shows every one).\n")
-        out.append(tabulate(layer_rows(shown), headers=LAYER_HEADERS, tablefmt=fmt, disable_numparse=True))
+        headers = LAYER_HEADERS + (["convert would"] if "reason" in layers[0] else [])
+        out.append(tabulate(layer_rows(shown), headers=headers, tablefmt=fmt, disable_numparse=True))
         out.append("")
     out.append(_totals_block(doc, fmt, markdown))
     if doc["untraced"]:
@@ -109,6 +118,10 @@ def _text(doc: dict[str, Any], markdown: bool, max_rows: int | None) -> str:
         out.append("")
     for note in doc["notes"]:
         out.append(f"Note: {note}")
+    if "rules" in doc:
+        replaced = sum(1 for c in layers if c.get("decision") == "replace")
+        out.append(f"Rules: {doc['rules']['source']} ({replaced} of {len(layers)} conv calls would be replaced; "
+                   "see dsrewrite convert --dry-run).")
     out.append(f"Convention: {doc['convention']}.")
     return "\n".join(out).rstrip() + "\n"
 
@@ -149,3 +162,101 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ------------------------------------------------------------------------------ plans
+
+
+def render_plan(plan, fmt: str = "table") -> str:
+    """A plan (``convert --dry-run``): every conv's decision and its reason."""
+    doc = plan.to_dict()
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    tfmt = "github" if fmt == "markdown" else "simple"
+    rows = [[d["index"], d["name"], "replace" if d["action"] == "replace" else "keep",
+             f"{d['in_channels']}→{d['out_channels']}",
+             format_count(d["macs_before"]),
+             format_count(d["macs_after"]) if d["macs_after"] is not None else "",
+             d["reason"]] for d in doc["decisions"]]
+    rules = doc["rules"]
+    head = (f"# dsrewrite plan: `{doc['model']}`\n" if fmt == "markdown" else f"dsrewrite plan: {doc['model']}")
+    lines = [head, f"Rules: {rules['source']}; {doc['replaced']} of {len(rows)} conv calls would be replaced.", ""]
+    if rows:
+        lines.append(tabulate(rows, headers=["#", "conv", "decision", "channels", "MACs", "MACs after", "reason"],
+                              tablefmt=tfmt, disable_numparse=True))
+    else:
+        lines.append("This model has no convolutions.")
+    before = sum(d["macs_before"] for d in doc["decisions"])
+    after = sum(d["macs_after"] if d["macs_after"] is not None else d["macs_before"] for d in doc["decisions"])
+    if before:
+        lines += ["", f"Conv MACs {format_count(before)} → {format_count(after)} MACs "
+                      f"({before / after:.2f}× fewer) if applied."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -------------------------------------------------------------------------- conversions
+
+
+def render_conversion(report, plan, fmt: str = "table") -> str:
+    """Before/after report of a conversion (table, markdown or json)."""
+    doc = report.to_dict()
+    if fmt == "json":
+        doc["plan"] = [d.to_dict() for d in plan.decisions]
+        return json.dumps(doc, indent=2) + "\n"
+    md = fmt == "markdown"
+    tfmt = "github" if md else "simple"
+    b, a, r = doc["before"], doc["after"], doc["ratios"]
+    out = [f"# dsrewrite conversion: `{doc['model']}`\n" if md else f"dsrewrite conversion: {doc['model']}",
+           f"Rules: {doc['rules']['source']}; replaced {doc['replaced_modules']} conv module(s) "
+           f"({len(plan.replacements)} of {doc['conv_calls']} conv calls).", ""]
+    totals = [
+        ["params", f"{format_count(b['params'])} params", f"{format_count(a['params'])} params",
+         f"{r['params']:.2f}×"],
+        ["MACs", f"{format_count(b['macs'])} MACs", f"{format_count(a['macs'])} MACs", f"{r['macs']:.2f}×"],
+        ["parameter memory", format_bytes(b["param_bytes"]), format_bytes(a["param_bytes"]),
+         f"{r['param_bytes']:.2f}×"],
+        ["activation memory (peak)", _maybe_bytes(b["peak_activation_bytes"]), _maybe_bytes(a["peak_activation_bytes"]),
+         ""],
+    ]
+    out += [("## " if md else "") + "Totals",
+            tabulate(totals, headers=["", "before", "after", "before/after"], tablefmt=tfmt, disable_numparse=True),
+            ""]
+    f = doc["fidelity"]
+    out += [("## " if md else "") + "Output fidelity on the example inputs",
+            f"relative error {f['relative_error']:.4g}, cosine similarity {f['cosine']:.6f}, "
+            f"max abs error {f['max_abs_error']:.4g}", ""]
+    if doc["layers"]:
+        rows = [[c["name"], "×".join(map(str, c["kernel"])), f"{c['in_channels']}→{c['out_channels']}",
+                 c["depth_multiplier"], f"{format_count(c['params_before'])} → {format_count(c['params_after'])}",
+                 f"{format_count(c['macs_before'])} → {format_count(c['macs_after'])}",
+                 f"{c['macs_before'] / c['macs_after']:.1f}×" if c["macs_after"] else "-",
+                 f"{100 * c['kept_energy']:.1f}%"] for c in doc["layers"]]
+        out += [("## " if md else "") + "Replaced layers",
+                tabulate(rows, headers=["conv", "kernel", "channels", "rank", "params", "MACs", "fewer MACs",
+                                        "kept energy"], tablefmt=tfmt, disable_numparse=True), ""]
+        out.append("Kept energy: the share of the conv weight's squared norm that the rank-r depthwise/pointwise "
+                   "factorization keeps (100% = exact).")
+        out.append("")
+    kept = [d for d in plan.decisions if not d.replaced]
+    if kept:
+        out += [("## " if md else "") + "Kept standard",
+                tabulate([[d.name, d.reason] for d in kept], headers=["conv", "reason"], tablefmt=tfmt), ""]
+    for note in doc["notes"]:
+        out.append(f"Note: {note}")
+    out.append(f"Convention: {doc['convention']}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _maybe_bytes(v) -> str:
+    return format_bytes(v) if v is not None else "n/a"
+
+
+def format_for_path(path: str, default: str = "table") -> str:
+    """Report format from a file suffix: .md → markdown, .json → json, .txt → table."""
+    suffix = Path(path).suffix.lower()
+    formats = {".md": "markdown", ".markdown": "markdown", ".json": "json", ".txt": "table", ".csv": "csv"}
+    if suffix == ".html":
+        raise UsageError(f"{path}: HTML reports are not available yet; use .md, .json or .txt")
+    if suffix not in formats:
+        raise UsageError(f"{path}: unknown report type {suffix or '(no suffix)'}; use .md, .json or .txt")
+    return formats[suffix]
