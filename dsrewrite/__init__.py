@@ -5,13 +5,16 @@ Pipeline, one module per stage: load → trace → profile → plan → rewrite 
 
 __version__ = "0.1.0"
 
-from .api import Analysis, analyze, analyze_spec  # noqa: E402
+from .api import Analysis, ConversionResult, analyze, analyze_spec, convert, plan_model  # noqa: E402
 from .costs import COST_HANDLERS, set_op_handle  # noqa: E402
 from .errors import DsrewriteError, ExitCode  # noqa: E402
+from .layers import DepthwiseSeparableConv2d, make_divisible  # noqa: E402
 from .load import load_model  # noqa: E402
+from .rules import RuleConfig, load_rules  # noqa: E402
 from .trace import register_leaf_module  # noqa: E402
 
 __all__ = [
-    "Analysis", "analyze", "analyze_spec", "COST_HANDLERS", "set_op_handle",
+    "Analysis", "ConversionResult", "analyze", "analyze_spec", "convert", "plan_model", "COST_HANDLERS",
+    "set_op_handle", "DepthwiseSeparableConv2d", "make_divisible", "RuleConfig", "load_rules",
     "DsrewriteError", "ExitCode", "load_model", "register_leaf_module", "__version__",
 ]

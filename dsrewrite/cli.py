@@ -198,18 +198,20 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)
-    if output:
-        export.save_model(result.model, output)
-        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
-    if state_dict:
-        export.save_state_dict(result.model, state_dict)
-        say(f"wrote {state_dict}")
+    # Outputs that can fail on this model (code generation, ONNX) go first, so a failure
+    # leaves no other output behind either.
     if export_code:
         path = export.export_code(result.model, real, export_code, source=ms.spec)
         say(f"wrote {path} and weights.pt (standalone: needs only torch)")
     if onnx_path:
         export.export_onnx(result.model, real, onnx_path)
         say(f"wrote {onnx_path}")
+    if output:
+        export.save_model(result.model, output)
+        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
+    if state_dict:
+        export.save_state_dict(result.model, state_dict)
+        say(f"wrote {state_dict}")
     if report_path:
         write_atomic(report_path, render_conversion(result.report, result.plan, report_format))
         say(f"wrote {report_path}")

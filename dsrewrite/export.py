@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import keyword
+import re
 import os
 import sys
 import tempfile
@@ -42,10 +43,17 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
@@ -150,7 +158,8 @@ def export_code(model: nn.Module, inputs: tuple, folder: str | os.PathLike, sour
                 state[flat] = value.detach()
         node.target = names[original]
     code = graph.python_code(root_module="self")
-    imports = _imports(code.globals)
+    used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))
+    imports = _imports({k: v for k, v in code.globals.items() if k in used})
     body = textwrap.indent(code.src.strip("\n"), "    ")
     init = textwrap.indent("\n".join(["super().__init__()"] + init_lines), "        ")
     source_text = "\n".join([
@@ -217,7 +226,9 @@ def _imports(globals_: dict) -> list[str]:
         if name in ("torch", "nn", "os") or (hasattr(__builtins__, name) if not isinstance(__builtins__, dict)
                                               else name in __builtins__):
             continue
-        if isinstance(value, types.ModuleType):
+        if value is type(None):
+            lines.append(f"{name} = type(None)")
+        elif isinstance(value, types.ModuleType):
             lines.append(f"import {value.__name__}" + (f" as {name}" if name != value.__name__ else ""))
         elif isinstance(value, float) and name in ("inf", "nan"):
             lines.append(f"from math import {name}")

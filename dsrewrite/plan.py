@@ -78,15 +78,27 @@ class Plan:
 
 
 def make_plan(analysis, config: RuleConfig) -> Plan:
-    """Decide, for every conv call site of an analyzed model, whether to replace it."""
+    """Decide, for every conv call site of an analyzed model, whether to replace it.
+
+    Shares of model MACs are measured against the model *as it will be after* the planned
+    replacements: replacing heavy convs shrinks the total, which raises every other conv's
+    share. The plan is therefore iterated to its fixed point (replacements only grow, so it
+    converges), and running the converter on its own output finds nothing more to do.
+    """
     ctx = PlanContext(
         config=config,
         convs=analysis.convs,
         weight_reads=_weight_reads(analysis),
         root_untraced="" in analysis.profile.untraced,
+        total_macs=analysis.profile.macs,
     )
-    decisions = [_decide(conv, ctx) for conv in analysis.convs]
-    return Plan(analysis.model_name, config, _consistent_per_module(decisions))
+    for _ in range(len(analysis.convs) + 1):
+        decisions = _consistent_per_module([_decide(conv, ctx) for conv in analysis.convs])
+        total = analysis.profile.macs - sum(d.macs_before - d.macs_after for d in decisions if d.replaced)
+        if total == ctx.total_macs:
+            break
+        ctx = dataclasses.replace(ctx, total_macs=total)
+    return Plan(analysis.model_name, config, decisions)
 
 
 def _decide(conv: ConvProfile, ctx: PlanContext) -> Decision:

@@ -208,6 +208,12 @@ class PlanContext:
     weight_reads: dict[str, list[str]]
     #: whether the top-level forward could not be traced (convs are swapped by name).
     root_untraced: bool
+    #: the model's MACs after the replacements planned so far (what shares are measured against).
+    total_macs: int = 0
+
+    def macs_share(self, conv: ConvProfile) -> float:
+        """``conv``'s share of the model's MACs after the planned replacements."""
+        return conv.macs / self.total_macs if self.total_macs else conv.macs_share
 
 
 class Rule:
@@ -326,8 +332,9 @@ class ReplaceHeavyConv:
             return None, f"kept: kernel {'×'.join(map(str, k))} not in replace.kernel_sizes {list(c.kernel_sizes)}"
         if conv.in_channels < c.min_in_channels:
             return None, f"kept: {conv.in_channels} input channels < replace.min_in_channels {c.min_in_channels}"
-        if conv.macs_share < c.min_macs_share:
-            return None, (f"kept: {100 * conv.macs_share:.2f}% of model MACs < replace.min_macs_share "
+        share = ctx.macs_share(conv)
+        if share < c.min_macs_share:
+            return None, (f"kept: {100 * share:.2f}% of model MACs < replace.min_macs_share "
                           f"{100 * c.min_macs_share:g}%")
         positions = conv.output_shape[0] * math.prod(conv.output_shape[2:]) if len(conv.output_shape) == 4 else \
             math.prod(conv.output_shape[1:])
