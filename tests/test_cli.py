@@ -195,3 +195,74 @@ def test_broken_config_is_exit_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run("analyze", "x.py")
     assert r.exit_code == 2 and "cannot read TOML" in r.output
+
+
+# ------------------------------------------------------------------------------------ convert
+
+
+def test_convert_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    r = run("convert", EXAMPLE, "--dry-run", "-o", tmp_path / "out.pt")
+    assert r.exit_code == 0, r.output
+    assert "kept: stem conv" in r.output and "replaced: 3×3 256→256 at 14×14, 8.7× fewer MACs" in r.output
+    assert "13 of 20 conv calls would be replaced" in r.output
+    assert not (tmp_path / "out.pt").exists()
+    doc = json.loads(run("convert", EXAMPLE, "--dry-run", "--format", "json").stdout)
+    assert doc["replaced"] == 13 and doc["rules"]["preset"] == "default"
+
+
+def test_convert_writes_a_model_that_loads_and_trains(tmp_path):
+    out, report = tmp_path / "resnet_ds.pt", tmp_path / "report.md"
+    r = run("convert", EXAMPLE, "--input-shape", "1,3,64,64", "-o", out, "--report", report,
+            "--state-dict", tmp_path / "w.pth", "--export-code", tmp_path / "code")
+    assert r.exit_code == 0, r.output
+    model = torch.load(out, weights_only=False)
+    loss = model(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward()
+    text = report.read_text()
+    assert "## Totals" in text and "Output fidelity" in text and "kept energy" in text
+    assert (tmp_path / "code" / "model.py").exists() and (tmp_path / "w.pth").exists()
+
+
+def test_convert_report_json_and_set(tmp_path):
+    report = tmp_path / "r.json"
+    r = run("convert", "torchvision:vgg16_bn", "--input-shape", "1,3,32,32", "--rules", "mobile",
+            "--set", "replace.min_in_channels=128", "--report", report, "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert doc["rules"]["replace"]["min_in_channels"] == 128 and doc["rules"]["preset"] == "mobile"
+    assert all(layer["in_channels"] >= 128 for layer in doc["layers"]) and doc["layers"]
+    assert doc["ratios"]["macs"] > 1 and 0 < doc["fidelity"]["cosine"] <= 1.0 + 1e-9
+
+
+def test_convert_nothing_to_replace_is_exit_0(tmp_path):
+    r = run("convert", "torchvision:mobilenet_v2", "--input-shape", "1,3,32,32", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
+    assert "nothing to replace" in r.output and (tmp_path / "m.pt").exists()
+
+
+CONVERT_BAD = {
+    "unknown preset": (["--rules", "turbo"], "unknown rules preset 'turbo'"),
+    "bad set key": (["--set", "replace.bogus=1"], "unknown rules key 'replace.bogus'"),
+    "bad set value": (["--set", "block.activation=tanh"], "block.activation must be one of"),
+    "bad rules file": (["--rules", "{tmp}/bad.toml"], "bad.toml: unknown rules key 'keep.stem'"),
+    "missing output folder": (["-o", "{tmp}/nope/out.pt"], "folder {tmp}/nope does not exist"),
+    "output equals input": (["-o", EXAMPLE], "refusing to overwrite the input"),
+    "report type": (["--report", "{tmp}/r.pdf"], "unknown report type .pdf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_BAD))
+def test_convert_bad_input_is_exit_2(case, tmp_path):
+    (tmp_path / "bad.toml").write_text("[keep]\nstem = true\n")
+    args, message = CONVERT_BAD[case]
+    r = run("convert", EXAMPLE, "--input-shape", "1,3,32,32", *[a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message.format(tmp=tmp_path) in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"], "nothing written"
+
+
+def test_analyze_shows_decisions():
+    r = run("analyze", EXAMPLE, "--rules", "conservative")
+    assert r.exit_code == 0
+    assert "convert would" in r.output and "kept: downsampling, stride 2×2" in r.output
+    assert "Rules: preset conservative" in r.output
