@@ -8,7 +8,6 @@ shape); 3 a model failed to load or trace (``check``); 70 an internal error.
 from __future__ import annotations
 
 import functools
-import sys
 import traceback
 from pathlib import Path
 
@@ -173,7 +172,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     from .api import analyze_spec, convert as convert_model
     from .load import resolve_inputs
     from .plan import make_plan
-    from .report import format_for_path, render_conversion, render_plan, write_atomic
+    from .files import write_text_atomic
+    from .report import format_for_path, render_conversion, render_plan
 
     ms = model_settings
     say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -213,17 +213,17 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         export.save_state_dict(result.model, state_dict)
         say(f"wrote {state_dict}")
     if report_path:
-        write_atomic(report_path, render_conversion(result.report, result.plan, report_format))
+        write_text_atomic(report_path, render_conversion(result.report, result.plan, report_format))
         say(f"wrote {report_path}")
     else:
         click.echo(render_conversion(result.report, result.plan, format), nl=False)
 
 
 def _emit(text: str, out: OutputSettings) -> None:
-    from .report import write_atomic
+    from .files import write_text_atomic
 
     if out.output:
-        write_atomic(out.output, text)
+        write_text_atomic(out.output, text)
         click.echo(f"wrote {out.output}", err=True)
     else:
         click.echo(text, nl=False)

@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import UsageError
+from .files import atomic_write
 from .rewrite import run_eval
 
 
@@ -38,40 +39,20 @@ def check_output_path(path: str | os.PathLike, inputs: list[str] = (), what: str
     return target
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a saved model is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     """``torch.save`` of the whole module; load it with ``torch.load(path, weights_only=False)``."""
-    _atomic(Path(path), lambda tmp: torch.save(model, tmp))
+    atomic_write(path, lambda tmp: torch.save(model, tmp))
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     """``torch.save(model.state_dict())``."""
-    _atomic(Path(path), lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
 
 
 def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike) -> None:
     """ONNX export (needs the ``onnx`` package; torch's dynamo exporter also needs ``onnxscript``)."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise UsageError("--onnx needs the onnx package: pip install onnx onnxscript") from None
+    if importlib.util.find_spec("onnx") is None:
+        raise UsageError("--onnx needs the onnx package: pip install onnx")
     from .trace import eval_mode
 
     def write(tmp):
@@ -81,7 +62,7 @@ def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike) -> Non
             except TypeError:  # torch without the dynamo switch
                 torch.onnx.export(model, inputs, tmp)
 
-    _atomic(Path(path), write)
+    atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------- standalone code
@@ -165,9 +146,9 @@ def export_code(model: nn.Module, inputs: tuple, folder: str | os.PathLike, sour
     source_text = "\n".join([
         _HEADER.format(title=f"{class_name}: a standalone copy of a model converted by dsrewrite.",
                        version=__version__, source=source, module="model"),
-        *imports, "", "",
+        *(imports + [""] if imports else []), "",
         f"class {class_name}(nn.Module):",
-        f'    """The converted model, flattened to plain torch.nn layers."""',
+        '    """The converted model, flattened to plain torch.nn layers."""',
         "",
         "    def __init__(self):",
         init,

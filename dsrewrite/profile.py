@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 from typing import Any, Iterator
 
 import torch

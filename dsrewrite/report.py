@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +83,6 @@ LAYER_HEADERS = ["#", "conv", "kind", "kernel", "stride", "groups", "channels", 
 
 def _text(doc: dict[str, Any], markdown: bool, max_rows: int | None) -> str:
     fmt = "github" if markdown else "simple"
-    t = doc["totals"]
     out: list[str] = []
     inputs = ", ".join(shape_text(s) for s in doc["input_shapes"])
     if markdown:
@@ -145,26 +142,6 @@ def _totals_block(doc: dict, fmt: str, markdown: bool) -> str:
         ("## " if markdown else "") + "By op kind",
         tabulate(kinds, headers=["kind", "MACs", "share", "params", "calls"], tablefmt=fmt), "",
     ])
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename: never a half-written file."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {target}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; a report is an ordinary file
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ plans
