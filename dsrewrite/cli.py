@@ -219,6 +219,107 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         click.echo(render_conversion(result.report, result.plan, format), nl=False)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Baseline JSON to compare with (default: check.baseline in the config).")
+@click.option("--update-baseline", is_flag=True, help="Measure every budget and (re)write the baseline.")
+@click.option("--format", "format", type=click.Choice(("text", "json", "markdown", "github", "junit")),  # noqa: A002
+              default="text", show_default=True, help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE (atomically).")
+@click.option("--why", is_flag=True, help="Show the layers whose params/MACs changed most since the baseline.")
+@click.option("--fail-on", "fail_on", type=click.Choice(("error", "warn")), default="error", show_default=True,
+              help="Exit 1 on error-level limits only, or on warnings too.")
+@click.option("--summary", is_flag=True, help="Also append the markdown report to $GITHUB_STEP_SUMMARY when set.")
+@click.option("--max-params", default=None, metavar="COUNT", help="Ad hoc limit, e.g. 12M (with MODEL).")
+@click.option("--max-macs", default=None, metavar="COUNT", help="Ad hoc limit, e.g. 2G (with MODEL).")
+@click.option("--max-param-bytes", default=None, metavar="BYTES", help="Ad hoc limit, e.g. 50MB (with MODEL).")
+@click.option("--max-activation-memory", default=None, metavar="BYTES", help="Ad hoc limit, e.g. 512MiB.")
+@click.option("--max-latency", default=None, metavar="TIME", help="Ad hoc limit (a warning), e.g. 12ms.")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="N,C,H,W", help="Input shape (with MODEL).")
+@click.option("--dtype", default=None, help="Input dtype (with MODEL).")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Factory argument (with MODEL).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (with MODEL).")
+@click.option("--threads", type=int, default=None, help="CPU threads for latency measurements.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.pass_context
+def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, summary,  # noqa: A002
+          max_params, max_macs, max_param_bytes, max_activation_memory, max_latency, input_shape, dtype, args,
+          trust_pickle, threads, quiet) -> None:
+    """Fail when a model exceeds its size budgets (params, MACs, bytes, memory, latency).
+
+    With no MODEL, budgets come from [tool.dsrewrite.check] in pyproject.toml (or
+    dsrewrite.toml, or --config FILE). Exit codes: 0 within budget, 1 a limit exceeded,
+    2 bad config or usage, 3 a model could not be loaded or traced.
+    """
+    import os
+
+    from . import check as gate
+    from .check_format import render
+    from .files import write_text_atomic
+    from .measure import MeasureSettings
+    from .settings import read_tool_table
+
+    say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    if model:
+        # an ad hoc check compares with a baseline only when one is named on the command line
+        if ctx.get_parameter_source("baseline") is not click.core.ParameterSource.COMMANDLINE:
+            baseline = None
+        config = gate.adhoc_config(model, [parse_shape(s) for s in _as_list(input_shape)], dtype,
+                                   parse_kwargs(_as_list(args)),
+                                   {"params": max_params, "macs": max_macs, "param-bytes": max_param_bytes,
+                                    "activation-memory": max_activation_memory, "latency": max_latency},
+                                   trust_pickle, baseline)
+    else:
+        path = ctx.obj.get("config")
+        table = read_tool_table(path).get("check") if path else None
+        if not table:
+            raise ConfigError("no budgets: add [tool.dsrewrite.check] with [[tool.dsrewrite.check.budget]] tables "
+                              "to pyproject.toml (see README), pass --config FILE, or give a MODEL with --max-* limits")
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+        config = gate.parse_config(table, shown)
+    settings = MeasureSettings(threads=threads)
+    if update_baseline:
+        target = baseline or config.baseline
+        if not target:
+            raise ConfigError("--update-baseline needs a baseline path: set check.baseline or pass --baseline FILE")
+        measurements = []
+        for i, budget in enumerate(config.budgets, 1):
+            say(f"[{i}/{len(config.budgets)}] {budget.name}: analyzing {budget.model} ...")
+            measurements.append(gate.measure_budget(budget, settings))
+        folder = os.path.dirname(target)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        gate.write_baseline(target, measurements)
+        click.echo(f"wrote baseline {target} for {len(measurements)} budget(s)", err=True)
+        return
+    result = gate.run_check(config, baseline, say, settings)
+    text = render(result, format, why)
+    if output:
+        write_text_atomic(output, text)
+        say(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and step_summary:
+        with open(step_summary, "a", encoding="utf-8") as fh:
+            fh.write(render(result, "markdown", why))
+    ctx.exit(gate.exit_code(result, fail_on))
+
+
+@cli.command()
+@click.argument("base", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "format", type=click.Choice(("text", "markdown", "json")), default="text",  # noqa: A002
+              show_default=True)
+@click.option("--top", type=int, default=10, show_default=True, help="How many changed layers to list.")
+def compare(base, head, format, top) -> None:  # noqa: A002
+    """Compare two reports offline: analyze --format json output, check baselines or check JSON."""
+    from .compare import compare_files, render_comparison
+
+    click.echo(render_comparison(compare_files(base, head, top), format), nl=False)
+
+
 def _emit(text: str, out: OutputSettings) -> None:
     from .files import write_text_atomic
 
