@@ -121,11 +121,28 @@ class LayerChange:
     macs_after: int
     kept_energy: float
     reason: str
+    #: measured latency of the original conv and of the block (first call site), when measured.
+    measured_original_s: float | None = None
+    measured_replacement_s: float | None = None
+
+    @property
+    def theoretical_speedup(self) -> float:
+        """MACs before / MACs after."""
+        return self.macs_before / self.macs_after if self.macs_after else float("inf")
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Latency before / after, when measured."""
+        if self.measured_original_s is None or not self.measured_replacement_s:
+            return None
+        return self.measured_original_s / self.measured_replacement_s
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = dataclasses.asdict(self)
         d["kernel"] = list(self.kernel)
+        d["theoretical_speedup"] = self.theoretical_speedup
+        d["measured_speedup"] = self.measured_speedup
         return d
 
 
@@ -142,6 +159,8 @@ class ConversionReport:
     fidelity: dict[str, float]
     conv_calls: int
     notes: list[str]
+    #: End-to-end latency before/after (see :func:`convert` with ``measure=True``), or None.
+    measurement: dict[str, Any] | None = None
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -162,6 +181,7 @@ class ConversionReport:
             "conv_calls": self.conv_calls,
             "layers": [layer.to_dict() for layer in self.layers],
             "fidelity": self.fidelity,
+            "measurement": self.measurement,
             "notes": self.notes,
         }
 
@@ -187,14 +207,20 @@ def _inputs_from(example_inputs: Any, dtype: torch.dtype | None) -> tuple:
 
 def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "default",
                overrides: tuple[str, ...] | list[str] = (), *, name: str | None = None,
-               analysis: Analysis | None = None):
-    """The conversion plan only (decisions with reasons); nothing is changed."""
-    from .plan import make_plan
-    from .rules import RuleConfig, load_rules
+               analysis: Analysis | None = None, layer_timer=None, progress=None):
+    """The conversion plan only (decisions with reasons); the model is not changed.
 
-    config = rules if isinstance(rules, RuleConfig) else load_rules(rules, overrides)
+    A latency-aware rule set (``replace.min_measured_speedup``) times the candidate layers first.
+    """
+    from .plan import make_plan
+
+    config = _rule_config(rules, overrides)
     if analysis is None:
         analysis = analyze(model, example_inputs, name=name)
+    if config.min_measured_speedup > 0:
+        settings = config.measure_settings()
+        timer = layer_timer or _layer_timer(config, settings, None, None, progress)
+        return make_plan(analysis, config, measure_candidates(analysis, config, timer), environment_label(settings))
     return make_plan(analysis, config)
 
 
@@ -207,6 +233,11 @@ def convert(
     name: str | None = None,
     analysis: Analysis | None = None,
     progress=None,
+    measure: bool = False,
+    measure_settings=None,
+    batch_size: int | None = None,
+    layer_timer=None,
+    cache=None,
 ) -> ConversionResult:
     """Plan and apply the separable rewrite; ``model`` itself is left untouched.
 
@@ -215,6 +246,12 @@ def convert(
     such as ``"replace.min_in_channels=128"``. Example inputs that are only shapes (or meta
     tensors) are filled with seeded N(0, 1) values where real data is needed: to place the
     inserted BN in the activation's linear range and to measure output fidelity.
+
+    With ``measure=True`` the original and converted models are timed end to end, and each
+    replaced layer against its block; with ``replace.min_measured_speedup`` set, candidates
+    are timed before planning and kept unless they measured fast enough. ``measure_settings``
+    overrides the rules' ``[measure]`` keys; ``layer_timer(conv, depth_multiplier, bn,
+    activation) -> LayerTiming`` replaces real per-layer timing (tests use a fake one).
     """
     from .rewrite import apply_plan, fidelity, real_inputs
 
@@ -224,7 +261,18 @@ def convert(
         traced_before = trace(model)
         analysis = Analysis(name or type(model).__name__, profile(traced_before, inputs), traced_before)
     before = analysis
-    plan = plan_model(model, inputs, rules, overrides, analysis=before)
+    config = _rule_config(rules, overrides)
+    settings = measure_settings or config.measure_settings()
+    timer = layer_timer or _layer_timer(config, settings, batch_size, cache, progress)
+    timings = measure_candidates(before, config, timer) if config.min_measured_speedup > 0 else {}
+    from .plan import make_plan
+
+    plan = make_plan(before, config, timings, environment_label(settings))
+    if measure:
+        missing = [d for d in plan.replacements if d.measured_original_s is None]
+        if missing:
+            timings.update(_time_decisions(before, missing, timer))
+            plan = make_plan(before, config, timings, environment_label(settings))
     real = real_inputs(inputs)
     say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
     rewritten = apply_plan(model, plan, real)
@@ -232,7 +280,95 @@ def convert(
     traced_after = trace(rewritten.model)
     after = Analysis(before.model_name, profile(traced_after, inputs), traced_after)
     report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))
+    if measure:
+        say("timing the original and the converted model ...")
+        report.measurement = measure_end_to_end(model, rewritten.model, real, settings, config.measure_fold_bn,
+                                                batch_size, report.ratios()["macs"])
     return ConversionResult(rewritten.model, plan, report, before, after)
+
+
+def _rule_config(rules: Any, overrides):
+    from .rules import RuleConfig, load_rules
+
+    return rules if isinstance(rules, RuleConfig) else load_rules(rules, overrides)
+
+
+def environment_label(settings) -> str:
+    """``cpu/2 threads`` or ``cuda (NVIDIA H100)``: where timings were taken, for reasons."""
+    device = settings.resolved_device()
+    if device == "cpu":
+        return f"cpu/{settings.threads or torch.get_num_threads()} threads"
+    from .measure import fingerprint
+
+    return f"{device} ({fingerprint(settings)['device_name']})"
+
+
+def _layer_timer(config, settings, batch_size, cache, progress):
+    """Per-layer timing through the on-disk cache."""
+    from .measure import LatencyCache, layer_key, time_layer
+
+    store = cache if cache is not None else LatencyCache()
+
+    def timer(conv, depth_multiplier, bn, activation):
+        key = layer_key(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        hit = store.get(key) if store else None
+        if hit is not None:
+            return hit
+        timing = time_layer(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        if store:
+            store.put(key, timing)
+            store.save()
+        return timing
+
+    timer.quiet = progress is None
+    return timer
+
+
+def measure_candidates(analysis: Analysis, config, timer) -> dict:
+    """Time every conv the rules would replace if speed were no object (a superset of the final plan)."""
+    from .plan import make_plan
+
+    relaxed = make_plan(analysis, dataclasses.replace(config, min_measured_speedup=0.0))
+    return _time_decisions(analysis, relaxed.replacements, timer)
+
+
+def _time_decisions(analysis: Analysis, decisions, timer) -> dict:
+    from .progress import Progress
+
+    convs = {c.index: c for c in analysis.convs}
+    out = {}
+    with Progress("measuring layers", len(decisions), enabled=not getattr(timer, "quiet", True)) as bar:
+        for d in decisions:
+            out[d.index] = timer(convs[d.index], d.depth_multiplier, d.bn, d.activation)
+            bar.advance(d.name)
+    return out
+
+
+def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple, settings, fold: bool,
+                       batch_size: int | None, theoretical: float) -> dict[str, Any]:
+    """Median latency of both models on the same inputs, side by side, and what it means."""
+    import copy
+
+    from .measure import fingerprint, fold_bn, measure
+
+    if batch_size:
+        inputs = tuple(x.expand(batch_size, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() else x
+                       for x in inputs)
+    prepare = fold_bn if fold else (lambda m: copy.deepcopy(m).eval())
+    before = measure(prepare(original), inputs, settings)
+    after = measure(prepare(converted), inputs, settings)
+    speedup = before.median / after.median if after.median else float("inf")
+    return {
+        "settings": dataclasses.asdict(settings),
+        "fold_bn": fold,
+        "batch_size": batch_size or (inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else None),
+        "fingerprint": fingerprint(settings),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "speedup": speedup,
+        "theoretical_speedup": theoretical,
+        "realization": speedup / theoretical if theoretical else None,
+    }
 
 
 def convert_spec(spec: str, input_shapes=None, dtype=None, kwargs=None, trust_pickle: bool = False,
@@ -269,6 +405,8 @@ def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dic
             macs_after=sum(c.macs for c in new_rows),
             kept_energy=kept_energy.get(module_name, 1.0),
             reason=decision.reason,
+            measured_original_s=decision.measured_original_s,
+            measured_replacement_s=decision.measured_replacement_s,
         ))
     notes = []
     if not layers:

@@ -160,9 +160,20 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Export the converted model to ONNX.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the before/after report to FILE (.md, .json or .txt).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("--measure", is_flag=True, help="Time the original and converted models, and each replaced layer.")
+@click.option("--device", default=None, help="Where to time: auto, cpu, cuda, cuda:N, mps (measure.device).")
+@click.option("--threads", type=int, default=None, help="CPU threads while timing (measure.threads).")
+@click.option("--batch-size", type=int, default=None, help="Batch size for timing (default: the input's).")
+@click.option("--memory-format", type=click.Choice(("contiguous", "channels_last")), default=None,
+              help="Memory format for timing (measure.memory_format).")
+@click.option("--measure-dtype", type=click.Choice(("float32", "bfloat16", "float16")), default=None,
+              help="Dtype for timing (measure.dtype).")
+@click.option("--fold-bn/--no-fold-bn", default=None, help="Fold BN into convs before timing (measure.fold_bn).")
+@click.option("--repeats", type=int, default=None, help="Timed repeats per measurement (measure.repeats).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
-            export_code, onnx_path, report_path, quiet: bool) -> None:
+            export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
+            measure_dtype, fold_bn, repeats, quiet: bool) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -171,12 +182,18 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     from . import export
     from .api import analyze_spec, convert as convert_model
     from .load import resolve_inputs
-    from .plan import make_plan
     from .files import write_text_atomic
     from .report import format_for_path, render_conversion, render_plan
 
+    import dataclasses
+
     ms = model_settings
     say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    measure_flags = {"measure_device": device, "measure_threads": threads, "measure_memory_format": memory_format,
+                     "measure_dtype": measure_dtype, "measure_fold_bn": fold_bn, "measure_repeats": repeats}
+    rule_config = dataclasses.replace(rule_config, **{k: v for k, v in measure_flags.items() if v is not None})
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     spec_inputs = [ms.spec]
     for path in (output, state_dict, onnx_path, report_path):
         if path:
@@ -185,16 +202,21 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         export.check_output_path(export_code, spec_inputs, "code folder")
     report_format = format_for_path(report_path) if report_path else None
     if report_format == "csv":
-        raise UsageError("--report: a conversion report is .md, .json or .txt")
+        raise UsageError("--report: a conversion report is .md, .json, .txt or .html")
 
     say(f"analyzing {ms.spec} ...")
     analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
     if dry_run:
-        click.echo(render_plan(make_plan(analysis, rule_config), format), nl=False)
+        from .api import plan_model
+
+        plan = plan_model(analysis.loaded.model, None, rule_config, analysis=analysis,
+                          progress=None if quiet else say)
+        click.echo(render_plan(plan, format), nl=False)
         return
     inputs = resolve_inputs(analysis.loaded, ms.input_shapes, ms.dtype)
     say(f"converting with {rule_config.source} ...")
-    result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis, progress=say)
+    result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis,
+                           progress=None if quiet else say, measure=measure, batch_size=batch_size)
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)

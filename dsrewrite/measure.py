@@ -184,3 +184,160 @@ def _synchronizer(device: str) -> Callable[[], None]:
     if device == "mps":
         return torch.mps.synchronize
     return lambda: None
+
+
+# ---------------------------------------------------------------------------- BN folding
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with each BatchNorm folded into the conv before it.
+
+    Only a conv whose output feeds nothing but the BN, and a conv and BN module each
+    called at exactly one site, are folded (folding a conv shared by two call sites into one
+    site's BN is the trap of pytorch#104593). Models that do not trace are returned as an
+    eval copy, unfolded.
+    """
+    import torch.fx as fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from .trace import trace
+
+    model = copy.deepcopy(model).eval()
+    traced = trace(model)
+    if traced.graph is None:
+        return model
+    gm = fx.GraphModule(model, traced.graph)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed or not bn.track_running_stats:
+            continue
+        if calls[src.target] != 1 or calls[node.target] != 1:
+            continue
+        parent, _, name = src.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+# ------------------------------------------------------------------------ per-layer timing
+
+
+@dataclasses.dataclass
+class LayerTiming:
+    """A conv and its separable replacement, timed on the input shape the conv sees."""
+
+    original_s: float
+    replacement_s: float
+    cached: bool = False
+
+    @property
+    def speedup(self) -> float:
+        """original / replacement (>1: the replacement is faster)."""
+        return self.original_s / self.replacement_s if self.replacement_s > 0 else float("inf")
+
+
+class LatencyCache:
+    """Per-layer timings on disk, keyed by (environment, layer geometry, input shape, block, settings).
+
+    A second run on the same machine reuses them. Location: ``$DSREWRITE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/dsrewrite``, else ``~/.cache/dsrewrite``; ``None`` disables caching.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path=None):
+        import os
+        from pathlib import Path
+
+        if path is None:
+            base = os.environ.get("DSREWRITE_CACHE_DIR") or os.path.join(
+                os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dsrewrite")
+            path = Path(base) / f"latency-v{self.VERSION}.json"
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        try:
+            import json
+
+            doc = json.loads(self.path.read_text())
+            if isinstance(doc, dict) and doc.get("version") == self.VERSION:
+                self.entries = doc.get("entries", {})
+        except (OSError, ValueError):
+            pass  # no cache yet, or an unreadable one: start afresh
+        self.dirty = False
+
+    def get(self, key: str) -> LayerTiming | None:
+        """A cached timing, or None."""
+        e = self.entries.get(key)
+        return LayerTiming(e["original_s"], e["replacement_s"], cached=True) if e else None
+
+    def put(self, key: str, timing: LayerTiming) -> None:
+        """Remember a timing (saved by :meth:`save`)."""
+        self.entries[key] = {"original_s": timing.original_s, "replacement_s": timing.replacement_s}
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write the cache atomically (best effort: a read-only home is not an error)."""
+        import json
+
+        from .files import atomic_write
+
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True)
+            atomic_write(self.path, lambda tmp: open(tmp, "w").write(text))
+            self.dirty = False
+        except (OSError, UsageError):
+            pass
+
+
+def layer_key(conv, depth_multiplier: int, bn: bool, activation: str, settings: MeasureSettings,
+              fold: bool, batch_size: int | None) -> str:
+    """Cache key of one per-layer measurement."""
+    import json
+
+    fp = fingerprint(settings)
+    shape = list(conv.input_shape)
+    if batch_size:
+        shape[0] = batch_size
+    return json.dumps([fp["torch"], fp["device"], fp["device_name"], fp["threads"], fp["dtype"], fp["memory_format"],
+                       fold, shape, conv.in_channels, conv.out_channels, list(conv.kernel), list(conv.stride),
+                       list(conv.padding), list(conv.dilation), conv.has_bias, depth_multiplier, bn, activation,
+                       settings.repeats, settings.warmup])
+
+
+def time_layer(conv, depth_multiplier: int, bn: bool, activation: str, settings: MeasureSettings,
+               fold: bool = True, batch_size: int | None = None) -> LayerTiming:
+    """Time a standard conv of ``conv``'s geometry and its depthwise-separable replacement.
+
+    Weights do not change speed, so both are built fresh; with ``fold`` the inserted BN is
+    folded into the depthwise conv, as inference deployments do.
+    """
+    from .layers import DepthwiseSeparableConv2d
+
+    shape = list(conv.input_shape)
+    if batch_size:
+        shape[0] = batch_size
+    original = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
+                         conv.dilation, bias=conv.has_bias)
+    block = DepthwiseSeparableConv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
+                                     conv.dilation, depth_multiplier, bn and not fold, activation, bias=True)
+    if bn and fold:  # what a folded BN leaves behind: a bias on the depthwise conv
+        block.depthwise.bias = nn.Parameter(torch.zeros(block.mid_channels))
+    x = torch.randn(*shape)
+    t_orig = measure(original, (x,), settings).median
+    t_new = measure(block, (x,), settings).median
+    return LayerTiming(t_orig, t_new)

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from .profile import ConvProfile
-from .rules import KEEP_RULES, AlignChannels, PlanContext, ReplaceHeavyConv, RuleConfig
+from .rules import KEEP_RULES, AlignChannels, MinMeasuredSpeedup, PlanContext, ReplaceHeavyConv, RuleConfig
 
 
 @dataclasses.dataclass
@@ -38,6 +38,16 @@ class Decision:
     params_after: int | None = None
     bn: bool | None = None
     activation: str | None = None
+    #: measured latency of the conv and of its replacement on this machine (latency-aware plans).
+    measured_original_s: float | None = None
+    measured_replacement_s: float | None = None
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """original / replacement latency, when measured."""
+        if self.measured_original_s is None or not self.measured_replacement_s:
+            return None
+        return self.measured_original_s / self.measured_replacement_s
 
     @property
     def replaced(self) -> bool:
@@ -77,7 +87,7 @@ class Plan:
                 "replaced": len(self.replacements), "decisions": [d.to_dict() for d in self.decisions]}
 
 
-def make_plan(analysis, config: RuleConfig) -> Plan:
+def make_plan(analysis, config: RuleConfig, timings: dict | None = None, environment: str = "") -> Plan:
     """Decide, for every conv call site of an analyzed model, whether to replace it.
 
     Shares of model MACs are measured against the model *as it will be after* the planned
@@ -91,6 +101,8 @@ def make_plan(analysis, config: RuleConfig) -> Plan:
         weight_reads=_weight_reads(analysis),
         root_untraced="" in analysis.profile.untraced,
         total_macs=analysis.profile.macs,
+        timings=timings or {},
+        environment=environment,
     )
     for _ in range(len(analysis.convs) + 1):
         decisions = _consistent_per_module([_decide(conv, ctx) for conv in analysis.convs])
@@ -114,7 +126,15 @@ def _decide(conv: ConvProfile, ctx: PlanContext) -> Decision:
     proposal, why = ReplaceHeavyConv().propose(conv, ctx, dm)
     if proposal is None:
         return Decision(action="keep", rule=ReplaceHeavyConv.name, reason=why, **base)
+    timing = ctx.timings.get(conv.index)
+    if timing is not None:
+        base.update(measured_original_s=timing.original_s, measured_replacement_s=timing.replacement_s)
+    measured_keep = MinMeasuredSpeedup().keep_reason(conv, ctx)
+    if measured_keep:
+        return Decision(action="keep", rule=MinMeasuredSpeedup.name, reason=measured_keep, **base)
     reason = proposal.reason
+    if timing is not None:
+        reason += f", measured {timing.speedup:.2f}×"
     if dm != c.depth_multiplier:
         reason += f" (depth multiplier {c.depth_multiplier}→{dm} to align {conv.in_channels * dm} channels to " \
                   f"{c.align_divisor})"

@@ -178,7 +178,11 @@ def render_plan(plan, fmt: str = "table") -> str:
 
 
 def render_conversion(report, plan, fmt: str = "table") -> str:
-    """Before/after report of a conversion (table, markdown or json)."""
+    """Before/after report of a conversion (table, markdown, json or html)."""
+    if fmt == "html":
+        from .html import render_conversion_html
+
+        return render_conversion_html(report, plan)
     doc = report.to_dict()
     if fmt == "json":
         doc["plan"] = [d.to_dict() for d in plan.decisions]
@@ -198,22 +202,45 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
         ["activation memory (peak)", _maybe_bytes(b["peak_activation_bytes"]), _maybe_bytes(a["peak_activation_bytes"]),
          ""],
     ]
+    meas = doc.get("measurement")
+    if meas:
+        totals.append(["latency (median)", _ms(meas["before"]["median_s"]), _ms(meas["after"]["median_s"]),
+                       f"{meas['speedup']:.2f}×"])
     out += [("## " if md else "") + "Totals",
             tabulate(totals, headers=["", "before", "after", "before/after"], tablefmt=tfmt, disable_numparse=True),
             ""]
+    if meas:
+        fp = meas["fingerprint"]
+        out += [("## " if md else "") + "Measured speedup",
+                f"measured {meas['speedup']:.2f}× end to end vs {meas['theoretical_speedup']:.2f}× fewer MACs: "
+                f"realization ratio {meas['realization']:.2f} (measured ÷ theoretical).",
+                f"Measured on {fp['device']} ({fp['device_name']}), {fp['threads']} threads, {fp['dtype']}, "
+                f"{fp['memory_format']}, batch {meas['batch_size']}, BN {'folded' if meas['fold_bn'] else 'not folded'}, "
+                f"torch {fp['torch']}; median of {meas['before']['repeats']} runs after "
+                f"{meas['settings']['warmup']} warm-up (spread {100 * meas['before']['spread']:.0f}% / "
+                f"{100 * meas['after']['spread']:.0f}%).", ""]
     f = doc["fidelity"]
     out += [("## " if md else "") + "Output fidelity on the example inputs",
             f"relative error {f['relative_error']:.4g}, cosine similarity {f['cosine']:.6f}, "
             f"max abs error {f['max_abs_error']:.4g}", ""]
     if doc["layers"]:
-        rows = [[c["name"], "×".join(map(str, c["kernel"])), f"{c['in_channels']}→{c['out_channels']}",
-                 c["depth_multiplier"], f"{format_count(c['params_before'])} → {format_count(c['params_after'])}",
-                 f"{format_count(c['macs_before'])} → {format_count(c['macs_after'])}",
-                 f"{c['macs_before'] / c['macs_after']:.1f}×" if c["macs_after"] else "-",
-                 f"{100 * c['kept_energy']:.1f}%"] for c in doc["layers"]]
+        measured = any(c["measured_speedup"] is not None for c in doc["layers"])
+        rows = []
+        for c in doc["layers"]:
+            row = [c["name"], "×".join(map(str, c["kernel"])), f"{c['in_channels']}→{c['out_channels']}",
+                   c["depth_multiplier"], f"{format_count(c['params_before'])} → {format_count(c['params_after'])}",
+                   f"{format_count(c['macs_before'])} → {format_count(c['macs_after'])}",
+                   f"{c['theoretical_speedup']:.1f}×", f"{100 * c['kept_energy']:.1f}%"]
+            if measured:
+                row += [f"{_ms(c['measured_original_s'])} → {_ms(c['measured_replacement_s'])}"
+                        if c["measured_speedup"] is not None else "-",
+                        f"{c['measured_speedup']:.2f}×" if c["measured_speedup"] is not None else "-"]
+            rows.append(row)
+        headers = ["conv", "kernel", "channels", "rank", "params", "MACs", "theoretical speedup", "kept energy"]
+        if measured:
+            headers += ["measured latency", "measured speedup"]
         out += [("## " if md else "") + "Replaced layers",
-                tabulate(rows, headers=["conv", "kernel", "channels", "rank", "params", "MACs", "fewer MACs",
-                                        "kept energy"], tablefmt=tfmt, disable_numparse=True), ""]
+                tabulate(rows, headers=headers, tablefmt=tfmt, disable_numparse=True), ""]
         out.append("Kept energy: the share of the conv weight's squared norm that the rank-r depthwise/pointwise "
                    "factorization keeps (100% = exact).")
         out.append("")
@@ -227,6 +254,12 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _ms(seconds) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms"
+
+
 def _maybe_bytes(v) -> str:
     return format_bytes(v) if v is not None else "n/a"
 
@@ -235,8 +268,8 @@ def format_for_path(path: str, default: str = "table") -> str:
     """Report format from a file suffix: .md → markdown, .json → json, .txt → table."""
     suffix = Path(path).suffix.lower()
     formats = {".md": "markdown", ".markdown": "markdown", ".json": "json", ".txt": "table", ".csv": "csv"}
-    if suffix == ".html":
-        raise UsageError(f"{path}: HTML reports are not available yet; use .md, .json or .txt")
+    formats[".html"] = "html"
+    formats[".htm"] = "html"
     if suffix not in formats:
-        raise UsageError(f"{path}: unknown report type {suffix or '(no suffix)'}; use .md, .json or .txt")
+        raise UsageError(f"{path}: unknown report type {suffix or '(no suffix)'}; use .md, .json, .txt or .html")
     return formats[suffix]

@@ -59,6 +59,30 @@ class RuleConfig:
     activation: str = "relu"
     #: [align.divisor] channel counts the rewrite creates are multiples of this (0 or 1: off).
     align_divisor: int = 8
+    #: [replace.min_measured_speedup] only if the block measured at least this much faster here (0: off).
+    min_measured_speedup: float = 0.0
+    #: [measure.device] where to time: auto, cpu, cuda, cuda:N, mps.
+    measure_device: str = "auto"
+    #: [measure.threads] CPU threads while timing (0: torch's default).
+    measure_threads: int = 0
+    #: [measure.dtype] float32, bfloat16 or float16.
+    measure_dtype: str = "float32"
+    #: [measure.memory_format] contiguous or channels_last.
+    measure_memory_format: str = "contiguous"
+    #: [measure.fold_bn] time with BatchNorm folded into the preceding conv, as deployed.
+    measure_fold_bn: bool = True
+    #: [measure.repeats] timed repeats per measurement (the median is used).
+    measure_repeats: int = 10
+    #: [measure.warmup] untimed runs before timing.
+    measure_warmup: int = 3
+
+    def measure_settings(self):
+        """The :class:`~dsrewrite.measure.MeasureSettings` the ``[measure]`` keys describe."""
+        from .measure import MeasureSettings
+
+        return MeasureSettings(device=self.measure_device, threads=self.measure_threads or None,
+                               dtype=self.measure_dtype, memory_format=self.measure_memory_format,
+                               warmup=self.measure_warmup, repeats=max(self.measure_repeats, 1))
 
     def to_dict(self) -> dict[str, Any]:
         """TOML-shaped dict (``{"keep": {...}, ...}``) plus the preset name and source."""
@@ -83,6 +107,19 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "block.bn": ("bn", bool),
     "block.activation": ("activation", str),
     "align.divisor": ("align_divisor", int),
+    "replace.min_measured_speedup": ("min_measured_speedup", float),
+    "measure.device": ("measure_device", str),
+    "measure.threads": ("measure_threads", int),
+    "measure.dtype": ("measure_dtype", str),
+    "measure.memory_format": ("measure_memory_format", str),
+    "measure.fold_bn": ("measure_fold_bn", bool),
+    "measure.repeats": ("measure_repeats", int),
+    "measure.warmup": ("measure_warmup", int),
+}
+_CHOICES = {
+    "block.activation": ("relu", "relu6", "none"),
+    "measure.dtype": ("float32", "bfloat16", "float16"),
+    "measure.memory_format": ("contiguous", "channels_last"),
 }
 ACTIVATION_CHOICES = ("relu", "relu6", "none")
 
@@ -177,8 +214,10 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
         return tuple(value)
     if not isinstance(value, str):
         raise bad
-    if key == "block.activation" and value not in ACTIVATION_CHOICES:
-        raise ConfigError(f"{where}: block.activation must be one of {', '.join(ACTIVATION_CHOICES)}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if key == "measure.device" and not (value in ("auto", "cpu", "mps", "cuda") or value.startswith("cuda:")):
+        raise ConfigError(f"{where}: measure.device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
     return value
 
 
@@ -210,6 +249,10 @@ class PlanContext:
     root_untraced: bool
     #: the model's MACs after the replacements planned so far (what shares are measured against).
     total_macs: int = 0
+    #: conv index -> measured timing of the conv and its replacement (latency-aware planning).
+    timings: dict = dataclasses.field(default_factory=dict)
+    #: where the timings were taken, for reasons ("cpu/2 threads").
+    environment: str = ""
 
     def macs_share(self, conv: ConvProfile) -> float:
         """``conv``'s share of the model's MACs after the planned replacements."""
@@ -347,6 +390,25 @@ class ReplaceHeavyConv:
         reason = (f"replaced: {k[0]}×{k[1]} {conv.in_channels}→{conv.out_channels} at {hw}, "
                   f"{reduction:.1f}× fewer MACs")
         return Proposal(depth_multiplier, conv.in_channels * depth_multiplier, macs, params, reason), ""
+
+
+class MinMeasuredSpeedup:
+    """Replace only if the block measured at least ``replace.min_measured_speedup`` times faster here."""
+
+    name = "MinMeasuredSpeedup"
+    preserves_computation = True  # it only ever keeps convs
+
+    def keep_reason(self, conv: ConvProfile, ctx: PlanContext) -> str | None:
+        """The reason to keep a proposed replacement, or None."""
+        threshold = ctx.config.min_measured_speedup
+        if threshold <= 0:
+            return None
+        timing = ctx.timings.get(conv.index)
+        if timing is None:
+            return "kept: no latency measurement for this layer"
+        if timing.speedup < threshold:
+            return f"kept: measured {timing.speedup:.2f}× on {ctx.environment}, below {threshold:g}×"
+        return None
 
 
 class AlignChannels:

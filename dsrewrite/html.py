@@ -1,0 +1,173 @@
+"""The self-contained HTML report of a conversion: tables and inline SVG charts, no network."""
+
+from __future__ import annotations
+
+import html
+import json
+
+from .units import format_bytes, format_count
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #1d2430; padding: 0 1rem; }
+h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+.sub { color: #5b6573; margin-top: 0; }
+.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
+.card { border: 1px solid #d8dde4; border-radius: 8px; padding: .7rem 1rem; min-width: 150px; }
+.card .k { color: #5b6573; font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 1.25rem; font-weight: 600; } .card .d { color: #2e7d32; font-weight: 600; }
+table { border-collapse: collapse; width: 100%; margin: .5rem 0 1rem; font-size: 13px; }
+th, td { border-bottom: 1px solid #e3e7ec; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f4f6f8; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.legend span { display: inline-block; margin-right: 1rem; } .sw { width: 12px; height: 12px; display: inline-block;
+       vertical-align: middle; margin-right: 4px; border-radius: 2px; }
+.note { color: #5b6573; font-size: 12px; }
+svg text { font: 11px system-ui, sans-serif; fill: #1d2430; }
+"""
+BEFORE, AFTER = "#9aa5b1", "#1f77b4"
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:.3g} ms"
+
+
+def render_conversion_html(report, plan) -> str:
+    """One HTML file: summary cards, a per-layer MACs chart (and latency chart), tables."""
+    doc = report.to_dict()
+    b, a, r = doc["before"], doc["after"], doc["ratios"]
+    meas = doc.get("measurement")
+    cards = [
+        ("params", f"{format_count(b['params'])} → {format_count(a['params'])}", f"{r['params']:.2f}× smaller"),
+        ("MACs", f"{format_count(b['macs'])} → {format_count(a['macs'])}", f"{r['macs']:.2f}× fewer"),
+        ("model size", f"{format_bytes(b['param_bytes'])} → {format_bytes(a['param_bytes'])}",
+         f"{r['param_bytes']:.2f}× smaller"),
+    ]
+    if meas:
+        cards += [("latency", f"{_ms(meas['before']['median_s'])} → {_ms(meas['after']['median_s'])}",
+                   f"{meas['speedup']:.2f}× faster (measured)"),
+                  ("realization", f"{meas['realization']:.2f}", "measured ÷ theoretical speedup")]
+    f = doc["fidelity"]
+    cards.append(("output fidelity", f"cos {f['cosine']:.4f}", f"relative error {f['relative_error']:.3g}"))
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>dsrewrite conversion: {_e(doc['model'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>dsrewrite conversion: {_e(doc['model'])}</h1>",
+        f"<p class='sub'>Rules: {_e(doc['rules']['source'])}; replaced {doc['replaced_modules']} conv module(s), "
+        f"{len(plan.replacements)} of {doc['conv_calls']} conv calls.</p>",
+        "<div class='cards'>" + "".join(
+            f"<div class='card'><div class='k'>{_e(k)}</div><div class='v'>{_e(v)}</div><div class='d'>{_e(d)}</div>"
+            "</div>" for k, v, d in cards) + "</div>",
+    ]
+    if meas:
+        fp = meas["fingerprint"]
+        parts += ["<h2>End-to-end latency</h2>", _latency_chart(meas),
+                  f"<p class='note'>Measured on {_e(fp['device'])} ({_e(fp['device_name'])}), {fp['threads']} threads, "
+                  f"{_e(fp['dtype'])}, {_e(fp['memory_format'])}, batch {meas['batch_size']}, BN "
+                  f"{'folded' if meas['fold_bn'] else 'not folded'}, torch {_e(fp['torch'])}; median of "
+                  f"{meas['before']['repeats']} runs. Theoretical speedup (MACs) {meas['theoretical_speedup']:.2f}×."
+                  "</p>"]
+    parts += ["<h2>Where the MACs are, conv by conv</h2>",
+              "<div class='legend'>" + f"<span><i class='sw' style='background:{BEFORE}'></i>before</span>"
+              f"<span><i class='sw' style='background:{AFTER}'></i>after</span></div>",
+              _macs_chart(plan)]
+    measured_layers = [c for c in doc["layers"] if c["measured_speedup"] is not None]
+    if measured_layers:
+        parts += ["<h2>Measured latency of each replaced layer</h2>", _layer_latency_chart(measured_layers)]
+    parts += ["<h2>Replaced layers</h2>", _layers_table(doc["layers"]),
+              "<p class='note'>Kept energy: the share of the conv weight's squared norm the rank-r factorization "
+              "keeps (100% = exact).</p>",
+              "<h2>Every conv and its decision</h2>", _plan_table(plan),
+              f"<p class='note'>{_e(doc['convention'])}.</p>",
+              f"<script type='application/json' id='dsrewrite-report'>{_json_for_html(doc)}</script>",
+              "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _json_for_html(doc) -> str:
+    return json.dumps(doc).replace("</", "<\\/")
+
+
+def _macs_chart(plan) -> str:
+    """Horizontal bars: each conv call's MACs before (grey) and after (blue)."""
+    rows = [(d.name, d.macs_before, d.macs_after if d.replaced else d.macs_before, d.replaced) for d in plan.decisions]
+    if not rows:
+        return "<p>This model has no convolutions.</p>"
+    top = max(max(r[1], r[2]) for r in rows) or 1
+    label_w, bar_w, row_h = 230, 620, 16
+    height = row_h * len(rows) + 24
+    out = [f"<svg width='{label_w + bar_w + 90}' height='{height}' role='img' aria-label='MACs per conv'>"]
+    for i, (name, before, after, replaced) in enumerate(rows):
+        y = 4 + i * row_h
+        wb, wa = bar_w * before / top, bar_w * after / top
+        label = name if len(name) <= 34 else "…" + name[-33:]
+        out.append(f"<text x='{label_w - 6}' y='{y + 11}' text-anchor='end'>{_e(label)}</text>")
+        out.append(f"<rect x='{label_w}' y='{y + 1}' width='{wb:.1f}' height='6' fill='{BEFORE}'>"
+                   f"<title>{_e(name)}: {format_count(before)} MACs before</title></rect>")
+        out.append(f"<rect x='{label_w}' y='{y + 7}' width='{max(wa, 0.5):.1f}' height='6' fill='{AFTER}'>"
+                   f"<title>{_e(name)}: {format_count(after)} MACs after</title></rect>")
+        tag = f"{format_count(before)} → {format_count(after)}" if replaced else format_count(before)
+        out.append(f"<text x='{label_w + max(wb, wa) + 4:.1f}' y='{y + 11}'>{_e(tag)}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _latency_chart(meas) -> str:
+    before, after = meas["before"]["median_s"], meas["after"]["median_s"]
+    top = max(before, after) or 1
+    width = 640
+    out = [f"<svg width='{width + 220}' height='70' role='img' aria-label='latency before and after'>"]
+    for i, (label, value, color) in enumerate([("before", before, BEFORE), ("after", after, AFTER)]):
+        y = 6 + i * 30
+        w = width * value / top
+        out.append(f"<text x='60' y='{y + 15}' text-anchor='end'>{label}</text>")
+        out.append(f"<rect x='66' y='{y}' width='{w:.1f}' height='22' fill='{color}'/>")
+        out.append(f"<text x='{66 + w + 6:.1f}' y='{y + 15}'>{_ms(value)}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _layer_latency_chart(layers) -> str:
+    top = max(max(c["measured_original_s"], c["measured_replacement_s"]) for c in layers) or 1
+    label_w, bar_w, row_h = 230, 560, 18
+    out = [f"<svg width='{label_w + bar_w + 240}' height='{row_h * len(layers) + 10}' role='img' "
+           "aria-label='measured latency per replaced layer'>"]
+    for i, c in enumerate(layers):
+        y = 4 + i * row_h
+        wb = bar_w * c["measured_original_s"] / top
+        wa = bar_w * c["measured_replacement_s"] / top
+        color = AFTER if c["measured_speedup"] >= 1 else "#d62728"
+        out.append(f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{_e(c['name'])}</text>")
+        out.append(f"<rect x='{label_w}' y='{y + 1}' width='{wb:.1f}' height='7' fill='{BEFORE}'/>")
+        out.append(f"<rect x='{label_w}' y='{y + 8}' width='{wa:.1f}' height='7' fill='{color}'/>")
+        out.append(f"<text x='{label_w + max(wb, wa) + 4:.1f}' y='{y + 12}'>{_ms(c['measured_original_s'])} → "
+                   f"{_ms(c['measured_replacement_s'])} ({c['measured_speedup']:.2f}×)</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _layers_table(layers) -> str:
+    if not layers:
+        return "<p>Nothing was replaced.</p>"
+    head = ("<tr><th>conv</th><th>kernel</th><th>channels</th><th>rank</th><th>params</th><th>MACs</th>"
+            "<th>theoretical</th><th>measured</th><th>kept energy</th></tr>")
+    rows = []
+    for c in layers:
+        measured = f"{c['measured_speedup']:.2f}×" if c["measured_speedup"] is not None else "-"
+        rows.append(
+            f"<tr><td>{_e(c['name'])}</td><td>{'×'.join(map(str, c['kernel']))}</td>"
+            f"<td>{c['in_channels']}→{c['out_channels']}</td><td class='n'>{c['depth_multiplier']}</td>"
+            f"<td class='n'>{format_count(c['params_before'])} → {format_count(c['params_after'])}</td>"
+            f"<td class='n'>{format_count(c['macs_before'])} → {format_count(c['macs_after'])}</td>"
+            f"<td class='n'>{c['theoretical_speedup']:.1f}×</td><td class='n'>{measured}</td>"
+            f"<td class='n'>{100 * c['kept_energy']:.1f}%</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _plan_table(plan) -> str:
+    rows = "".join(f"<tr><td class='n'>{d.index}</td><td>{_e(d.name)}</td><td>{'replace' if d.replaced else 'keep'}"
+                   f"</td><td>{_e(d.reason)}</td></tr>" for d in plan.decisions)
+    return f"<table><tr><th>#</th><th>conv</th><th>decision</th><th>reason</th></tr>{rows}</table>"
