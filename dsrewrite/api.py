@@ -161,6 +161,8 @@ class ConversionReport:
     notes: list[str]
     #: End-to-end latency before/after (see :func:`convert` with ``measure=True``), or None.
     measurement: dict[str, Any] | None = None
+    #: Fidelity before/after calibration on the calibration data, or None.
+    calibration: dict[str, Any] | None = None
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -182,6 +184,7 @@ class ConversionReport:
             "layers": [layer.to_dict() for layer in self.layers],
             "fidelity": self.fidelity,
             "measurement": self.measurement,
+            "calibration": self.calibration,
             "notes": self.notes,
         }
 
@@ -238,6 +241,9 @@ def convert(
     batch_size: int | None = None,
     layer_timer=None,
     cache=None,
+    calibration=None,
+    target_macs: float | None = None,
+    max_error: float | None = None,
 ) -> ConversionResult:
     """Plan and apply the separable rewrite; ``model`` itself is left untouched.
 
@@ -252,6 +258,11 @@ def convert(
     are timed before planning and kept unless they measured fast enough. ``measure_settings``
     overrides the rules' ``[measure]`` keys; ``layer_timer(conv, depth_multiplier, bn,
     activation) -> LayerTiming`` replaces real per-layer timing (tests use a fake one).
+
+    ``calibration`` (an iterable of input batches, or (inputs, labels) pairs) refits every
+    replaced block on that data (:func:`dsrewrite.calibrate`). ``target_macs`` (a fraction of
+    the original MACs) or ``max_error`` chooses each layer's rank (:mod:`dsrewrite.rank`),
+    judged from the calibration data when given, else from the weights' kept energy.
     """
     from .rewrite import apply_plan, fidelity, real_inputs
 
@@ -273,13 +284,33 @@ def convert(
         if missing:
             timings.update(_time_decisions(before, missing, timer))
             plan = make_plan(before, config, timings, environment_label(settings))
+    batches = None
+    if calibration is not None:
+        from .calibrate import as_batches
+
+        batches = as_batches(calibration)
+    if target_macs is not None or max_error is not None:
+        from .rank import choose_ranks, data_errors, energy_errors
+
+        say("choosing each layer's rank ...")
+        errors = data_errors(model, plan, batches) if batches else energy_errors(model, plan)
+        plan = choose_ranks(plan, errors, before.profile.macs, target_macs=target_macs, max_error=max_error,
+                            judged_by="data" if batches else "energy")
     real = real_inputs(inputs)
     say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
     rewritten = apply_plan(model, plan, real)
+    calibration_report = None
+    if batches:
+        from .calibrate import calibrate
+
+        say(f"calibrating on {sum(x.shape[0] for x in batches)} samples ...")
+        calibration_report = calibrate(rewritten.model, model, batches, progress=progress is not None).to_dict()
     say("analyzing the converted model and checking output fidelity ...")
     traced_after = trace(rewritten.model)
     after = Analysis(before.model_name, profile(traced_after, inputs), traced_after)
     report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))
+    report.calibration = calibration_report
+    report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")
         report.measurement = measure_end_to_end(model, rewritten.model, real, settings, config.measure_fold_bn,

@@ -118,25 +118,13 @@ def decouple(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
             pointwise.reshape(c_out, c_in * rank).to(weight.dtype), energy)
 
 
-def _linear_range(block: DepthwiseSeparableConv2d, sample: torch.Tensor | None, activation: str):
-    """Set the inserted BN so that act(bn(z)) = scale·z + shift for the depthwise outputs z of ``sample``.
+def set_linear_range(block: DepthwiseSeparableConv2d, lo, hi, mean, var, activation: str):
+    """Set the inserted BN from per-channel statistics (min, max, mean, var) of the depthwise outputs.
 
-    BN's running statistics are those of z (so train-mode BN starts near its eval behaviour);
-    its affine parameters make the eval-mode map the chosen ``scale·z + shift``: ReLU shifts z
-    above zero, ReLU6 also scales it into [0, 6], no activation keeps z as it is.
-    Without BN, an activation other than none cannot be kept linear and is applied as is.
+    Returns ``(scale, shift)`` with act(bn(z)) = scale·z + shift inside [lo, hi] (see _linear_range).
     """
-    mid = block.mid_channels
     dtype, device = block.depthwise.weight.dtype, block.depthwise.weight.device
-    if sample is not None and sample.numel():
-        z = block.depthwise(sample.to(dtype=dtype, device=device))
-        flat = z.transpose(0, 1).reshape(mid, -1)
-        lo, hi = flat.min(1).values, flat.max(1).values
-        mean, var = flat.mean(1), flat.var(1, unbiased=False)
-    else:
-        lo, hi = torch.full((mid,), -3.0, dtype=dtype, device=device), torch.full((mid,), 3.0, dtype=dtype,
-                                                                                      device=device)
-        mean, var = torch.zeros(mid, dtype=dtype, device=device), torch.ones(mid, dtype=dtype, device=device)
+    mid = block.mid_channels
     span = (hi - lo).clamp_min(1e-6)
     margin = 0.05 * span  # headroom for inputs a little outside the sample's range
     if activation == "relu6":
@@ -157,8 +145,29 @@ def _linear_range(block: DepthwiseSeparableConv2d, sample: torch.Tensor | None, 
         bn.bias.copy_(shift + scale * mean)
         return scale, shift
     # No BN: the activation follows z directly and the map is the identity on its linear part.
-    ones = torch.ones(mid, dtype=dtype, device=device)
-    return ones, torch.zeros(mid, dtype=dtype, device=device)
+    return torch.ones(mid, dtype=dtype, device=device), torch.zeros(mid, dtype=dtype, device=device)
+
+
+def _linear_range(block: DepthwiseSeparableConv2d, sample: torch.Tensor | None, activation: str):
+    """Set the inserted BN so that act(bn(z)) = scale·z + shift for the depthwise outputs z of ``sample``.
+
+    BN's running statistics are those of z (so train-mode BN starts near its eval behaviour);
+    its affine parameters make the eval-mode map the chosen ``scale·z + shift``: ReLU shifts z
+    above zero, ReLU6 also scales it into [0, 6], no activation keeps z as it is.
+    Without BN, an activation other than none cannot be kept linear and is applied as is.
+    """
+    mid = block.mid_channels
+    dtype, device = block.depthwise.weight.dtype, block.depthwise.weight.device
+    if sample is not None and sample.numel():
+        z = block.depthwise(sample.to(dtype=dtype, device=device))
+        flat = z.transpose(0, 1).reshape(mid, -1)
+        lo, hi = flat.min(1).values, flat.max(1).values
+        mean, var = flat.mean(1), flat.var(1, unbiased=False)
+    else:
+        lo, hi = torch.full((mid,), -3.0, dtype=dtype, device=device), torch.full((mid,), 3.0, dtype=dtype,
+                                                                                      device=device)
+        mean, var = torch.zeros(mid, dtype=dtype, device=device), torch.ones(mid, dtype=dtype, device=device)
+    return set_linear_range(block, lo, hi, mean, var, activation)
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:

@@ -67,6 +67,8 @@ class Plan:
     model_name: str
     config: RuleConfig
     decisions: list[Decision]
+    #: Remarks about the plan as a whole (an unreachable MAC target, say).
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def replacements(self) -> list[Decision]:
@@ -83,8 +85,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"model": self.model_name, "rules": self.config.to_dict(),
-                "replaced": len(self.replacements), "decisions": [d.to_dict() for d in self.decisions]}
+        return {"model": self.model_name, "rules": self.config.to_dict(), "replaced": len(self.replacements),
+                "decisions": [d.to_dict() for d in self.decisions], "notes": list(self.notes)}
 
 
 def make_plan(analysis, config: RuleConfig, timings: dict | None = None, environment: str = "") -> Plan:

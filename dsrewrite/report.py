@@ -219,6 +219,15 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
                 f"torch {fp['torch']}; median of {meas['before']['repeats']} runs after "
                 f"{meas['settings']['warmup']} warm-up (spread {100 * meas['before']['spread']:.0f}% / "
                 f"{100 * meas['after']['spread']:.0f}%).", ""]
+    cal = doc.get("calibration")
+    if cal:
+        def _agree(d):
+            return f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
+        out += [("## " if md else "") + f"Calibration ({cal['samples']} samples, {cal['blocks']} blocks refit)",
+                f"before: relative error {cal['before']['relative_error']:.4g}, cosine {cal['before']['cosine']:.6f}"
+                f"{_agree(cal['before'])}",
+                f"after:  relative error {cal['after']['relative_error']:.4g}, cosine {cal['after']['cosine']:.6f}"
+                f"{_agree(cal['after'])}", ""]
     f = doc["fidelity"]
     out += [("## " if md else "") + "Output fidelity on the example inputs",
             f"relative error {f['relative_error']:.4g}, cosine similarity {f['cosine']:.6f}, "

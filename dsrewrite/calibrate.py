@@ -1,0 +1,202 @@
+"""Calibration: refit each replaced block on unlabeled data, without gradients.
+
+For each :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`, in network order:
+
+1. its inputs are taken from the **converted** model (so the errors of earlier blocks are
+   compensated, not accumulated) and the targets are the **original** conv's outputs;
+2. the inserted BN is reset from the statistics of the depthwise outputs on that data (so
+   the activation works in its linear range on real inputs);
+3. the pointwise weights and bias are refit by least squares, streamed over the batches:
+   only the normal equations (mid+1)² and (mid+1)×C_out are kept, never the activations.
+
+Every pass stops as soon as the layer of interest has run, so calibrating a block early
+in the network costs only the layers before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .layers import DepthwiseSeparableConv2d, decouple, set_linear_range
+from .progress import Progress
+from .trace import eval_mode
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has run."""
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    """Fidelity of the converted model against the original on the calibration data."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    blocks: int
+    batches: int
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def as_batches(data: Iterable, max_batches: int | None = None) -> list[torch.Tensor]:
+    """Input tensors from an iterable of batches (tensors, or (inputs, labels) pairs), kept in memory."""
+    out = []
+    for i, item in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calibration batches must be tensors or (inputs, labels) pairs, got {type(x).__name__}")
+        out.append(x)
+    if not out:
+        raise ValueError("no calibration batches")
+    return out
+
+
+def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
+              max_batches: int | None = None, progress: bool = False) -> CalibrationReport:
+    """Refit every replaced block of ``converted`` in place (see the module docstring).
+
+    ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
+    ``ridge`` (relative to the mean diagonal of the normal equations) pulls the solution
+    toward the weight-only SVD initialization where the data leave it undetermined.
+    """
+    data = as_batches(batches, max_batches)
+    blocks = _blocks_in_order(converted, data[0])
+    with eval_mode(converted), eval_mode(original), torch.no_grad():
+        before = agreement(original, converted, data)
+        with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
+            for name in blocks:
+                block = converted.get_submodule(name)
+                conv = original.get_submodule(name)
+                scale, shift = _reset_bn(converted, block, data)
+                prior = _svd_prior(block, conv, scale, shift)
+                _refit_pointwise(converted, original, block, conv, data, ridge, prior)
+                bar.advance(name)
+        after = agreement(original, converted, data)
+    return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data))
+
+
+def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """Names of the separable blocks, in the order the forward runs them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+               for name, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv2d)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """Run ``model`` on ``x`` until ``module`` sees its input (``what='input'``) or produces its output."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(mod, args):
+        if what == "input":
+            seen["t"] = args[0]
+            raise _Stop
+
+    def post(mod, args, out):
+        seen["t"] = out
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "t" not in seen:
+        raise RuntimeError("the calibrated layer did not run on the calibration data")
+    return seen["t"]
+
+
+def _reset_bn(converted: nn.Module, block: DepthwiseSeparableConv2d, data: list[torch.Tensor]):
+    """Set the inserted BN from the depthwise outputs on the data; returns its (scale, shift) on z."""
+    if not isinstance(block.bn, nn.BatchNorm2d):
+        ones = torch.ones(block.mid_channels, dtype=torch.float64)
+        return ones, torch.zeros_like(ones)
+    mid = block.mid_channels
+    lo = torch.full((mid,), float("inf"), dtype=torch.float64)
+    hi = torch.full((mid,), float("-inf"), dtype=torch.float64)
+    total = torch.zeros(mid, dtype=torch.float64)
+    squares = torch.zeros(mid, dtype=torch.float64)
+    count = 0
+    for x in data:
+        z = block.depthwise(_capture(converted, block, x, "input")).transpose(0, 1).reshape(mid, -1).double()
+        lo = torch.minimum(lo, z.min(1).values)
+        hi = torch.maximum(hi, z.max(1).values)
+        total += z.sum(1)
+        squares += (z * z).sum(1)
+        count += z.shape[1]
+    mean = total / count
+    var = (squares / count - mean * mean).clamp_min(0)
+    dtype = block.depthwise.weight.dtype
+    scale, shift = set_linear_range(block, lo.to(dtype), hi.to(dtype), mean.to(dtype), var.to(dtype),
+                                    block.activation_name)
+    return scale.double(), shift.double()
+
+
+def _svd_prior(block: DepthwiseSeparableConv2d, conv: nn.Conv2d, scale, shift) -> torch.Tensor:
+    """The weight-only solution ([mid+1, C_out]): SVD pointwise weights, compensated for the BN's map."""
+    _, pointwise, _ = decouple(conv.weight.detach().double(), block.depth_multiplier)
+    pointwise = pointwise / scale  # [C_out, mid]
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
+                                                                                 dtype=torch.float64)
+    bias = bias - pointwise @ shift
+    return torch.cat([pointwise.T, bias.unsqueeze(0)], 0)
+
+
+def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d,
+                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor) -> None:
+    mid, c_out = block.mid_channels, block.out_channels
+    gram = torch.zeros(mid + 1, mid + 1, dtype=torch.float64)
+    cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
+    for x in data:
+        h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
+        y = _capture(original, conv, x, "output")
+        hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()
+        yf = y.permute(0, 2, 3, 1).reshape(-1, c_out).double()
+        gram += hf.T @ hf
+        cross += hf.T @ yf
+    # Ridge toward the weight-only solution: where the data pin the weights down it has no
+    # effect; where they do not (few positions per unknown), the SVD initialization stands.
+    damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
+    eye = torch.eye(mid + 1, dtype=torch.float64)
+    solution = torch.linalg.solve(gram + damp * eye, cross + damp * prior)  # [mid+1, C_out]
+    dtype = block.pointwise.weight.dtype
+    block.pointwise.weight.copy_(solution[:mid].T.reshape(block.pointwise.weight.shape).to(dtype))
+    block.pointwise.bias.copy_(solution[mid].to(dtype))
+
+
+def agreement(original: nn.Module, converted: nn.Module, data: list[torch.Tensor]) -> dict[str, float]:
+    """Relative error, cosine similarity and top-1 agreement of the outputs over the batches."""
+    diff_sq = ref_sq = dot = conv_sq = 0.0
+    same = total = 0
+    with eval_mode(original), eval_mode(converted), torch.no_grad():
+        for x in data:
+            a, b = original(x).double(), converted(x).double()
+            diff_sq += float(((b - a) ** 2).sum())
+            ref_sq += float((a * a).sum())
+            conv_sq += float((b * b).sum())
+            dot += float((a * b).sum())
+            if a.dim() == 2:
+                same += int((a.argmax(1) == b.argmax(1)).sum())
+                total += a.shape[0]
+    return {
+        "relative_error": (diff_sq / ref_sq) ** 0.5 if ref_sq else 0.0,
+        "cosine": dot / ((ref_sq * conv_sq) ** 0.5) if ref_sq and conv_sq else 1.0,
+        "top1_agreement": same / total if total else None,
+    }

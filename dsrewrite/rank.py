@@ -1,0 +1,175 @@
+"""Choosing each replaced layer's rank (depth multiplier) for a MAC target or an error bound.
+
+Rank r keeps, per input channel, the top r singular components of the conv weight's
+C_out × K² slice. A layer's *error* at rank r is judged either
+
+* from the weights alone: 1 − kept energy (the Network Decoupling energy rule), or
+* from calibration data: the relative error of the layer's output after the least-squares
+  refit of its pointwise weights — exact for every candidate rank from one pass, because the
+  rank-r depthwise outputs are a subset of the rank-``max`` ones, so one set of normal
+  equations per layer answers them all.
+
+:func:`choose_ranks` then spends a MAC budget greedily where it buys the most error
+reduction per MAC (``target_macs``), or gives each layer the smallest rank within an error
+bound (``max_error``). Like the rest of planning it returns a new plan and changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import decouple, theoretical_costs
+from .plan import Decision, Plan
+from .rules import AlignChannels
+from .trace import eval_mode
+
+MAX_RANK = 4
+
+
+def candidate_ranks(decision: Decision, align_divisor: int) -> list[int]:
+    """Aligned ranks from 1 up to min(K², C_out, MAX_RANK) (the multiplier AlignChannels allows)."""
+    top = min(math.prod(decision.kernel), decision.out_channels, MAX_RANK)
+    step = AlignChannels().depth_multiplier(decision.in_channels, 1, align_divisor)
+    ranks = list(range(step, max(top, step) + 1, step))
+    return ranks or [step]
+
+
+def energy_errors(model: nn.Module, plan: Plan) -> dict[str, dict[int, float]]:
+    """``module -> {rank: 1 − kept energy}`` from the weights."""
+    out = {}
+    for name, d in plan.modules_to_replace.items():
+        weight = model.get_submodule(name).weight.detach()
+        out[name] = {r: 1.0 - decouple(weight, r)[2] for r in candidate_ranks(d, plan.config.align_divisor)}
+    return out
+
+
+def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -> dict[str, dict[int, float]]:
+    """``module -> {rank: relative output error after the least-squares refit}`` on calibration data."""
+    targets = plan.modules_to_replace
+    state = {}
+    for name, d in targets.items():
+        conv = model.get_submodule(name)
+        ranks = candidate_ranks(d, plan.config.align_divisor)
+        top = ranks[-1]
+        depthwise = decouple(conv.weight.detach(), top)[0]
+        dims = conv.in_channels * top + 1
+        state[name] = {"conv": conv, "ranks": ranks, "top": top, "dw": depthwise,
+                       "gram": torch.zeros(dims, dims, dtype=torch.float64),
+                       "cross": torch.zeros(dims, conv.out_channels, dtype=torch.float64), "yy": 0.0}
+
+    def hook(mod, args, out, name):
+        s = state[name]
+        conv = s["conv"]
+        h = F.conv2d(args[0], s["dw"], None, conv.stride, conv.padding, conv.dilation, groups=conv.in_channels)
+        hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), torch.ones(h.numel() // h.shape[1], 1)], 1)
+        yf = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
+        hf = hf.double()
+        s["gram"] += hf.T @ hf
+        s["cross"] += hf.T @ yf
+        s["yy"] += float((yf * yf).sum())
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in targets]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    errors = {}
+    for name, s in state.items():
+        c_in, top = s["conv"].in_channels, s["top"]
+        errors[name] = {}
+        for r in s["ranks"]:
+            idx = torch.tensor([i * top + j for i in range(c_in) for j in range(r)] + [c_in * top])
+            a = s["gram"][idx][:, idx]
+            b = s["cross"][idx]
+            damp = 1e-6 * float(a.diagonal().mean().clamp_min(1e-12))
+            w = torch.linalg.solve(a + damp * torch.eye(len(idx), dtype=torch.float64), b)
+            residual = s["yy"] - 2 * float((w * b).sum()) + float((w * (a @ w)).sum())
+            errors[name][r] = math.sqrt(max(residual, 0.0) / s["yy"]) if s["yy"] > 0 else 0.0
+    return errors
+
+
+def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: int, *,
+                 target_macs: float | None = None, max_error: float | None = None, judged_by: str = "energy") -> Plan:
+    """A new plan with each replaced module's rank chosen (see the module docstring)."""
+    if (target_macs is None) == (max_error is None):
+        raise ValueError("give exactly one of target_macs and max_error")
+    sites: dict[str, list[Decision]] = {}
+    for d in plan.replacements:
+        sites.setdefault(d.module_name, []).append(d)
+    cost = {name: {r: _module_macs(ds, r, plan) for r in errors[name]} for name, ds in sites.items()}
+    chosen: dict[str, int | None] = {}
+    notes = []
+    if max_error is not None:
+        for name, ds in sites.items():
+            ok = [r for r in sorted(errors[name]) if errors[name][r] <= max_error]
+            rank = ok[0] if ok else None
+            chosen[name] = rank if rank is not None and cost[name][rank] < sum(d.macs_before for d in ds) else None
+    else:
+        chosen = {name: min(errors[name]) for name in sites}
+        budget = target_macs * total_macs
+        current = total_macs - sum(sum(d.macs_before for d in ds) - cost[name][chosen[name]]
+                                   for name, ds in sites.items())
+        if current > budget:
+            notes.append(f"target {target_macs:g} of the original MACs is out of reach under these rules: every "
+                         f"replaced layer at its lowest rank leaves {current / total_macs:.3f}")
+        while True:
+            best, best_score = None, 0.0
+            for name in sites:
+                higher = [r for r in sorted(errors[name]) if r > chosen[name]]
+                if not higher:
+                    continue
+                nxt = higher[0]
+                extra = cost[name][nxt] - cost[name][chosen[name]]
+                gain = errors[name][chosen[name]] - errors[name][nxt]
+                if current + extra <= budget and gain > 0:
+                    score = gain / max(extra, 1)
+                    if score > best_score:
+                        best, best_score = (name, nxt, extra), score
+            if best is None:
+                break
+            name, nxt, extra = best
+            chosen[name] = nxt
+            current += extra
+    word = "kept energy" if judged_by == "energy" else "output error after refit"
+    decisions = []
+    for d in plan.decisions:
+        rank = chosen.get(d.module_name, "absent") if d.replaced else "absent"
+        if rank == "absent":
+            decisions.append(d)
+        elif rank is None:
+            decisions.append(dataclasses.replace(
+                d, action="keep", rule="ChooseRank",
+                reason=f"kept: no rank ≤ {MAX_RANK} brings the error under {max_error:g} for fewer MACs",
+                depth_multiplier=None, mid_channels=None, macs_after=None, params_after=None, bn=None, activation=None))
+        else:
+            err = errors[d.module_name][rank]
+            quality = f"{100 * (1 - err):.1f}% kept energy" if judged_by == "energy" else f"{word} {err:.3f}"
+            macs, params = _site_costs(d, rank, plan)
+            why = f"for ≤{target_macs:g} of the MACs" if target_macs is not None else f"for error ≤ {max_error:g}"
+            k = "×".join(map(str, d.kernel))
+            hw = "×".join(map(str, d.output_shape[2:]))
+            decisions.append(dataclasses.replace(
+                d, depth_multiplier=rank, mid_channels=d.in_channels * rank, macs_after=macs, params_after=params,
+                reason=f"replaced: {k} {d.in_channels}→{d.out_channels} at {hw}, {d.macs_before / macs:.1f}× fewer "
+                       f"MACs; rank {rank} ({quality}) {why}"))
+    return Plan(plan.model_name, plan.config, decisions, plan.notes + notes)
+
+
+def _site_costs(d: Decision, rank: int, plan: Plan) -> tuple[int, int]:
+    """(MACs, params) of one call site's block at ``rank``."""
+    positions = d.output_shape[0] * math.prod(d.output_shape[2:])
+    has_bias = d.params_before > d.in_channels * d.out_channels * math.prod(d.kernel)
+    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, positions, rank, plan.config.bn, has_bias)
+
+
+def _module_macs(decisions: list[Decision], rank: int, plan: Plan) -> int:
+    return sum(_site_costs(d, rank, plan)[0] for d in decisions)
