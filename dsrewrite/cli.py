@@ -170,10 +170,18 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
               help="Dtype for timing (measure.dtype).")
 @click.option("--fold-bn/--no-fold-bn", default=None, help="Fold BN into convs before timing (measure.fold_bn).")
 @click.option("--repeats", type=int, default=None, help="Timed repeats per measurement (measure.repeats).")
+@click.option("--calibrate", "calibrate_spec", default=None, metavar="FILE.py:NAME|MODULE:NAME",
+              help="Unlabeled input batches (an iterable, or a function returning one) to refit each block on.")
+@click.option("--calibration-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--target-macs", type=float, default=None, metavar="FRACTION",
+              help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
+@click.option("--max-error", type=float, default=None, metavar="E",
+              help="Choose each layer's smallest rank whose error is at most E.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
-            measure_dtype, fold_bn, repeats, quiet: bool) -> None:
+            measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
+            quiet: bool) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -194,6 +202,12 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     rule_config = dataclasses.replace(rule_config, **{k: v for k, v in measure_flags.items() if v is not None})
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if target_macs is not None and max_error is not None:
+        raise UsageError("give --target-macs or --max-error, not both")
+    if target_macs is not None and not 0 < target_macs < 1:
+        raise UsageError(f"--target-macs is a fraction of the original MACs between 0 and 1, got {target_macs}")
+    if max_error is not None and max_error < 0:
+        raise UsageError(f"--max-error must be non-negative, got {max_error}")
     spec_inputs = [ms.spec]
     for path in (output, state_dict, onnx_path, report_path):
         if path:
@@ -215,8 +229,18 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         return
     inputs = resolve_inputs(analysis.loaded, ms.input_shapes, ms.dtype)
     say(f"converting with {rule_config.source} ...")
+    calibration = None
+    if calibrate_spec:
+        from .calibrate import as_batches
+        from .load import load_object
+
+        try:
+            calibration = as_batches(load_object(calibrate_spec, "--calibrate"), calibration_batches)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
     result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis,
-                           progress=None if quiet else say, measure=measure, batch_size=batch_size)
+                           progress=None if quiet else say, measure=measure, batch_size=batch_size,
+                           calibration=calibration, target_macs=target_macs, max_error=max_error)
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)

@@ -295,6 +295,32 @@ def _load_module_attr(module_name: str, name: str, kwargs: dict, spec: str) -> L
     return loaded
 
 
+def load_object(spec: str, what: str = "data"):
+    """``file.py:NAME`` or ``module:NAME`` → that object, called (without arguments) if callable."""
+    path_part, name = _split_file_spec(spec)
+    if not name:
+        raise UsageError(f"{what} spec {spec!r} must name an object: file.py:NAME or module:NAME")
+    if path_part.endswith(".py") or "/" in path_part:
+        path = Path(path_part)
+        if not path.exists():
+            raise UsageError(f"{path}: no such file")
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(path_part)
+        except Exception as e:
+            raise UsageError(f"{spec}: cannot import {path_part} ({type(e).__name__}: {e})") from e
+    if not hasattr(module, name):
+        raise UsageError(f"{spec}: defines no {name!r}")
+    obj = getattr(module, name)
+    if callable(obj):
+        try:
+            obj = obj()
+        except Exception as e:
+            raise UsageError(f"{spec}: calling {name}() raised {type(e).__name__}: {e}") from e
+    return obj
+
+
 # ------------------------------------------------------------------------------ saved models
 
 

@@ -121,7 +121,6 @@ _CHOICES = {
     "measure.dtype": ("float32", "bfloat16", "float16"),
     "measure.memory_format": ("contiguous", "channels_last"),
 }
-ACTIVATION_CHOICES = ("relu", "relu6", "none")
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,180 @@
+"""Calibration, distillation (single process and torchrun/DDP), rank choice, Fashion-MNIST reading."""
+
+import gzip
+import json
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import dsrewrite
+from dsrewrite.calibrate import agreement
+from dsrewrite.cli import cli
+from dsrewrite.data import read_idx
+from dsrewrite.rank import choose_ranks, data_errors, energy_errors
+
+HERE = Path(__file__).resolve().parent
+
+
+def small_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+
+def batches(n=4, seed=1, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+AGGRESSIVE = ["replace.min_in_channels=0", "replace.min_mac_reduction=0"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["block.activation=relu6"], ["block.bn=false", "block.activation=none"]])
+def test_calibration_reduces_the_output_error(overrides):
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + overrides)
+    data = batches()
+    before = agreement(model, result.model, data)
+    report = dsrewrite.calibrate(result.model, model, data)
+    assert report.blocks == len(result.report.layers) == 3
+    assert report.before["relative_error"] == pytest.approx(before["relative_error"])
+    assert report.after["relative_error"] < 0.5 * report.before["relative_error"]
+    held_out = agreement(model, result.model, batches(seed=9))
+    assert held_out["relative_error"] < before["relative_error"], "it generalizes to unseen inputs"
+
+
+def test_calibration_at_full_rank_is_exact_and_sets_bn_statistics():
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive",
+                               AGGRESSIVE + ["block.depth_multiplier=9", "block.activation=relu"])
+    data = batches(n=6)
+    report = dsrewrite.calibrate(result.model, model, data, ridge=1e-9)
+    assert report.after["relative_error"] < 1e-4 and report.after["top1_agreement"] == 1.0
+    block = result.model[3]
+    with torch.no_grad():
+        x = torch.cat([nn.Sequential(*list(result.model)[:3]).eval()(b) for b in data])
+        z = block.depthwise(x)
+    assert torch.allclose(block.bn.running_mean, z.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_convert_with_calibration_reports_before_and_after():
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE, calibration=[(b, None) for b in
+                                                                                              batches()])
+    cal = result.report.calibration
+    assert cal["samples"] == 32 and cal["after"]["relative_error"] < cal["before"]["relative_error"]
+    assert set(cal["after"]) == {"relative_error", "cosine", "top1_agreement"}
+
+
+def test_distill_improves_the_student_and_never_touches_the_teacher():
+    teacher = small_cnn()
+    student = dsrewrite.convert(teacher, (2, 3, 12, 12), "aggressive", AGGRESSIVE).model
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [p.requires_grad for p in teacher.parameters()]
+    data = [(x, torch.randint(0, 5, (x.shape[0],))) for x in batches(n=8)]
+
+    def divergence():
+        with torch.no_grad():
+            s, t = student.eval()(data[0][0]) / 4, teacher.eval()(data[0][0]) / 4
+            return float(nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), log_target=True,
+                                              reduction="batchmean"))
+
+    start = divergence()
+    teacher.train()
+    history = dsrewrite.distill(student, teacher, data, epochs=3, lr=3e-3, alpha=1.0, eval_loader=data,
+                                feature_loss=0.1, device="cpu")
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags, "teacher restored"
+    assert [h.epoch for h in history] == [1, 2, 3] and history[-1].steps == 24
+    assert history[-1].loss < history[0].loss and 0.0 <= history[-1].accuracy <= 1.0
+    assert divergence() < start
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_distill_with_own_optimizer_unlabeled_batches_and_amp():
+    teacher = small_cnn()
+    student = dsrewrite.convert(teacher, (2, 3, 12, 12), "aggressive", AGGRESSIVE).model
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    history = dsrewrite.distill(student, teacher, batches(n=2, size=4), optimizer=opt, amp=True, device="cpu",
+                                max_steps=1)
+    assert history[0].steps == 1 and history[0].accuracy is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distill_under_torchrun_with_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "ddp_distill_job.py"), str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
+                                                                                "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["teacher_unchanged"] for r in results)
+    assert results[0]["digest"] == pytest.approx(results[1]["digest"], rel=1e-9), "DDP keeps the ranks in sync"
+    assert results[0]["history"] == results[1]["history"], "loss and accuracy are averaged across ranks"
+
+
+def test_rank_choice_meets_a_mac_target_and_an_error_bound():
+    model = small_cnn()
+    analysis = dsrewrite.analyze(model, (2, 3, 12, 12))
+    plan = dsrewrite.plan_model(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE, analysis=analysis)
+    total = analysis.profile.macs
+    energy = energy_errors(model, plan)
+    data = data_errors(model, plan, batches())
+    for errors in (energy, data):
+        for name, by_rank in errors.items():
+            values = [by_rank[r] for r in sorted(by_rank)]
+            assert values == sorted(values, reverse=True), "more rank, less error"
+    loose = choose_ranks(plan, data, total, target_macs=0.9, judged_by="data")
+    tight = choose_ranks(plan, data, total, target_macs=0.5, judged_by="data")
+    for p, target in ((loose, 0.9), (tight, 0.5)):
+        after = total - sum(d.macs_before - d.macs_after for d in p.replacements)
+        assert after <= target * total
+    assert sum(d.depth_multiplier for d in loose.replacements) > sum(d.depth_multiplier for d in tight.replacements)
+    assert "rank" in tight.replacements[0].reason and "output error after refit" in tight.replacements[0].reason
+    bounded = choose_ranks(plan, energy, total, max_error=0.3)
+    for d in bounded.replacements:
+        assert energy[d.module_name][d.depth_multiplier] <= 0.3
+        smaller = [r for r in energy[d.module_name] if r < d.depth_multiplier]
+        assert all(energy[d.module_name][r] > 0.3 for r in smaller), "the smallest rank within the bound"
+    unreachable = choose_ranks(plan, energy, total, target_macs=0.01)
+    assert any("out of reach" in n for n in unreachable.notes)
+
+
+def test_cli_calibrate_and_target(tmp_path):
+    data = tmp_path / "calib.py"
+    data.write_text("import torch\ndef batches():\n    return [torch.randn(4, 3, 32, 32) for _ in range(3)]\n")
+    report = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--rules", "finetune",
+                                 "--calibrate", f"{data}:batches", "--target-macs", "0.4", "--report", str(report),
+                                 "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert doc["calibration"]["samples"] == 12
+    assert doc["after"]["macs"] <= 0.4 * doc["before"]["macs"]
+    for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
+                        (["--calibrate", f"{data}:missing"], "defines no 'missing'"),
+                        (["--target-macs", "0.5", "--max-error", "0.1"], "not both"),
+                        (["--target-macs", "3"], "between 0 and 1")]:
+        r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", *args, "-q"])
+        assert r.exit_code == 2 and words in r.output, (args, r.output)
+
+
+def test_read_idx(tmp_path):
+    images = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">3I", 3, 4, 5) + images.numpy().tobytes())
+    assert torch.equal(read_idx(path), images)
