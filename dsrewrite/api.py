@@ -402,17 +402,6 @@ def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple,
     }
 
 
-def convert_spec(spec: str, input_shapes=None, dtype=None, kwargs=None, trust_pickle: bool = False,
-                 rules: Any = "default", overrides=(), dry_run: bool = False):
-    """Load a model from a spec and convert it (or, with ``dry_run``, only plan)."""
-    before = analyze_spec(spec, input_shapes, dtype, kwargs, trust_pickle)
-    model = before.loaded.model
-    inputs = resolve_inputs(before.loaded, input_shapes, dtype)
-    if dry_run:
-        return plan_model(model, inputs, rules, overrides, analysis=before)
-    return convert(model, inputs, rules, overrides, analysis=before)
-
-
 def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dict[str, float],
                        fid: dict[str, float]) -> ConversionReport:
     after_rows: dict[str, list] = {}

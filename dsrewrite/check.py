@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -477,8 +476,3 @@ def diff_layers(before: list[dict], after: list[dict], top: int = 10) -> list[di
                          "delta_params": d_params, "delta_macs": d_macs})
     rows.sort(key=lambda r: (-abs(r["delta_macs"]), -abs(r["delta_params"]), r["name"]))
     return rows[:top]
-
-
-def is_finite(x: float | None) -> bool:
-    """A value that can be written into JSON as a number."""
-    return x is not None and math.isfinite(x)
