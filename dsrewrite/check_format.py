@@ -21,6 +21,13 @@ def render(result: CheckResult, fmt: str, why: bool = False) -> str:
     return {"text": _text, "json": _json, "markdown": _markdown, "github": _github, "junit": _junit}[fmt](result, why)
 
 
+def _md_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table without padding: identical output whatever measures emoji widths."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _change(m) -> str:
     if m.delta is None:
         return "new" if m.baseline is None and m.status != "not-comparable" else "-"
@@ -149,22 +156,22 @@ def _markdown(result: CheckResult, why: bool) -> str:
                     "not-comparable": "➖ not comparable"}[m.status]]
             (flagged if m.status in ("fail", "warn") else passing).append(row)
     if flagged:
-        out += [tabulate(flagged, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        out += [_md_table(headers, flagged), ""]
         for b in result.budgets:
             if (b.failed or b.warned) and b.budget.message:
                 out.append(f"> **{b.budget.name}**: {b.budget.message}")
         out.append("")
     if passing:
         out += [f"<details><summary>{len(passing)} metric(s) within budget</summary>", "",
-                tabulate(passing, headers=headers, tablefmt="github", disable_numparse=True), "", "</details>", ""]
+                _md_table(headers, passing), "", "</details>", ""]
     if why:
         for b in result.budgets:
             rows = layer_changes(b)
             if rows:
                 out += [f"<details><summary>Layers that changed most in {b.budget.name}</summary>", "",
-                        tabulate([[r["name"], r["change"], _signed(r["delta_params"]), _signed(r["delta_macs"])]
-                                  for r in rows], headers=["layer", "", "Δ params", "Δ MACs"], tablefmt="github",
-                                 disable_numparse=True),
+                        _md_table(["layer", "", "Δ params", "Δ MACs"],
+                                  [[r["name"], r["change"], _signed(r["delta_params"]), _signed(r["delta_macs"])]
+                                   for r in rows]),
                         "", "</details>", ""]
     if result.removed:
         out.append("Removed since the baseline: " + ", ".join(f"`{n}`" for n in result.removed))
