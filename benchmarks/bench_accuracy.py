@@ -62,6 +62,12 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
 
     rows, summary = [], []
+
+    def flush():
+        """Write what has been measured so far, so an interrupted run still leaves its results."""
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(render(rows, summary, args))
+
     for kind in args.models.split(","):
         torch.manual_seed(0)
         original = MODELS[kind](args.width)
@@ -114,6 +120,7 @@ def main(argv=None) -> int:
                              cal.report.after["params"], cal.report.after["macs"], lat,
                              cal_s + time.perf_counter() - start, base_acc, base.macs))
             log(f"{kind} {preset} {label}: distilled {100 * dist_acc:.2f}%")
+            flush()
             if preset != "finetune":
                 continue
             # the seed articles' route: the same separable architecture from random init, same steps
@@ -133,10 +140,9 @@ def main(argv=None) -> int:
                              base_acc, base.macs))
             log(f"{kind} {label}: random-init route {100 * rand_acc:.2f}% ({steps} steps)")
             summary.append((kind, label, base.macs / cal.report.after["macs"], base_acc, cal_acc, dist_acc, rand_acc))
+            flush()
 
-    text = render(rows, summary, args)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
+    flush()
     log(f"wrote {args.output}")
     return 0
 
