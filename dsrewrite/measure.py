@@ -290,6 +290,7 @@ class LatencyCache:
     def save(self) -> None:
         """Write the cache atomically (best effort: a read-only home is not an error)."""
         import json
+        from pathlib import Path
 
         from .files import atomic_write
 
@@ -298,7 +299,7 @@ class LatencyCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps({"version": self.VERSION, "entries": self.entries}, sort_keys=True)
-            atomic_write(self.path, lambda tmp: open(tmp, "w").write(text))
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
             self.dirty = False
         except (OSError, UsageError):
             pass

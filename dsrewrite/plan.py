@@ -32,6 +32,7 @@ class Decision:
     output_shape: tuple[int, ...]
     macs_before: int
     params_before: int
+    has_bias: bool = False
     depth_multiplier: int | None = None
     mid_channels: int | None = None
     macs_after: int | None = None
@@ -118,7 +119,8 @@ def make_plan(analysis, config: RuleConfig, timings: dict | None = None, environ
 def _decide(conv: ConvProfile, ctx: PlanContext) -> Decision:
     base = dict(index=conv.index, name=conv.name, module_name=conv.module_name, kernel=conv.kernel,
                 stride=conv.stride, in_channels=conv.in_channels, out_channels=conv.out_channels,
-                output_shape=conv.output_shape, macs_before=conv.macs, params_before=conv.params)
+                output_shape=conv.output_shape, macs_before=conv.macs, params_before=conv.params,
+                has_bias=conv.has_bias)
     for rule in KEEP_RULES:
         reason = rule.keep_reason(conv, ctx)
         if reason:

@@ -167,8 +167,7 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
 def _site_costs(d: Decision, rank: int, plan: Plan) -> tuple[int, int]:
     """(MACs, params) of one call site's block at ``rank``."""
     positions = d.output_shape[0] * math.prod(d.output_shape[2:])
-    has_bias = d.params_before > d.in_channels * d.out_channels * math.prod(d.kernel)
-    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, positions, rank, plan.config.bn, has_bias)
+    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, positions, rank, plan.config.bn, d.has_bias)
 
 
 def _module_macs(decisions: list[Decision], rank: int, plan: Plan) -> int:
