@@ -162,7 +162,7 @@ def render(rows, summary, args) -> str:
     out = ["# Accuracy after conversion: Fashion-MNIST", "",
            f"Measured with `python benchmarks/bench_accuracy.py` on {fingerprint()}. Test accuracy on the 10,000 test "
            f"images; originals trained {args.epochs} epochs (SGD, one-cycle, batch 128, seed 0, width "
-           f"{args.width}). Calibration: 1024 unlabeled training images. Distillation: 1 epoch (469 steps, AdamW "
+           f"{args.width}). Calibration: 1024 unlabeled training images (depthwise and pointwise refit jointly by alternating least squares, then the pointwise refit through the BN). Distillation: 1 epoch (469 steps, AdamW "
            "1e-3 cosine, T=4, alpha 0.9). The random-init route trains the same separable architecture with "
            "labels for the same 469 steps and optimizer. Latency: median at batch 64, CPU, BN folded.", "",
            "`finetune` is the preset the README recommends for convert-then-fine-tune (depthwise → BN → pointwise, "

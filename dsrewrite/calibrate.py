@@ -6,7 +6,14 @@ For each :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`, in network order:
    compensated, not accumulated) and the targets are the **original** conv's outputs;
 2. the inserted BN is reset from the statistics of the depthwise outputs on that data (so
    the activation works in its linear range on real inputs);
-3. the pointwise weights and bias are refit by least squares, streamed over the batches:
+3. before that, the depthwise filters and pointwise weights are fit together by alternating
+   least squares on the block's linear part (the block is bilinear in them): one streamed
+   pass collects the input-patch covariance Σ (C_in·K²+1)² and the cross-covariance with
+   the targets, then each half-step is an exact solve on those small matrices
+   (pointwise: (mid+1)²; depthwise: (mid·K²)², the Hadamard product PᵀP ⊙ Σ) — the
+   objective never goes up, so it is never worse than refitting the pointwise alone;
+4. the inserted BN is reset again for the new filters and the pointwise weights and bias are
+   refit by least squares through the actual BN and activation, streamed over the batches:
    only the normal equations (mid+1)² and (mid+1)×C_out are kept, never the activations.
 
 Every pass stops as soon as the layer of interest has run, so calibrating a block early
@@ -19,6 +26,7 @@ import dataclasses
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import DepthwiseSeparableConv2d, decouple, set_linear_range
@@ -39,6 +47,8 @@ class CalibrationReport:
     blocks: int
     batches: int
     samples: int
+    depthwise_refit: int = 0
+
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -60,28 +70,41 @@ def as_batches(data: Iterable, max_batches: int | None = None) -> list[torch.Ten
     return out
 
 
+# The joint depthwise fit solves a dense (mid·K²)² system; above this many unknowns a block
+# gets the pointwise refit only (about 0.5 GiB of float64 and a few seconds per solve).
+MAX_JOINT_UNKNOWNS = 8192
+
+
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
-              max_batches: int | None = None, progress: bool = False) -> CalibrationReport:
+              max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 30,
+              progress: bool = False) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
     ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
     ``ridge`` (relative to the mean diagonal of the normal equations) pulls the solution
     toward the weight-only SVD initialization where the data leave it undetermined.
+    ``refit_depthwise`` turns the joint (alternating least squares) fit of the depthwise
+    filters on or off; ``iterations`` bounds its alternations.
     """
     data = as_batches(batches, max_batches)
     blocks = _blocks_in_order(converted, data[0])
+    joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, data)
         with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
             for name in blocks:
                 block = converted.get_submodule(name)
                 conv = original.get_submodule(name)
+                linear = _svd_linear(block, conv)
+                if refit_depthwise and _joint_fit_fits(block):
+                    linear = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations)
+                    joint += 1
                 scale, shift = _reset_bn(converted, block, data)
-                prior = _svd_prior(block, conv, scale, shift)
+                prior = _through_bn(linear[1], linear[2], scale, shift)
                 _refit_pointwise(converted, original, block, conv, data, ridge, prior)
                 bar.advance(name)
         after = agreement(original, converted, data)
-    return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data))
+    return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint)
 
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -149,14 +172,81 @@ def _reset_bn(converted: nn.Module, block: DepthwiseSeparableConv2d, data: list[
     return scale.double(), shift.double()
 
 
-def _svd_prior(block: DepthwiseSeparableConv2d, conv: nn.Conv2d, scale, shift) -> torch.Tensor:
-    """The weight-only solution ([mid+1, C_out]): SVD pointwise weights, compensated for the BN's map."""
-    _, pointwise, _ = decouple(conv.weight.detach().double(), block.depth_multiplier)
-    pointwise = pointwise / scale  # [C_out, mid]
+def _svd_linear(block: DepthwiseSeparableConv2d, conv: nn.Conv2d):
+    """The weight-only factors (depthwise [mid, K²], pointwise [C_out, mid], bias [C_out]), float64."""
+    depthwise, pointwise, _ = decouple(conv.weight.detach().double(), block.depth_multiplier)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
                                                                                  dtype=torch.float64)
+    return depthwise.reshape(block.mid_channels, -1), pointwise, bias
+
+
+def _through_bn(pointwise: torch.Tensor, bias: torch.Tensor, scale, shift) -> torch.Tensor:
+    """A linear block's pointwise solution ([mid+1, C_out]) compensated for the BN's map z → scale·z + shift."""
+    pointwise = pointwise / scale  # [C_out, mid]
     bias = bias - pointwise @ shift
     return torch.cat([pointwise.T, bias.unsqueeze(0)], 0)
+
+
+def _joint_fit_fits(block: DepthwiseSeparableConv2d) -> bool:
+    taps = block.depthwise.weight[0].numel()
+    return block.mid_channels * taps <= MAX_JOINT_UNKNOWNS and block.in_channels * taps < MAX_JOINT_UNKNOWNS
+
+
+def _patches(block: DepthwiseSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The depthwise conv's input patches as rows [positions, C_in·K²] (padding mode honoured)."""
+    dw = block.depthwise
+    mode = "constant" if dw.padding_mode == "zeros" else dw.padding_mode
+    x = F.pad(x, dw._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(x, dw.kernel_size, dilation=dw.dilation, stride=dw.stride)  # [B, C·K², L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
+                 ridge: float, iterations: int):
+    """Alternating least squares for ``y ≈ P·(D ∗ x) + b`` on the data; writes D into the block.
+
+    One pass collects Σ = Σ x̃x̃ᵀ and C = Σ y x̃ᵀ (x̃: input patch with a trailing 1); every
+    half-step after that is an exact solve on those matrices, so the error never increases.
+    Returns the fitted (depthwise, pointwise, bias) in float64.
+    """
+    taps = block.depthwise.weight[0].numel()
+    c_in, mid, rank = block.in_channels, block.mid_channels, block.depth_multiplier
+    n = c_in * taps + 1
+    sigma = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(block.out_channels, n, dtype=torch.float64)
+    for x in data:
+        inp = _capture(converted, block, x, "input")
+        y = _capture(original, conv, x, "output")
+        rows = _patches(block, inp).double()
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+        targets = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
+        sigma += rows.T @ rows
+        cross += targets.T @ rows
+    depthwise, pointwise, bias = (t.clone() for t in linear)
+    prior_dw = depthwise.clone()
+    owner = torch.arange(mid) // rank  # input channel of each mid channel
+    # Σ restricted to the (mid channel, tap) pairs the depthwise filters can see
+    patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
+    eye_p = torch.eye(mid + 1, dtype=torch.float64)
+    eye_d = torch.eye(mid * taps, dtype=torch.float64)
+    for _ in range(iterations):
+        # pointwise half-step: features h = D x (and 1)
+        lift = torch.zeros(mid + 1, n, dtype=torch.float64)
+        lift[torch.arange(mid).unsqueeze(1), owner.unsqueeze(1) * taps + torch.arange(taps)] = depthwise
+        lift[mid, -1] = 1.0
+        gram = lift @ sigma @ lift.T
+        damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
+        solution = torch.linalg.solve(gram + damp * eye_p, lift @ cross.T + damp * torch.cat(
+            [pointwise.T, bias.unsqueeze(0)], 0))
+        pointwise, bias = solution[:mid].T, solution[mid]
+        # depthwise half-step: PᵀP ⊙ Σ (restricted) d = Pᵀ(C − b·Σ₁)
+        system = ((pointwise.T @ pointwise)[:, None, :, None] * patch).reshape(mid * taps, mid * taps)
+        residual = pointwise.T @ (cross[:, :-1] - bias[:, None] * sigma[-1, :-1])  # [mid, C_in·K²]
+        rhs = residual.reshape(mid, c_in, taps)[torch.arange(mid), owner].reshape(-1)
+        damp = ridge * float(system.diagonal().mean().clamp_min(1e-12))
+        depthwise = torch.linalg.solve(system + damp * eye_d, rhs + damp * prior_dw.reshape(-1)).reshape(mid, taps)
+    block.depthwise.weight.copy_(depthwise.reshape(block.depthwise.weight.shape).to(block.depthwise.weight.dtype))
+    return depthwise, pointwise, bias
 
 
 def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d,

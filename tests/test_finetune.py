@@ -1,5 +1,6 @@
 """Calibration, distillation (single process and torchrun/DDP), rank choice, Fashion-MNIST reading."""
 
+import copy
 import gzip
 import json
 import socket
@@ -64,6 +65,22 @@ def test_calibration_at_full_rank_is_exact_and_sets_bn_statistics():
         x = torch.cat([nn.Sequential(*list(result.model)[:3]).eval()(b) for b in data])
         z = block.depthwise(x)
     assert torch.allclose(block.bn.running_mean, z.mean((0, 2, 3)), atol=1e-4)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_joint_depthwise_refit_is_never_worse_than_the_pointwise_refit(padding_mode):
+    torch.manual_seed(3)
+    # correlated input channels: a mixing 1×1 conv in front, so the data-aware filters differ from the SVD's
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), nn.Conv2d(12, 24, 3, padding=1, padding_mode=padding_mode))
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
+    data = batches(n=6)
+    errors = {}
+    for joint in (False, True):
+        converted = copy.deepcopy(result.model)
+        report = dsrewrite.calibrate(converted, model, data, refit_depthwise=joint)
+        assert report.depthwise_refit == (1 if joint else 0)
+        errors[joint] = report.after["relative_error"]
+    assert errors[True] < 0.9 * errors[False]
 
 
 def test_convert_with_calibration_reports_before_and_after():
