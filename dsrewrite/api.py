@@ -26,11 +26,31 @@ class Analysis:
     profile: ModelProfile
     trace: TraceResult
     loaded: LoadedModel | None = None
+    #: the example inputs the profile was taken on (meta tensors are fine)
+    inputs: tuple | None = None
 
     @property
     def convs(self):
         """One :class:`~dsrewrite.profile.ConvProfile` per conv call site, in execution order."""
         return self.profile.convs
+
+    def channel_groups(self):
+        """The model's channel-dependency graph (:func:`dsrewrite.channels.channel_graph`).
+
+        Layers that only training runs (auxiliary heads) are not in the eval-mode graph;
+        when some module is never called there, the training-mode graph of a copy is added.
+        """
+        from .channels import channel_graph, uncalled_modules
+
+        extra = []
+        if self.trace.graph is not None and self.inputs is not None and uncalled_modules(self.trace):
+            import copy
+
+            training = trace(copy.deepcopy(self.trace.root), training=True)
+            if training.graph is not None:
+                profile(training, self.inputs)
+                extra.append(training)
+        return channel_graph(self.trace, extra)
 
     def totals(self) -> dict[str, Any]:
         """Whole-model totals (params, MACs, FLOPs, bytes)."""
@@ -86,7 +106,7 @@ def analyze(
     else:
         inputs = as_input_tuple(example_inputs, "example_inputs")
     traced = trace(model)
-    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype), traced)
+    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype), traced, inputs=inputs)
 
 
 def analyze_spec(
@@ -100,7 +120,7 @@ def analyze_spec(
     loaded = load_model(spec, kwargs, trust_pickle=trust_pickle)
     inputs = resolve_inputs(loaded, input_shapes, dtype)
     traced = trace(loaded.model)
-    return Analysis(spec, profile(traced, inputs, dtype), traced, loaded)
+    return Analysis(spec, profile(traced, inputs, dtype), traced, loaded, inputs)
 
 
 # ------------------------------------------------------------------------------------ convert
@@ -163,6 +183,8 @@ class ConversionReport:
     measurement: dict[str, Any] | None = None
     #: Fidelity before/after calibration on the calibration data, or None.
     calibration: dict[str, Any] | None = None
+    #: Channel-group alignment / width changes (:meth:`dsrewrite.resize.ResizePlan.to_dict`), or None.
+    channels: dict[str, Any] | None = None
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -185,6 +207,7 @@ class ConversionReport:
             "fidelity": self.fidelity,
             "measurement": self.measurement,
             "calibration": self.calibration,
+            "channels": self.channels,
             "notes": self.notes,
         }
 
@@ -244,6 +267,8 @@ def convert(
     calibration=None,
     target_macs: float | None = None,
     max_error: float | None = None,
+    align: int | None = None,
+    width: float | None = None,
 ) -> ConversionResult:
     """Plan and apply the separable rewrite; ``model`` itself is left untouched.
 
@@ -263,6 +288,12 @@ def convert(
     replaced block on that data (:func:`dsrewrite.calibrate`). ``target_macs`` (a fraction of
     the original MACs) or ``max_error`` chooses each layer's rank (:mod:`dsrewrite.rank`),
     judged from the calibration data when given, else from the weights' kept energy.
+
+    ``align`` (a divisor, or rule keys ``align.groups`` + ``align.divisor``) then rounds every
+    resizable channel group up to a multiple of it, exactly; ``width`` (α, or ``align.width``)
+    scales every resizable group, keeping the most important channels (:mod:`dsrewrite.resize`).
+    The order is fixed: separable replacements are planned and applied first, then the
+    channel groups of the result are aligned or resized.
     """
     from .rewrite import apply_plan, fidelity, real_inputs
 
@@ -270,7 +301,8 @@ def convert(
     inputs = _inputs_from(example_inputs, None)
     if analysis is None:
         traced_before = trace(model)
-        analysis = Analysis(name or type(model).__name__, profile(traced_before, inputs), traced_before)
+        analysis = Analysis(name or type(model).__name__, profile(traced_before, inputs), traced_before,
+                            inputs=inputs)
     before = analysis
     config = _rule_config(rules, overrides)
     settings = measure_settings or config.measure_settings()
@@ -307,9 +339,23 @@ def convert(
         calibration_report = calibrate(rewritten.model, model, batches, progress=progress is not None).to_dict()
     say("analyzing the converted model and checking output fidelity ...")
     traced_after = trace(rewritten.model)
-    after = Analysis(before.model_name, profile(traced_after, inputs), traced_after)
+    after = Analysis(before.model_name, profile(traced_after, inputs), traced_after, inputs=inputs)
+    divisor = align if align is not None else config.align_divisor
+    width = width if width is not None else (config.align_width or None)
+    resize_plan = None
+    if align is not None or config.align_groups or width is not None:
+        from .resize import apply_resize, plan_resize
+
+        say("aligning channel groups ..." if width is None else f"scaling channel groups by {width:g} ...")
+        groups = after.channel_groups()
+        resize_plan = plan_resize(rewritten.model, groups, max(divisor, 1), width)
+        if resize_plan.changed:
+            apply_resize(rewritten.model, groups, resize_plan)
+            traced_after = trace(rewritten.model)
+            after = Analysis(before.model_name, profile(traced_after, inputs), traced_after, inputs=inputs)
     report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))
     report.calibration = calibration_report
+    report.channels = resize_plan.to_dict() if resize_plan is not None else None
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")

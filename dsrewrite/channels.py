@@ -98,6 +98,7 @@ class ChannelGraph:
     groups: list[ChannelGroup]
     #: atom id -> group id
     group_of: dict[int, int]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def group(self, group_id: int) -> ChannelGroup:
         """The group with this id."""
@@ -116,7 +117,8 @@ class ChannelGraph:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"groups": [g.to_dict() for g in self.groups],
-                "resizable": len(self.resizable), "frozen": len(self.groups) - len(self.resizable)}
+                "resizable": len(self.resizable), "frozen": len(self.groups) - len(self.resizable),
+                "notes": self.notes}
 
 
 # ----------------------------------------------------------------------------- op tables
@@ -155,21 +157,45 @@ _SHAPE_METHODS = {"size", "dim"}
 
 # ----------------------------------------------------------------------------- building
 
-def channel_graph(traced: TraceResult) -> ChannelGraph:
+def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> ChannelGraph:
     """Build the channel-dependency graph of a traced and profiled model (see the module docstring).
 
     ``traced`` must have been profiled (:func:`dsrewrite.profile.profile`) so that every
-    node carries its shape in ``node.meta["val"]``. A model torch.fx could not trace at the
-    top level has no graph: every module's channels are one frozen group each.
+    node carries its shape in ``node.meta["val"]``; ``extra`` are more profiled graphs of the
+    same model (or a copy with the same module names), e.g. its training-mode graph, whose
+    ties are added. A model torch.fx could not trace at the top level has no graph: every
+    module's channels are one frozen group each. Modules with parameters that no graph
+    calls are listed in ``notes`` and frozen where known, since nothing says what they consume.
     """
     builder = _Builder(traced.root)
     if traced.graph is None:
         builder.freeze_all_modules("the model could not be traced")
-    else:
-        for node in traced.graph.nodes:
+        return builder.finish()
+    for result in [traced, *extra]:
+        for node in result.graph.nodes:
             builder.visit(node)
-        builder.freeze_weight_reads()
+    builder.freeze_weight_reads()
+    missing = set(uncalled_modules(traced))
+    for result in extra:
+        missing &= set(uncalled_modules(result))
+    builder.freeze_uncalled(sorted(missing))
     return builder.finish()
+
+
+def uncalled_modules(traced: TraceResult) -> list[str]:
+    """Modules that own parameters but that the graph never calls (nor any untraced leaf around them)."""
+    if traced.graph is None:
+        return []
+    called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
+    read = {str(n.target).rpartition(".")[0] for n in traced.graph.nodes if n.op == "get_attr"}
+    out = []
+    for name, module in traced.root.named_modules():
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if name in called or name in read or any(name.startswith(c + ".") for c in called):
+            continue
+        out.append(name)
+    return out
 
 
 class _Builder:
@@ -180,6 +206,7 @@ class _Builder:
         self.members: dict[tuple[str, str], Member] = {}
         self.out_atoms: dict[str, int] = {}
         self.weight_reads: set[str] = set()
+        self.notes: list[str] = []
 
     # -- atoms and layouts
     def atom(self, label: str, size: int, frozen: str | None = None) -> int:
@@ -259,7 +286,7 @@ class _Builder:
         return out
 
     def _unknown(self, node: fx.Node, what: str, val):
-        reason = f"{what} at {node.name} is not understood"
+        reason = f"{what} at {node.name}"
         for layout in self._arg_layouts((node.args, node.kwargs)):
             self.freeze(layout, reason)
         return self._fresh(val, f"{what} {node.name}", reason)
@@ -271,7 +298,7 @@ class _Builder:
         if isinstance(module, _PASS_MODULES) or isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return x
         if x is None or not isinstance(val, torch.Tensor):
-            return self._unknown(node, kind, val)
+            return self._unknown(node, f"{kind} not understood", val)
         if isinstance(module, _CONV):
             return self._conv(name, module, x, val)
         if isinstance(module, nn.Linear):
@@ -294,7 +321,7 @@ class _Builder:
             return x
         if isinstance(module, nn.Flatten):
             return self._reshape(node, x, val, kind, literal_channels=False)
-        return self._unknown(node, kind, val)
+        return self._unknown(node, f"{kind} not understood", val)
 
     def _produced(self, name: str, module: nn.Module, params, size: int) -> Layout:
         if name not in self.out_atoms:
@@ -336,7 +363,7 @@ class _Builder:
             return self._getitem(node, val)
         if fn is getattr:
             return None  # x.shape and friends: no tensor
-        return self._unknown(node, name, val)
+        return self._unknown(node, f"{name} not understood", val)
 
     def _method(self, node: fx.Node, method: str, val):
         if method in _PASS_METHODS:
@@ -349,11 +376,12 @@ class _Builder:
             return self._reshape(node, self._input(node), val, method, literal_channels=method != "flatten")
         if method in _SHAPE_METHODS:
             return None
-        return self._unknown(node, f".{method}()", val)
+        return self._unknown(node, f".{method}() not understood", val)
 
     def _binary(self, node: fx.Node, val):
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
-            return self._unknown(node, _op_name(node), val) if isinstance(val, torch.Tensor) else None
+            return self._unknown(node, f"{_op_name(node)} on a tensor without channels", val) \
+                if isinstance(val, torch.Tensor) else None
         out, channels = None, val.shape[1]
         for arg in node.args:
             arg_val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
@@ -369,14 +397,14 @@ class _Builder:
                 out = layout
             else:
                 self.join(out, layout, f"{_op_name(node)} at {node.name}")
-        return out if out is not None else self._unknown(node, _op_name(node), val)
+        return out if out is not None else self._unknown(node, f"{_op_name(node)} without a channel operand", val)
 
     def _cat(self, node: fx.Node, val):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         layouts = [self.layouts.get(t) if isinstance(t, fx.Node) else None for t in tensors]
         if not isinstance(val, torch.Tensor) or val.dim() < 2 or any(not _is_layout(x) for x in layouts):
-            return self._unknown(node, "cat", val)
+            return self._unknown(node, "cat of tensors without channels", val)
         if _norm_dim(dim, val.dim()) == 1:
             return tuple(s for layout in layouts for s in layout)
         for other in layouts[1:]:
@@ -397,9 +425,9 @@ class _Builder:
     def _reshape(self, node: fx.Node, x, val, name: str, literal_channels: bool):
         src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
         if not _is_layout(x) or not isinstance(src, torch.Tensor) or not isinstance(val, torch.Tensor):
-            return self._unknown(node, name, val)
+            return self._unknown(node, f"{name} not understood", val)
         if literal_channels and _literal_at(node, 1):
-            return self._unknown(node, f"{name} with a hard-coded channel count", val)
+            return self._unknown(node, f"{name} with a literal size at the channel dimension", val)
         same_lead = val.dim() >= 2 and val.shape[0] == src.shape[0]
         if same_lead and val.shape[1] == src.shape[1]:
             return x  # only the spatial dims change
@@ -415,7 +443,7 @@ class _Builder:
             return container[index]
         if not isinstance(val, torch.Tensor):
             return None  # an index into sizes or a non-tensor container
-        return self._unknown(node, "indexing", val)
+        return self._unknown(node, "indexing a tensor", val)
 
     # -- whole-model
     def freeze_weight_reads(self) -> None:
@@ -423,6 +451,19 @@ class _Builder:
         for member in self.members.values():
             if any(f"{member.module}.{p}" in self.weight_reads for p, _ in member.params):
                 self.freeze(member.layout, f"{member.module}'s parameters are read directly by the forward")
+
+    def freeze_uncalled(self, names: list[str]) -> None:
+        """A module no graph calls: whatever group it would belong to cannot be resized safely.
+
+        Its output channels get their own frozen atom; its input side is unknown, so every
+        group it could consume is unknowable — the note says so and the module is left as is.
+        """
+        self.notes += [f"{name} is never called in the traced graphs; it is left as it is" for name in names]
+        for name in names:
+            module = self.root.get_submodule(name)
+            if isinstance(module, _CONV + (nn.Linear,)):
+                self._produced(name, module, [("weight", 0), ("bias", 0)], module.weight.shape[0])
+                self.freeze(self.members[(name, "out")].layout, f"{name} is never called in the traced graphs")
 
     def freeze_all_modules(self, reason: str) -> None:
         for name, module in self.root.named_modules():
@@ -446,7 +487,7 @@ class _Builder:
             mine = [m for m in members if any(group_of[s.atom] == gid for s in m.layout)]
             producers = [m.label() for m in mine if m.role == "out"]
             groups.append(ChannelGroup(gid, max(sizes), atoms, [m.label() for m in mine], producers, frozen))
-        return ChannelGraph(self.graph, members, groups, group_of)
+        return ChannelGraph(self.graph, members, groups, group_of, self.notes)
 
 
 def _segments(layout) -> list[Segment]:

@@ -130,7 +130,11 @@ def cli(ctx: click.Context, debug: bool, config_file: str | None) -> None:
 @output_options(("table", "markdown", "json", "csv"))
 @rules_options
 @click.option("--all", "show_all", is_flag=True, help="Show every conv in the table (default: the 60 costliest).")
-def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule_config, show_all: bool) -> None:
+@click.option("--groups", is_flag=True,
+              help="Show the channel groups instead: channels that must keep the same width, and whether "
+                   "each group can be resized (convert --align / --width).")
+def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule_config, show_all: bool,
+            groups: bool) -> None:
     """Show where a model's cost is, conv by conv, and what convert would do with each.
 
     MODEL is a file (model.py, model.py:NAME), package.module:NAME, torchvision:NAME,
@@ -142,6 +146,11 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 
     ms = model_settings
     analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
+    if groups:
+        from .report import render_groups
+
+        _emit(render_groups(analysis.channel_groups(), output_settings.format, ms.spec, show_all), output_settings)
+        return
     plan = make_plan(analysis, rule_config)
     text = render_analysis(analysis, output_settings.format, max_rows=None if show_all else 60, plan=plan)
     _emit(text, output_settings)
@@ -177,11 +186,16 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
               help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
 @click.option("--max-error", type=float, default=None, metavar="E",
               help="Choose each layer's smallest rank whose error is at most E.")
+@click.option("--align", type=int, default=None, metavar="N",
+              help="Round every resizable channel group up to a multiple of N with zero channels (exact).")
+@click.option("--width", type=float, default=None, metavar="ALPHA",
+              help="Scale every resizable channel group by ALPHA (0 < ALPHA <= 1), keeping the most important "
+                   "channels; widths are multiples of --align (default align.divisor).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            quiet: bool) -> None:
+            align, width, quiet: bool) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -208,6 +222,10 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         raise UsageError(f"--target-macs is a fraction of the original MACs between 0 and 1, got {target_macs}")
     if max_error is not None and max_error < 0:
         raise UsageError(f"--max-error must be non-negative, got {max_error}")
+    if align is not None and align < 1:
+        raise UsageError(f"--align must be a positive channel divisor such as 8, got {align}")
+    if width is not None and not 0 < width <= 1:
+        raise UsageError(f"--width is a multiplier between 0 and 1 (e.g. 0.75), got {width}")
     spec_inputs = [ms.spec]
     for path in (output, state_dict, onnx_path, report_path):
         if path:
@@ -240,7 +258,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
     result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis,
                            progress=None if quiet else say, measure=measure, batch_size=batch_size,
-                           calibration=calibration, target_macs=target_macs, max_error=max_error)
+                           calibration=calibration, target_macs=target_macs, max_error=max_error, align=align,
+                           width=width)
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)

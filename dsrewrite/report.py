@@ -228,6 +228,9 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
                 f"{_agree(cal['before'])}",
                 f"after:  relative error {cal['after']['relative_error']:.4g}, cosine {cal['after']['cosine']:.6f}"
                 f"{_agree(cal['after'])}", ""]
+    ch = doc.get("channels")
+    if ch:
+        out += _channel_section(ch, md, tfmt)
     f = doc["fidelity"]
     out += [("## " if md else "") + "Output fidelity on the example inputs",
             f"relative error {f['relative_error']:.4g}, cosine similarity {f['cosine']:.6f}, "
@@ -260,6 +263,58 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
     for note in doc["notes"]:
         out.append(f"Note: {note}")
     out.append(f"Convention: {doc['convention']}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _channel_section(ch: dict, md: bool, tfmt: str) -> list[str]:
+    what = (f"width ×{ch['width']:g}, multiples of {ch['divisor']}" if ch["width"] is not None
+            else f"aligned to multiples of {ch['divisor']}")
+    exact = "exact: no channel removed, outputs unchanged" if ch["exact"] else "lossy: channels removed"
+    out = [("## " if md else "") + f"Channel groups ({what}; {exact})",
+           f"{len(ch['changed'])} group(s) changed, {ch['unchanged']} unchanged, {len(ch['frozen'])} frozen."]
+    if ch["changed"]:
+        rows = [[c["group"], f"{c['old_width']} → {c['new_width']}", c["removed"], c["added"],
+                 _first(c["producers"], 3), c["reason"]] for c in ch["changed"]]
+        out += ["", tabulate(rows, headers=["group", "width", "removed", "added", "produced by", "why"],
+                             tablefmt=tfmt, disable_numparse=True)]
+    if ch["frozen"]:
+        rows = [[f["group"], f["width"], "; ".join(f["reasons"][:2])] for f in ch["frozen"]]
+        out += ["", "Frozen groups (left as they are):",
+                tabulate(rows, headers=["group", "width", "why"], tablefmt=tfmt, disable_numparse=True)]
+    return out + [""]
+
+
+def _first(items: list[str], n: int) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def render_groups(graph, fmt: str = "table", model_name: str = "", show_all: bool = False) -> str:
+    """The channel groups of :func:`dsrewrite.channels.channel_graph` (``analyze --groups``)."""
+    doc = {"model": model_name, **graph.to_dict()}
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "csv":
+        raise UsageError("--groups: use --format table, markdown or json")
+    md = fmt == "markdown"
+    tfmt = "github" if md else "simple"
+    shown = [g for g in graph.groups if g.members]
+    hidden = len(graph.groups) - len(shown)
+    limit = None if show_all else 6
+    rows = []
+    for g in shown:
+        members = g.members if limit is None else g.members[:limit]
+        more = f" (+{len(g.members) - len(members)} more)" if len(members) < len(g.members) else ""
+        status = "resizable" if g.resizable else "frozen: " + "; ".join(g.frozen[:2] or ["no producing conv"])
+        rows.append([g.id, g.width, status, ", ".join(members) + more])
+    out = [f"# Channel groups: `{model_name}`\n" if md else f"Channel groups: {model_name}",
+           f"{len(graph.resizable)} resizable, {len(shown) - len(graph.resizable)} frozen. Each group's members "
+           "must keep the same width; resizing changes all of them at once.", "",
+           tabulate(rows, headers=["group", "width", "status", "members"], tablefmt=tfmt, disable_numparse=True)]
+    if hidden:
+        out += ["", f"({hidden} frozen group(s) with no module parameters, e.g. outputs of ops not understood, "
+                    "not shown.)"]
+    if limit is not None and any(len(g.members) > limit for g in shown):
+        out += ["", "Member lists are cut at 6; --all shows every member."]
     return "\n".join(out).rstrip() + "\n"
 
 

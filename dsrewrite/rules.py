@@ -59,6 +59,11 @@ class RuleConfig:
     activation: str = "relu"
     #: [align.divisor] channel counts the rewrite creates are multiples of this (0 or 1: off).
     align_divisor: int = 8
+    #: [align.groups] also round every resizable channel group of the whole model up to a
+    #: multiple of align.divisor, exactly (zero channels; see dsrewrite.resize).
+    align_groups: bool = False
+    #: [align.width] width multiplier α for every resizable channel group (0: off; lossy).
+    align_width: float = 0.0
     #: [replace.min_measured_speedup] only if the block measured at least this much faster here (0: off).
     min_measured_speedup: float = 0.0
     #: [measure.device] where to time: auto, cpu, cuda, cuda:N, mps.
@@ -107,6 +112,8 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "block.bn": ("bn", bool),
     "block.activation": ("activation", str),
     "align.divisor": ("align_divisor", int),
+    "align.groups": ("align_groups", bool),
+    "align.width": ("align_width", float),
     "replace.min_measured_speedup": ("min_measured_speedup", float),
     "measure.device": ("measure_device", str),
     "measure.threads": ("measure_threads", int),
@@ -198,11 +205,13 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad
         if key == "block.depth_multiplier" and value < 1:
-            raise ConfigError(f"{where}: block.depth_multiplier must be at least 1, got {value}")
+            raise ConfigError(f"{where}: {key} must be at least 1, got {value}")
         return value
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise bad
+        if key == "align.width" and value > 1:
+            raise ConfigError(f"{where}: align.width is a multiplier between 0 and 1 (0: off), got {value!r}")
         return float(value)
     if expected is list:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -89,13 +89,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def trace(model: nn.Module) -> TraceResult:
+def trace(model: nn.Module, training: bool = False) -> TraceResult:
     """Trace ``model`` in eval mode with torch.fx, turning untraceable submodules into leaves.
 
     Eval mode, because Python control flow on ``self.training`` (auxiliary heads, dropout
-    paths) is baked into the graph. A graph produced by ``torch.export`` (a ``.pt2``
-    program's module) is used as it is.
+    paths) is baked into the graph; ``training=True`` traces the training-mode graph instead
+    (the channel graph needs the layers only training runs). A graph produced by
+    ``torch.export`` (a ``.pt2`` program's module) is used as it is.
     """
+    if training:
+        flags = [(m, m.training) for m in model.modules()]
+        for m, _ in flags:
+            m.training = True
+        try:
+            return _trace(model)
+        finally:
+            for m, flag in flags:
+                m.training = flag
     with eval_mode(model):
         return _trace(model)
 

@@ -146,3 +146,49 @@ class DataDependentShape(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return y[y > 0]
+
+
+class OddWidths(nn.Module):
+    """Residual stages of 100 and 250 channels, a concat of 60 + 40 into a BN, an SE-style gate, flatten into Linear."""
+
+    def __init__(self, num_classes: int = 7):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 100, 3, padding=1, bias=False), nn.BatchNorm2d(100), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(100, 100, 3, padding=1), nn.BatchNorm2d(100), nn.ReLU(),
+                                    nn.Conv2d(100, 100, 3, padding=1), nn.BatchNorm2d(100))
+        self.left = nn.Conv2d(100, 60, 1)
+        self.right = nn.Sequential(nn.Conv2d(100, 40, 3, padding=1), nn.PReLU(40))
+        self.joined = nn.BatchNorm2d(100)
+        self.down = nn.Sequential(nn.Conv2d(100, 250, 3, stride=2, padding=1), nn.BatchNorm2d(250))
+        self.block2 = nn.Sequential(nn.Conv2d(250, 250, 3, padding=1, groups=250), nn.BatchNorm2d(250), nn.ReLU6(),
+                                    nn.Conv2d(250, 250, 1))
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(250, 30, 1), nn.ReLU(), nn.Conv2d(30, 250, 1),
+                                  nn.Sigmoid())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(250 * 4, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block1(x))
+        x = F.relu(self.joined(torch.cat([self.left(x), self.right(x)], 1)))  # 60 + 40 channels
+        x = self.down(x)
+        x = x + self.block2(x)
+        x = x * self.gate(x)
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+class ChannelMix(nn.Module):
+    """A channel shuffle by view/transpose, which the channel graph must freeze, not guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 20, 3, padding=1)
+        self.b = nn.Conv2d(20, 20, 3, padding=1)
+        self.c = nn.Conv2d(20, 12, 3, padding=1)
+        self.d = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.d(torch.relu(self.c(self.b(x))))
