@@ -207,10 +207,13 @@ class _Builder:
         self.out_atoms: dict[str, int] = {}
         self.weight_reads: set[str] = set()
         self.notes: list[str] = []
+        self.parts: dict[int, list[int]] = {}
+        self.next_atom = 0
 
     # -- atoms and layouts
     def atom(self, label: str, size: int, frozen: str | None = None) -> int:
-        node = self.graph.number_of_nodes()
+        node = self.next_atom
+        self.next_atom += 1
         self.graph.add_node(node, label=label, size=int(size), frozen=[frozen] if frozen else [])
         return node
 
@@ -218,28 +221,96 @@ class _Builder:
         return (Segment(self.atom(label, size, reason)),)
 
     def size(self, layout: Layout) -> int:
-        return sum(self.graph.nodes[s.atom]["size"] * s.factor for s in layout)
+        return sum(self.graph.nodes[s.atom]["size"] * s.factor for s in self.resolve(layout))
+
+    def resolve(self, layout: Layout) -> Layout:
+        """The layout in terms of current atoms (atoms split since are replaced by their parts)."""
+        out: list[Segment] = []
+        for s in layout:
+            if s.atom in self.parts:
+                out.extend(self.resolve(tuple(Segment(p, s.factor) for p in self.parts[s.atom])))
+            else:
+                out.append(s)
+        return tuple(out)
 
     def freeze(self, layout, reason: str) -> None:
         for s in _segments(layout):
-            if reason not in self.graph.nodes[s.atom]["frozen"]:
-                self.graph.nodes[s.atom]["frozen"].append(reason)
+            for atom in self.resolve((s,)):
+                if reason not in self.graph.nodes[atom.atom]["frozen"]:
+                    self.graph.nodes[atom.atom]["frozen"].append(reason)
 
-    def join(self, a: Layout, b: Layout, via: str) -> None:
-        """Tie two layouts that must be the same channels in the same order."""
+    def join(self, a: Layout, b: Layout, via: str, refined: bool = False) -> None:
+        """Tie two layouts that must be the same channels in the same order.
+
+        When both sides hold the same channels cut into different runs (a concat of 120 + 130
+        added to a conv's 250 outputs), the atoms are split at the union of the cut points —
+        with everything already tied to them — and the pieces are tied one to one.
+        """
+        a, b = self.resolve(a), self.resolve(b)
+        size = self.graph.nodes
         same = (len(a) == len(b) and all(x.factor == y.factor for x, y in zip(a, b))
-                and all(self.graph.nodes[x.atom]["size"] == self.graph.nodes[y.atom]["size"] for x, y in zip(a, b)))
+                and all(size[x.atom]["size"] == size[y.atom]["size"] for x, y in zip(a, b)))
         if same:
             for x, y in zip(a, b):
                 if x.atom != y.atom:
                     self.graph.add_edge(x.atom, y.atom, via=via)
             return
-        # different segmentations of the same channels (e.g. a concat added to a plain tensor)
+        if not refined and self.size(a) == self.size(b):
+            cuts = self._cuts(a, b)
+            if cuts is not None:
+                for atom, positions in cuts.items():
+                    if atom not in self.parts:  # split already as part of an earlier atom's component
+                        self._split(atom, positions)
+                return self.join(a, b, via, refined=True)
+        # channels laid out in ways that cannot be matched run for run (different repeat factors)
         for x in a + b:
             for y in a + b:
                 if x.atom != y.atom:
                     self.graph.add_edge(x.atom, y.atom, via=via)
         self.freeze(a + b, f"{via}: channels laid out differently on its inputs")
+
+    def _cuts(self, a: Layout, b: Layout) -> dict[int, list[int]] | None:
+        """Atom -> positions where it must be cut so that both layouts have the same run boundaries."""
+        def bounds(layout):
+            edges, pos = set(), 0
+            for s in layout:
+                pos += self.graph.nodes[s.atom]["size"] * s.factor
+                edges.add(pos)
+            return edges
+        boundaries = bounds(a) | bounds(b)
+        cuts: dict[int, set[int]] = {}
+        for layout in (a, b):
+            pos = 0
+            for s in layout:
+                end = pos + self.graph.nodes[s.atom]["size"] * s.factor
+                for edge in boundaries:
+                    if pos < edge < end:
+                        if (edge - pos) % s.factor:
+                            return None  # a cut through one channel's repeated entries
+                        cuts.setdefault(s.atom, set()).add((edge - pos) // s.factor)
+                pos = end
+        # every atom tied to a cut atom is the same channels in the same order: cut it alike
+        merged: dict[int, set[int]] = {}
+        for atom, positions in cuts.items():
+            root = min(nx.node_connected_component(self.graph, atom))
+            merged.setdefault(root, set()).update(positions)
+        return {root: sorted(p) for root, p in merged.items()}
+
+    def _split(self, atom: int, positions: list[int]) -> None:
+        """Split ``atom`` and every atom tied to it at ``positions``; the pieces keep the ties."""
+        component = sorted(nx.node_connected_component(self.graph, atom))
+        total = self.graph.nodes[atom]["size"]
+        sizes = [hi - lo for lo, hi in zip([0, *positions], [*positions, total])]
+        for old in component:
+            data = self.graph.nodes[old]
+            self.parts[old] = [self.atom(f"{data['label']}[{lo}:{lo + n}]", n) for lo, n in
+                               zip([0, *positions], sizes)]
+            for part in self.parts[old]:
+                self.graph.nodes[part]["frozen"] = list(data["frozen"])
+        for x, y, via in list(self.graph.subgraph(component).edges(data="via")):
+            for px, py in zip(self.parts[x], self.parts[y]):
+                self.graph.add_edge(px, py, via=via)
+        self.graph.remove_nodes_from(component)
 
     def member(self, module: str, role: str, params, layout: Layout, via: str) -> None:
         key = (module, role)
@@ -472,7 +543,7 @@ class _Builder:
                 self.freeze(self.members[(name, "out")].layout, reason)
 
     def finish(self) -> ChannelGraph:
-        members = list(self.members.values())
+        members = [dataclasses.replace(m, layout=self.resolve(m.layout)) for m in self.members.values()]
         groups, group_of = [], {}
         components = sorted(nx.connected_components(self.graph), key=min)
         for gid, atoms in enumerate(components):

@@ -110,13 +110,23 @@ def plan_resize(model: nn.Module, channels: ChannelGraph, divisor: int = 8, widt
 
 
 def _importance(model: nn.Module, channels: ChannelGraph, group_id: int) -> torch.Tensor:
-    """L1 norm of each channel's producing filters, summed over the group's producers."""
+    """L1 norm of each channel's producing filters, summed over the group's producers.
+
+    A producer's outputs may span several groups (a conv whose outputs are added to a
+    concat); only its rows in this group's runs count.
+    """
     total = torch.zeros(channels.group(group_id).width, dtype=torch.float64)
     for member in channels.members:
-        if member.role != "out" or channels.group_of[member.layout[0].atom] != group_id:
+        if member.role != "out":
             continue
         weight = member_tensor(model, member, "weight").detach()
-        total += weight.abs().reshape(weight.shape[0], -1).sum(1).double().cpu()
+        rows = weight.abs().reshape(weight.shape[0], -1).sum(1).double().cpu()
+        offset = 0
+        for seg in member.layout:
+            size = channels.graph.nodes[seg.atom]["size"]
+            if channels.group_of[seg.atom] == group_id:
+                total += rows[offset:offset + size * seg.factor].reshape(size, seg.factor).sum(1)
+            offset += size * seg.factor
     return total
 
 

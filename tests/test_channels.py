@@ -1,6 +1,8 @@
 """Channel groups, exact alignment and the width multiplier (dsrewrite.channels, dsrewrite.resize)."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from dsrewrite.cli import cli
 from dsrewrite.resize import apply_resize, plan_resize
 
 from models import ChannelMix, OddWidths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import odd_widths  # noqa: E402
 
 ZOO = ["resnet18", "resnet50", "densenet121", "googlenet", "regnet_y_400mf", "shufflenet_v2_x1_0"]
 
@@ -48,12 +53,22 @@ def _resized(model, shape, divisor, width=None):
 
 
 # (model, input shape, divisor): divisor 24 forces padding on every torchvision group (widths are multiples of 8)
-EXACT = [(name, (2, 3, 64, 64), 24) for name in ZOO] + [("odd", (2, 3, 16, 16), 8)]
+EXACT = [(name, (2, 3, 64, 64), 24) for name in ZOO] + [("odd", (2, 3, 16, 16), 8),
+                                                         ("odd_widths_example", (2, 3, 64, 64), 8)]
+
+
+def _model(name):
+    if name == "odd":
+        return OddWidths().eval()
+    if name == "odd_widths_example":
+        torch.manual_seed(0)
+        return odd_widths.build_model().eval()
+    return _zoo(name)
 
 
 @pytest.mark.parametrize("name,shape,divisor", EXACT)
 def test_alignment_is_exact(name, shape, divisor):
-    model = _randomize_bn(OddWidths().eval() if name == "odd" else _zoo(name))
+    model = _randomize_bn(_model(name))
     new, plan, graph = _resized(model, shape, divisor)
     assert plan.exact and plan.changed, "alignment must add channels, never remove them"
     x = torch.randn(shape)
@@ -88,6 +103,27 @@ def test_odd_widths_groups_and_widths():
     assert widths == {100: 104, 60: 64, 250: 256, 30: 32}
     assert new.head.in_features == 256 * 4 and new.block2[0].groups == 256 and new.right[1].num_parameters == 40
     assert new.joined.num_features == 104
+
+
+def test_concat_added_to_a_conv_output_splits_the_conv_into_the_concat_groups():
+    model = _model("odd_widths_example")
+    graph = _groups(model, (1, 3, 64, 64))
+    by_member: dict = {}
+    for g in graph.groups:
+        for m in g.members:
+            by_member.setdefault(m, []).append(g)
+    (left,) = by_member["mixed.1.a.0.out"]
+    (right,) = by_member["mixed.1.b.1.0.out"]
+    assert (left.width, right.width) == (120, 130) and left.resizable and right.resizable
+    # each residual block's last conv produces both runs: its outputs are added to the concat
+    for block in ("stage2.0", "stage2.1", "stage2.3"):
+        assert by_member[f"{block}.body.1.out"] == [left, right]
+        assert f"{block}.body.1.out" in left.producers and f"{block}.body.1.out" in right.producers
+    assert [g.frozen for g in graph.groups if g.members and not g.resizable] == [["model input"], ["model output"]]
+    new, plan, _ = _resized(model, (1, 3, 64, 64), 8, 0.75)
+    assert new.stage2[0].body[1].out_channels == new.mixed[1].bn.num_features == 88 + 96  # make_divisible(90) + make_divisible(97.5)
+    new.train()
+    new(torch.randn(2, 3, 64, 64)).sum().backward()
 
 
 def test_frozen_group_is_listed_and_left_alone():
