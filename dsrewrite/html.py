@@ -80,6 +80,7 @@ def render_conversion_html(report, plan) -> str:
     parts += ["<h2>Replaced layers</h2>", _layers_table(doc["layers"]),
               "<p class='note'>Kept energy: the share of the conv weight's squared norm the rank-r factorization "
               "keeps (100% = exact).</p>",
+              *_channels_html(doc.get("channels")),
               "<h2>Every conv and its decision</h2>", _plan_table(plan),
               f"<p class='note'>{_e(doc['convention'])}.</p>",
               f"<script type='application/json' id='dsrewrite-report'>{_json_for_html(doc)}</script>",
@@ -165,6 +166,23 @@ def _layers_table(layers) -> str:
             f"<td class='n'>{c['theoretical_speedup']:.1f}×</td><td class='n'>{measured}</td>"
             f"<td class='n'>{100 * c['kept_energy']:.1f}%</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _channels_html(ch) -> list[str]:
+    if not ch:
+        return []
+    what = f"width ×{ch['width']:g}, multiples of {ch['divisor']}" if ch["width"] is not None else \
+        f"aligned to multiples of {ch['divisor']}"
+    rows = "".join(f"<tr><td class='n'>{c['group']}</td><td class='n'>{c['old_width']} → {c['new_width']}</td>"
+                   f"<td>{_e(', '.join(c['producers'][:3]))}{' …' if len(c['producers']) > 3 else ''}</td>"
+                   f"<td>{_e(c['reason'])}</td></tr>" for c in ch["changed"])
+    frozen = "".join(f"<tr><td class='n'>{f['group']}</td><td class='n'>{f['width']}</td>"
+                     f"<td>{_e('; '.join(f['reasons'][:2]))}</td></tr>" for f in ch["frozen"])
+    return [f"<h2>Channel groups ({_e(what)}; {'exact' if ch['exact'] else 'lossy'})</h2>",
+            f"<table><tr><th>group</th><th>width</th><th>produced by</th><th>why</th></tr>{rows}</table>"
+            if rows else "<p>No group changed.</p>",
+            f"<p class='note'>Frozen groups (left as they are):</p><table><tr><th>group</th><th>width</th>"
+            f"<th>why</th></tr>{frozen}</table>" if frozen else ""]
 
 
 def _plan_table(plan) -> str:

@@ -234,6 +234,10 @@ def test_cli_groups_and_align(tmp_path):
     res = runner.invoke(cli, ["convert", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--width", "0.75",
                               "-q"])
     assert res.exit_code == 0 and "width ×0.75" in res.output and "64 → 48" in res.output
+    html = tmp_path / "r.html"
+    res = runner.invoke(cli, ["convert", "torchvision:resnet18", "--rules", "none", "--input-shape", "1,3,64,64",
+                              "--width", "0.5", "-q", "--report", str(html)])
+    assert res.exit_code == 0 and "Channel groups (width ×0.5, multiples of 8; lossy)" in html.read_text()
     for args, word in [(["--align", "0"], "--align"), (["--width", "1.5"], "--width"), (["--width", "0"], "--width")]:
         bad = tmp_path / "bad.pt"
         res = runner.invoke(cli, ["convert", "torchvision:resnet18", "-o", str(bad), "-q"] + args)
