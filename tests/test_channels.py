@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from torch import nn
 
 import dsrewrite
-from dsrewrite.channels import channel_graph
 from dsrewrite.cli import cli
 from dsrewrite.resize import apply_resize, plan_resize
 
