@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import keyword
 import importlib.util
 import inspect
 import os
@@ -159,8 +160,13 @@ def _load_file(path: Path, name: str, kwargs: dict, spec: str) -> LoadedModel:
 
 
 def _import_file(path: Path):
-    """Import a user's file as a fresh module, with its folder importable for sibling imports."""
-    module_name = f"_dsrewrite_user_{abs(hash(str(path.resolve())))}"
+    """Import a user's file as a fresh module, with its folder importable for sibling imports.
+
+    The module is named after the file (``models/net.py`` → ``net``) when that name is free,
+    so a converted model saved whole with pickle refers to ``net.Net`` and loads wherever
+    ``net.py`` is importable; otherwise (the name belongs to another module) a private name.
+    """
+    module_name = _module_name_for(path)
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ModelLoadError(f"{path}: cannot be imported as a Python file")
@@ -180,6 +186,24 @@ def _import_file(path: Path):
         with contextlib.suppress(ValueError):
             sys.path.remove(folder)
     return module
+
+
+def _module_name_for(path: Path) -> str:
+    stem = path.stem
+    resolved = path.resolve()
+    existing = sys.modules.get(stem)
+    if stem.isidentifier() and not keyword.iskeyword(stem):
+        if existing is not None:
+            if Path(getattr(existing, "__file__", "") or "").resolve() == resolved:
+                return stem  # the same file again: re-import it under its own name
+        else:
+            try:
+                found = importlib.util.find_spec(stem)
+            except (ImportError, ValueError):
+                found = None
+            if found is None or (found.origin and Path(found.origin).resolve() == resolved):
+                return stem
+    return f"_dsrewrite_user_{abs(hash(str(resolved)))}"
 
 
 def _public_names(module) -> list[str]:

@@ -218,6 +218,15 @@ def test_convert_writes_a_model_that_loads_and_trains(tmp_path):
     model = torch.load(out, weights_only=False)
     loss = model(torch.randn(2, 3, 64, 64)).sum()
     loss.backward()
+    # the pickle names the user's class by its file (resnet.ResNet), so a fresh process loads it
+    # wherever the file is importable
+    assert type(model).__module__ == "resnet"
+    import subprocess
+
+    code = ("import sys, torch; sys.path.insert(0, 'examples'); "
+            f"m = torch.load({str(out)!r}, weights_only=False); print(type(m).__name__)")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "ResNet", loaded.stderr[-500:]
     text = report.read_text()
     assert "## Totals" in text and "Output fidelity" in text and "kept energy" in text
     assert (tmp_path / "code" / "model.py").exists() and (tmp_path / "w.pth").exists()
