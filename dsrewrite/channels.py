@@ -104,11 +104,6 @@ class ChannelGraph:
         """The group with this id."""
         return self.groups[group_id]
 
-    def groups_of(self, module: str) -> list[ChannelGroup]:
-        """Groups that one of ``module``'s parameter dimensions belongs to."""
-        ids = sorted({self.group_of[s.atom] for m in self.members if m.module == module for s in m.layout})
-        return [self.groups[i] for i in ids]
-
     @property
     def resizable(self) -> list[ChannelGroup]:
         """The groups that can be resized."""
@@ -312,7 +307,7 @@ class _Builder:
                 self.graph.add_edge(px, py, via=via)
         self.graph.remove_nodes_from(component)
 
-    def member(self, module: str, role: str, params, layout: Layout, via: str) -> None:
+    def member(self, module: str, role: str, params, layout: Layout) -> None:
         key = (module, role)
         if key in self.members:
             self.join(self.members[key].layout, layout, f"{module} (called at several sites)")
@@ -375,16 +370,16 @@ class _Builder:
         if isinstance(module, nn.Linear):
             if val.dim() != 2:
                 return self._unknown(node, f"Linear on a {val.dim()}-d tensor", val)
-            self.member(name, "in", [("weight", 1)], x, name)
+            self.member(name, "in", [("weight", 1)], x)
             return self._produced(name, module, [("weight", 0), ("bias", 0)], module.out_features)
         if isinstance(module, _NORM_PER_CHANNEL):
             params = [(p, 0) for p in ("weight", "bias", "running_mean", "running_var") if getattr(module, p, None)
                       is not None]
             if params:
-                self.member(name, "features", params, x, name)
+                self.member(name, "features", params, x)
             return x
         if isinstance(module, nn.PReLU):
-            self.member(name, "features", [("weight", 0)], x, name)
+            self.member(name, "features", [("weight", 0)], x)
             return x
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             if _norm_dim(module.dim, val.dim()) == 1:
@@ -406,13 +401,13 @@ class _Builder:
             self.freeze(x, f"transposed conv {name}")
             return self.frozen_layout(f"{name}.out", val.shape[1], f"transposed conv {name}")
         if conv.groups == 1:
-            self.member(name, "in", [("weight", 1)], x, name)
+            self.member(name, "in", [("weight", 1)], x)
             return self._produced(name, conv, [("weight", 0), ("bias", 0)], conv.out_channels)
         if conv.groups == conv.in_channels:
             multiplier = conv.out_channels // conv.in_channels
             out = tuple(Segment(s.atom, s.factor * multiplier) for s in x)
             params = [("weight", 0)] + ([("bias", 0)] if conv.bias is not None else [])
-            self.member(name, "depthwise", params, out, name)
+            self.member(name, "depthwise", params, out)
             return out
         reason = f"grouped conv {name} (groups={conv.groups})"
         self.freeze(x, reason)
