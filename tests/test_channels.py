@@ -216,6 +216,23 @@ def test_convert_then_align_in_order_and_idempotent():
         assert (again.model(x) - result.model(x)).abs().max() < 1e-5
 
 
+def test_alignment_of_a_converted_model_is_exact_through_depth_multiplied_blocks():
+    model = _randomize_bn(OddWidths().eval())
+    converted = dsrewrite.convert(model, (2, 3, 16, 16), "aggressive", [
+        "replace.min_in_channels=0", "replace.min_mac_reduction=0", "block.depth_multiplier=3",
+        "block.activation=relu"]).model.eval()
+    new, plan, graph = _resized(converted, (2, 3, 16, 16), 8)
+    assert plan.exact and plan.changed
+    # a block's mid channels follow its input group × its multiplier (AlignChannels made it 4 for 100
+    # input channels): 100 → 104 input channels, 400 → 416 mid channels
+    block = new.block1[0]
+    assert converted.block1[0].mid_channels == 400
+    assert (block.in_channels, block.mid_channels, block.bn.num_features) == (104, 416, 416)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (converted(x) - new(x)).abs().max() < 1e-5
+
+
 def test_cli_groups_and_align(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["analyze", "torchvision:resnet18", "--groups", "--input-shape", "1,3,64,64"])
