@@ -88,6 +88,7 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     """
     data = as_batches(batches, max_batches)
     blocks = _blocks_in_order(converted, data[0])
+    weights = consumer_scales(original, blocks, data[0])
     joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, data)
@@ -97,7 +98,8 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 conv = original.get_submodule(name)
                 linear = _svd_linear(block, conv)
                 if refit_depthwise and _joint_fit_fits(block):
-                    fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations)
+                    fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations,
+                                          weights.get(name))
                     if fitted is not None:
                         linear, joint = fitted, joint + 1
                 scale, shift = _reset_bn(converted, block, data)
@@ -106,6 +108,39 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 bar.advance(name)
         after = agreement(original, converted, data)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint)
+
+
+def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per output channel, how much the layer's error is amplified before anything nonlinear sees it.
+
+    For each module in ``names`` whose output goes straight into an eval-mode BatchNorm
+    (found by tensor identity on one forward, so it works for any model), that BN's
+    ``|γ| / √(running_var + ε)``; modules with another consumer are left out (weight 1).
+    Fitting to the BN's output instead of the conv's makes a channel that the BN scales up
+    count as much as its error will downstream.
+    """
+    names = set(names)
+    outputs: dict[int, str] = {}
+    scales: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if name in names:
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: outputs.__setitem__(id(out), name)))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            def pre(mod, args):
+                name = outputs.get(id(args[0]))
+                if name is not None and name not in scales:
+                    scale = 1.0 / torch.sqrt(mod.running_var.detach().double() + mod.eps)
+                    scales[name] = scale * mod.weight.detach().double().abs() if mod.weight is not None else scale
+            handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: scale / scale.mean().clamp_min(1e-12) for name, scale in scales.items()}
 
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -203,8 +238,12 @@ def _patches(block: DepthwiseSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
-                 ridge: float, iterations: int):
+                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None):
     """Alternating least squares for ``y ≈ P·(D ∗ x) + b`` on the data; writes D into the block.
+
+    ``channel_weights`` (per output channel, see :func:`consumer_scales`) weight each output
+    channel's squared error; they change the shared depthwise filters, not the pointwise
+    half-step (each output channel's row is solved on its own).
 
     One pass collects Σ = Σ x̃x̃ᵀ and C = Σ y x̃ᵀ (x̃: input patch with a trailing 1); every
     half-step after that is an exact solve on those matrices, so the error never increases.
@@ -234,6 +273,8 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
     mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
     cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
     eye_p = torch.eye(mid + 1, dtype=torch.float64)
+    w2 = (channel_weights.double() ** 2 if channel_weights is not None
+          else torch.ones(block.out_channels, dtype=torch.float64))
     for _ in range(iterations):
         # pointwise half-step: features h = D x and a constant 1
         gram = torch.empty(mid + 1, mid + 1, dtype=torch.float64)
@@ -246,8 +287,8 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
             [pointwise.T, bias.unsqueeze(0)], 0))
         pointwise, bias = solution[:mid].T, solution[mid]
         # depthwise half-step: (PᵀP ⊙ Σ restricted) d = Pᵀ(C − b·Σ₁) restricted
-        system = ((pointwise.T @ pointwise)[:, None, :, None] * patch).reshape(mid * taps, mid * taps)
-        rhs = torch.einsum("om,omk->mk", pointwise, cross_r - bias[:, None, None] * mean).reshape(-1)
+        system = ((pointwise.T @ (w2[:, None] * pointwise))[:, None, :, None] * patch).reshape(mid * taps, mid * taps)
+        rhs = torch.einsum("om,omk->mk", w2[:, None] * pointwise, cross_r - bias[:, None, None] * mean).reshape(-1)
         damp = ridge * float(system.diagonal().mean().clamp_min(1e-12))
         system.diagonal().add_(damp)
         depthwise = _conjugate_gradient(system, rhs + damp * prior_dw.reshape(-1), depthwise.reshape(-1)).reshape(

@@ -9,9 +9,9 @@ C_out × K² slice. A layer's *error* at rank r is judged either
   rank-r depthwise outputs are a subset of the rank-``max`` ones, so one set of normal
   equations per layer answers them all.
 
-:func:`choose_ranks` then spends a MAC budget greedily where it buys the most error
-reduction per MAC (``target_macs``), or gives each layer the smallest rank within an error
-bound (``max_error``). Like the rest of planning it returns a new plan and changes nothing.
+:func:`choose_ranks` then finds the assignment with the least summed error within a MAC
+budget (``target_macs``; keeping a layer dense is one of the choices), or gives each layer
+the smallest rank within an error bound (``max_error``). Like the rest of planning it returns a new plan and changes nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def energy_errors(model: nn.Module, plan: Plan) -> dict[str, dict[int, float]]:
 def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -> dict[str, dict[int, float]]:
     """``module -> {rank: relative output error after the least-squares refit}`` on calibration data."""
     targets = plan.modules_to_replace
+    batches = list(batches)
+    from .calibrate import consumer_scales
+
+    scales = consumer_scales(model, targets, batches[0]) if batches else {}
     state = {}
     for name, d in targets.items():
         conv = model.get_submodule(name)
@@ -61,7 +65,8 @@ def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -
         dims = conv.in_channels * top + 1
         state[name] = {"conv": conv, "ranks": ranks, "top": top, "dw": depthwise,
                        "gram": torch.zeros(dims, dims, dtype=torch.float64),
-                       "cross": torch.zeros(dims, conv.out_channels, dtype=torch.float64), "yy": 0.0}
+                       "cross": torch.zeros(dims, conv.out_channels, dtype=torch.float64),
+                       "yy": torch.zeros(conv.out_channels, dtype=torch.float64)}
 
     def hook(mod, args, out, name):
         s = state[name]
@@ -72,7 +77,7 @@ def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -
         hf = hf.double()
         s["gram"] += hf.T @ hf
         s["cross"] += hf.T @ yf
-        s["yy"] += float((yf * yf).sum())
+        s["yy"] += (yf * yf).sum(0)
 
     handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in targets]
     try:
@@ -85,6 +90,8 @@ def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -
     errors = {}
     for name, s in state.items():
         c_in, top = s["conv"].in_channels, s["top"]
+        w2 = scales[name] ** 2 if name in scales else torch.ones_like(s["yy"])
+        reference = float((w2 * s["yy"]).sum())
         errors[name] = {}
         for r in s["ranks"]:
             idx = torch.tensor([i * top + j for i in range(c_in) for j in range(r)] + [c_in * top])
@@ -92,8 +99,8 @@ def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -
             b = s["cross"][idx]
             damp = 1e-6 * float(a.diagonal().mean().clamp_min(1e-12))
             w = torch.linalg.solve(a + damp * torch.eye(len(idx), dtype=torch.float64), b)
-            residual = s["yy"] - 2 * float((w * b).sum()) + float((w * (a @ w)).sum())
-            errors[name][r] = math.sqrt(max(residual, 0.0) / s["yy"]) if s["yy"] > 0 else 0.0
+            residual = float((w2 * (s["yy"] - 2 * (w * b).sum(0) + (w * (a @ w)).sum(0))).sum())
+            errors[name][r] = math.sqrt(max(residual, 0.0) / reference) if reference > 0 else 0.0
     return errors
 
 
@@ -114,31 +121,9 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
             rank = ok[0] if ok else None
             chosen[name] = rank if rank is not None and cost[name][rank] < sum(d.macs_before for d in ds) else None
     else:
-        chosen = {name: min(errors[name]) for name in sites}
-        budget = target_macs * total_macs
-        current = total_macs - sum(sum(d.macs_before for d in ds) - cost[name][chosen[name]]
-                                   for name, ds in sites.items())
-        if current > budget:
-            notes.append(f"target {target_macs:g} of the original MACs is out of reach under these rules: every "
-                         f"replaced layer at its lowest rank leaves {current / total_macs:.3f}")
-        while True:
-            best, best_score = None, 0.0
-            for name in sites:
-                higher = [r for r in sorted(errors[name]) if r > chosen[name]]
-                if not higher:
-                    continue
-                nxt = higher[0]
-                extra = cost[name][nxt] - cost[name][chosen[name]]
-                gain = errors[name][chosen[name]] - errors[name][nxt]
-                if current + extra <= budget and gain > 0:
-                    score = gain / max(extra, 1)
-                    if score > best_score:
-                        best, best_score = (name, nxt, extra), score
-            if best is None:
-                break
-            name, nxt, extra = best
-            chosen[name] = nxt
-            current += extra
+        chosen, note = _spend_budget(sites, errors, cost, total_macs, target_macs * total_macs)
+        if note:
+            notes.append(f"target {target_macs:g} of the original MACs is out of reach under these rules: {note}")
     word = "kept energy" if judged_by == "energy" else "output error after refit"
     decisions = []
     for d in plan.decisions:
@@ -146,9 +131,12 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
         if rank == "absent":
             decisions.append(d)
         elif rank is None:
+            reason = (f"kept: no rank ≤ {MAX_RANK} brings the error under {max_error:g} for fewer MACs"
+                      if max_error is not None else
+                      f"kept: the dense conv is a better use of the MACs than rank ≤ {MAX_RANK} "
+                      f"for ≤{target_macs:g} of the MACs")
             decisions.append(dataclasses.replace(
-                d, action="keep", rule="ChooseRank",
-                reason=f"kept: no rank ≤ {MAX_RANK} brings the error under {max_error:g} for fewer MACs",
+                d, action="keep", rule="ChooseRank", reason=reason,
                 depth_multiplier=None, mid_channels=None, macs_after=None, params_after=None, bn=None, activation=None))
         else:
             err = errors[d.module_name][rank]
@@ -162,6 +150,57 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
                 reason=f"replaced: {k} {d.in_channels}→{d.out_channels} at {hw}, {d.macs_before / macs:.1f}× fewer "
                        f"MACs; rank {rank} ({quality}) {why}"))
     return Plan(plan.model_name, plan.config, decisions, plan.notes + notes)
+
+
+# MAC budget resolution of the allocation: costs are rounded up to 1/BUCKETS of the budget
+BUCKETS = 4000
+
+
+def _spend_budget(sites: dict[str, list[Decision]], errors: dict[str, dict[int, float]],
+                  cost: dict[str, dict[int, int]], total_macs: int, budget: float) -> tuple[dict, str]:
+    """The assignment (a rank, or None = keep the dense conv) with the least summed error within the budget.
+
+    A multiple-choice knapsack solved by dynamic programming over the MAC budget in
+    :data:`BUCKETS` steps (costs rounded up, so the result never exceeds the budget):
+    unlike a greedy error-per-MAC walk, it is not misled by error curves that are not
+    convex, and it may keep a layer dense where a high rank would cost nearly as much.
+    Returns (choice per module, a note when even the lowest ranks exceed the budget).
+    """
+    names = list(sites)
+    dense = {name: sum(d.macs_before for d in ds) for name, ds in sites.items()}
+    fixed = total_macs - sum(dense.values())  # MACs of everything the plan does not replace
+    lowest = {name: min(errors[name]) for name in names}
+    floor = fixed + sum(cost[name][lowest[name]] for name in names)
+    if floor > budget:
+        return lowest, f"every replaced layer at its lowest rank leaves {floor / total_macs:.3f}"
+    room = budget - fixed
+    unit = max(room / BUCKETS, 1e-9)
+    inf = float("inf")
+    best = torch.zeros(BUCKETS + 1, dtype=torch.float64)  # least summed error within b buckets
+    picks: list[torch.Tensor] = []
+    for name in names:
+        options = [(r, errors[name][r], cost[name][r]) for r in sorted(errors[name])] + [(None, 0.0, dense[name])]
+        layer = torch.full((BUCKETS + 1,), inf, dtype=torch.float64)
+        pick = torch.full((BUCKETS + 1,), -1, dtype=torch.long)
+        for i, (_, err, macs) in enumerate(options):
+            need = math.ceil(macs / unit - 1e-9)
+            if need > BUCKETS:
+                continue
+            shifted = torch.full((BUCKETS + 1,), inf, dtype=torch.float64)
+            shifted[need:] = best[:BUCKETS + 1 - need] + err
+            better = shifted < layer
+            layer = torch.where(better, shifted, layer)
+            pick = torch.where(better, torch.full_like(pick, i), pick)
+        best = layer
+        picks.append(pick)
+    chosen: dict[str, int | None] = {}
+    b = BUCKETS
+    for name, pick in zip(reversed(names), reversed(picks)):
+        options = [(r, cost[name][r]) for r in sorted(errors[name])] + [(None, dense[name])]
+        rank, macs = options[int(pick[b])]
+        chosen[name] = rank
+        b -= math.ceil(macs / unit - 1e-9)
+    return chosen, ""
 
 
 def _site_costs(d: Decision, rank: int, plan: Plan) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 import copy
 import gzip
+import itertools
 import json
 import socket
 import struct
@@ -18,7 +19,7 @@ import dsrewrite
 from dsrewrite.calibrate import agreement
 from dsrewrite.cli import cli
 from dsrewrite.data import read_idx
-from dsrewrite.rank import choose_ranks, data_errors, energy_errors
+from dsrewrite.rank import _module_macs, choose_ranks, data_errors, energy_errors
 
 HERE = Path(__file__).resolve().parent
 
@@ -161,7 +162,21 @@ def test_rank_choice_meets_a_mac_target_and_an_error_bound():
     for p, target in ((loose, 0.9), (tight, 0.5)):
         after = total - sum(d.macs_before - d.macs_after for d in p.replacements)
         assert after <= target * total
-    assert sum(d.depth_multiplier for d in loose.replacements) > sum(d.depth_multiplier for d in tight.replacements)
+    assert _summed_error(loose, data) < _summed_error(tight, data), "a looser budget buys less error"
+    # the allocation is the best one: brute force over every assignment (each rank, or keeping the dense conv)
+    sites = {}
+    for d in plan.replacements:
+        sites.setdefault(d.module_name, []).append(d)
+    names = list(sites)
+    dense = {n: sum(d.macs_before for d in ds) for n, ds in sites.items()}
+    fixed = total - sum(dense.values())
+    for target, chosen in ((0.9, loose), (0.5, tight)):
+        best = min(
+            sum(data[n][r] for n, r in zip(names, combo) if r is not None)
+            for combo in itertools.product(*[[*data[n], None] for n in names])
+            if fixed + sum(dense[n] if r is None else _module_macs(sites[n], r, plan) for n, r in zip(names, combo))
+            <= target * total)
+        assert _summed_error(chosen, data) == pytest.approx(best, abs=1e-9)
     assert "rank" in tight.replacements[0].reason and "output error after refit" in tight.replacements[0].reason
     bounded = choose_ranks(plan, energy, total, max_error=0.3)
     for d in bounded.replacements:
@@ -170,6 +185,11 @@ def test_rank_choice_meets_a_mac_target_and_an_error_bound():
         assert all(energy[d.module_name][r] > 0.3 for r in smaller), "the smallest rank within the bound"
     unreachable = choose_ranks(plan, energy, total, target_macs=0.01)
     assert any("out of reach" in n for n in unreachable.notes)
+
+
+def _summed_error(plan, errors):
+    """Summed per-layer error of a rank assignment (a kept dense conv counts 0)."""
+    return sum(errors[d.module_name][d.depth_multiplier] for d in plan.replacements)
 
 
 def test_cli_calibrate_and_target(tmp_path):
