@@ -16,6 +16,12 @@ For each :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`, in network order:
    refit by least squares through the actual BN and activation, streamed over the batches:
    only the normal equations (mid+1)² and (mid+1)×C_out are kept, never the activations.
 
+Both fits weight each output channel by the scale of the BN that consumes it (its error is
+amplified that much), and where the original conv feeds BN → ReLU they are *ReLU-aware*:
+after a plain first round, further rounds refit to targets in which a position the
+original's ReLU cuts off asks only to be cut off too (:func:`_gated`), so no capacity is
+spent on differences the ReLU throws away.
+
 Every pass stops as soon as the layer of interest has run, so calibrating a block early
 in the network costs only the layers before it.
 """
@@ -77,18 +83,20 @@ MAX_JOINT_UNKNOWNS = 4608
 
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
               max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 10,
-              progress: bool = False) -> CalibrationReport:
+              relu_aware: bool = True, progress: bool = False) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
     ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
     ``ridge`` (relative to the mean diagonal of the normal equations) pulls the solution
     toward the weight-only SVD initialization where the data leave it undetermined.
     ``refit_depthwise`` turns the joint (alternating least squares) fit of the depthwise
-    filters on or off; ``iterations`` bounds its alternations.
+    filters on or off; ``iterations`` bounds its alternations. ``relu_aware`` refits a conv
+    followed by BN → ReLU to the error the ReLU lets through (:func:`relu_gates`).
     """
     data = as_batches(batches, max_batches)
     blocks = _blocks_in_order(converted, data[0])
     weights = consumer_scales(original, blocks, data[0])
+    gates = relu_gates(original, blocks) if relu_aware else {}
     joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, data)
@@ -99,12 +107,12 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 linear = _svd_linear(block, conv)
                 if refit_depthwise and _joint_fit_fits(block):
                     fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations,
-                                          weights.get(name))
+                                          weights.get(name), gates.get(name))
                     if fitted is not None:
                         linear, joint = fitted, joint + 1
                 scale, shift = _reset_bn(converted, block, data)
                 prior = _through_bn(linear[1], linear[2], scale, shift)
-                _refit_pointwise(converted, original, block, conv, data, ridge, prior)
+                _refit_pointwise(converted, original, block, conv, data, ridge, prior, gates.get(name))
                 bar.advance(name)
         after = agreement(original, converted, data)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint)
@@ -141,6 +149,73 @@ def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor
         for h in handles:
             h.remove()
     return {name: scale / scale.mean().clamp_min(1e-12) for name, scale in scales.items()}
+
+
+# Rounds of the ReLU-aware refit (majorize-minimize: each round refits to targets built from
+# the previous round's prediction); round 1 is the plain least-squares fit.
+GATED_ROUNDS = 3
+
+
+def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (scale, shift)`` of the eval BN for each conv whose output only feeds that BN, whose
+    output only feeds a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``), from the fx graph.
+
+    Behind such a gate the error that matters is ``relu(s·ŷ + t) − relu(s·y + t)``: where the
+    original is cut off, any prediction that is cut off too is exact. Models that fx cannot
+    trace get no gates (plain least squares).
+    """
+    from .trace import trace
+
+    names = set(names)
+    try:
+        result = trace(model)
+    except Exception:  # noqa: BLE001 - a model fx cannot trace is calibrated without gates
+        return {}
+    if result.graph is None:
+        return {}
+    modules = dict(model.named_modules())
+    gates = {}
+    for node in result.graph.nodes:
+        if node.op != "call_module" or node.target not in names or len(node.users) != 1:
+            continue
+        bn_node = next(iter(node.users))
+        bn = modules.get(bn_node.target) if bn_node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None or len(bn_node.users) != 1:
+            continue
+        if not _is_relu(next(iter(bn_node.users)), modules):
+            continue
+        scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().double()
+        shift = -bn.running_mean.detach().double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().double()
+        if bool((scale.abs() > 1e-12).all()):
+            gates[node.target] = (scale, shift)
+    return gates
+
+
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _gated(targets: torch.Tensor, prediction: torch.Tensor, gate) -> torch.Tensor:
+    """Targets [positions, C_out] for the next least-squares round behind BN → ReLU.
+
+    In the BN's output space, where the original is cut off (≤ 0) the target becomes
+    ``min(prediction, 0)`` (no error for a prediction the ReLU cuts off too), elsewhere it
+    stays the original: a quadratic upper bound of the post-ReLU error, so each round's
+    least-squares fit lowers the error that the ReLU lets through.
+    """
+    scale, shift = gate
+    t = targets * scale + shift
+    a = prediction * scale + shift
+    wanted = torch.where(t > 0, t, torch.clamp(a, max=0.0))
+    return (wanted - shift) / scale
 
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -238,12 +313,14 @@ def _patches(block: DepthwiseSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
-                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None):
+                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None, gate=None):
     """Alternating least squares for ``y ≈ P·(D ∗ x) + b`` on the data; writes D into the block.
 
     ``channel_weights`` (per output channel, see :func:`consumer_scales`) weight each output
     channel's squared error; they change the shared depthwise filters, not the pointwise
-    half-step (each output channel's row is solved on its own).
+    half-step (each output channel's row is solved on its own). With a ``gate`` (the BN →
+    ReLU behind the conv, :func:`relu_gates`), later rounds refit to ReLU-aware targets
+    (:func:`_gated`) built from the previous round's fit.
 
     One pass collects Σ = Σ x̃x̃ᵀ and C = Σ y x̃ᵀ (x̃: input patch with a trailing 1); every
     half-step after that is an exact solve on those matrices, so the error never increases.
@@ -253,68 +330,81 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
     c_in, mid, rank = block.in_channels, block.mid_channels, block.depth_multiplier
     n = c_in * taps + 1
     sigma = torch.zeros(n, n, dtype=torch.float64)
-    cross = torch.zeros(block.out_channels, n, dtype=torch.float64)
-    for i, x in enumerate(data):
-        inp = _capture(converted, block, x, "input")
-        y = _capture(original, conv, x, "output")
-        rows = _patches(block, inp).double()
-        if i == 0 and rows.shape[0] * len(data) < 4 * mid * taps:
-            return None  # too few positions to pin the filters down: the SVD filters stand
-        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
-        targets = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
-        sigma += rows.T @ rows
-        cross += targets.T @ rows
     depthwise, pointwise, bias = (t.clone() for t in linear)
     prior_dw = depthwise.clone()
     owner = torch.arange(mid) // rank  # input channel of each mid channel
-    # Σ and C restricted to the (mid channel, tap) pairs the depthwise filters see; the block
-    # structure of D means nothing larger than (mid·K²)² is ever formed
-    patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
-    mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
-    cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
     eye_p = torch.eye(mid + 1, dtype=torch.float64)
     w2 = (channel_weights.double() ** 2 if channel_weights is not None
           else torch.ones(block.out_channels, dtype=torch.float64))
-    for _ in range(iterations):
-        # pointwise half-step: features h = D x and a constant 1
-        gram = torch.empty(mid + 1, mid + 1, dtype=torch.float64)
-        gram[:mid, :mid] = torch.einsum("ik,ikj->ij", depthwise, torch.einsum("ikjl,jl->ikj", patch, depthwise))
-        gram[:mid, mid] = gram[mid, :mid] = (depthwise * mean).sum(1)
-        gram[mid, mid] = sigma[-1, -1]
-        rhs_p = torch.cat([torch.einsum("mk,omk->mo", depthwise, cross_r), cross[:, -1].unsqueeze(0)], 0)
-        damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
-        solution = torch.linalg.solve(gram + damp * eye_p, rhs_p + damp * torch.cat(
-            [pointwise.T, bias.unsqueeze(0)], 0))
-        pointwise, bias = solution[:mid].T, solution[mid]
-        # depthwise half-step: (PᵀP ⊙ Σ restricted) d = Pᵀ(C − b·Σ₁) restricted
-        system = ((pointwise.T @ (w2[:, None] * pointwise))[:, None, :, None] * patch).reshape(mid * taps, mid * taps)
-        rhs = torch.einsum("om,omk->mk", w2[:, None] * pointwise, cross_r - bias[:, None, None] * mean).reshape(-1)
-        damp = ridge * float(system.diagonal().mean().clamp_min(1e-12))
-        system.diagonal().add_(damp)
-        depthwise = _conjugate_gradient(system, rhs + damp * prior_dw.reshape(-1), depthwise.reshape(-1)).reshape(
-            mid, taps)
+    for round_ in range(GATED_ROUNDS if gate is not None else 1):
+        cross = torch.zeros(block.out_channels, n, dtype=torch.float64)
+        # the whole linear map, per input patch row: W[c·K² + k, o] = Σ_j P[o, c·r + j] · D[c·r + j, k]
+        full = torch.einsum("cjk,ocj->cko", depthwise.reshape(c_in, rank, taps),
+                            pointwise.reshape(-1, c_in, rank)).reshape(c_in * taps, -1)
+        for i, x in enumerate(data):
+            inp = _capture(converted, block, x, "input")
+            y = _capture(original, conv, x, "output")
+            rows = _patches(block, inp).double()
+            if i == 0 and round_ == 0 and rows.shape[0] * len(data) < 4 * mid * taps:
+                return None  # too few positions to pin the filters down: the SVD filters stand
+            targets = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
+            if round_ > 0:
+                targets = _gated(targets, rows @ full + bias, gate)
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+            if round_ == 0:
+                sigma += rows.T @ rows
+            cross += targets.T @ rows
+        # Σ and C restricted to the (mid channel, tap) pairs the depthwise filters see; the block
+        # structure of D means nothing larger than (mid·K²)² is ever formed
+        patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
+        mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
+        cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
+        for _ in range(iterations):
+            # pointwise half-step: features h = D x and a constant 1
+            gram = torch.empty(mid + 1, mid + 1, dtype=torch.float64)
+            gram[:mid, :mid] = torch.einsum("ik,ikj->ij", depthwise, torch.einsum("ikjl,jl->ikj", patch, depthwise))
+            gram[:mid, mid] = gram[mid, :mid] = (depthwise * mean).sum(1)
+            gram[mid, mid] = sigma[-1, -1]
+            rhs_p = torch.cat([torch.einsum("mk,omk->mo", depthwise, cross_r), cross[:, -1].unsqueeze(0)], 0)
+            damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
+            solution = torch.linalg.solve(gram + damp * eye_p, rhs_p + damp * torch.cat(
+                [pointwise.T, bias.unsqueeze(0)], 0))
+            pointwise, bias = solution[:mid].T, solution[mid]
+            # depthwise half-step: (PᵀWP ⊙ Σ restricted) d = PᵀW(C − b·Σ₁) restricted (W: channel weights²)
+            system = ((pointwise.T @ (w2[:, None] * pointwise))[:, None, :, None] * patch).reshape(
+                mid * taps, mid * taps)
+            rhs = torch.einsum("om,omk->mk", w2[:, None] * pointwise, cross_r - bias[:, None, None] * mean).reshape(-1)
+            damp = ridge * float(system.diagonal().mean().clamp_min(1e-12))
+            system.diagonal().add_(damp)
+            depthwise = _conjugate_gradient(system, rhs + damp * prior_dw.reshape(-1),
+                                            depthwise.reshape(-1)).reshape(mid, taps)
     block.depthwise.weight.copy_(depthwise.reshape(block.depthwise.weight.shape).to(block.depthwise.weight.dtype))
     return depthwise, pointwise, bias
 
 
 def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d,
-                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor) -> None:
+                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor, gate=None) -> None:
     mid, c_out = block.mid_channels, block.out_channels
     gram = torch.zeros(mid + 1, mid + 1, dtype=torch.float64)
-    cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
-    for x in data:
-        h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
-        y = _capture(original, conv, x, "output")
-        hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()
-        yf = y.permute(0, 2, 3, 1).reshape(-1, c_out).double()
-        gram += hf.T @ hf
-        cross += hf.T @ yf
-    # Ridge toward the weight-only solution: where the data pin the weights down it has no
-    # effect; where they do not (few positions per unknown), the SVD initialization stands.
-    damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
-    eye = torch.eye(mid + 1, dtype=torch.float64)
-    solution = torch.linalg.solve(gram + damp * eye, cross + damp * prior)  # [mid+1, C_out]
     dtype = block.pointwise.weight.dtype
+    solution = prior
+    for round_ in range(GATED_ROUNDS if gate is not None else 1):
+        cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
+        for x in data:
+            h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
+            y = _capture(original, conv, x, "output")
+            hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()
+            yf = y.permute(0, 2, 3, 1).reshape(-1, c_out).double()
+            if round_ > 0:
+                yf = _gated(yf, hf @ solution, gate)
+            else:
+                gram += hf.T @ hf
+            cross += hf.T @ yf
+        # Ridge toward the weight-only solution: where the data pin the weights down it has no
+        # effect; where they do not (few positions per unknown), the SVD initialization stands.
+        damp = ridge * float(gram.diagonal()[:mid].mean().clamp_min(1e-12))
+        eye = torch.eye(mid + 1, dtype=torch.float64)
+        solution = torch.linalg.solve(gram + damp * eye, cross + damp * prior)  # [mid+1, C_out]
     block.pointwise.weight.copy_(solution[:mid].T.reshape(block.pointwise.weight.shape).to(dtype))
     block.pointwise.bias.copy_(solution[mid].to(dtype))
 

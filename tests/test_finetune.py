@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import dsrewrite
-from dsrewrite.calibrate import agreement
+from dsrewrite.calibrate import agreement, relu_gates
 from dsrewrite.cli import cli
 from dsrewrite.data import read_idx
 from dsrewrite.rank import _module_macs, choose_ranks, data_errors, energy_errors
@@ -82,6 +82,50 @@ def test_joint_depthwise_refit_is_never_worse_than_the_pointwise_refit(padding_m
         assert report.depthwise_refit == (1 if joint else 0)
         errors[joint] = report.after["relative_error"]
     assert errors[True] < 0.9 * errors[False]
+
+
+class Gated(nn.Module):
+    """A conv → BN → ReLU (module, functional or none) between a mixing conv and a head conv."""
+
+    def __init__(self, relu: str):
+        super().__init__()
+        torch.manual_seed(5)
+        self.pre, self.conv = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 24, 3, padding=1)
+        self.bn, self.relu, self.tail = nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 8, 1)
+        self.kind = relu
+        with torch.no_grad():  # about half of the units cut off
+            self.bn.running_var.fill_(0.5)
+            self.bn.weight.uniform_(0.5, 2.0)
+            self.bn.bias.uniform_(-0.5, 0.1)
+
+    def forward(self, x):
+        z = self.bn(self.conv(self.pre(x)))
+        if self.kind == "module":
+            z = self.relu(z)
+        elif self.kind == "functional":
+            z = torch.nn.functional.relu(z)
+        elif self.kind == "method":
+            z = z.relu()
+        elif self.kind == "shared":  # the BN output is read twice: no gate
+            z = self.relu(z) + z
+        return self.tail(z)
+
+
+@pytest.mark.parametrize("kind, gated", [("module", True), ("functional", True), ("method", True), ("none", False),
+                                         ("shared", False)])
+def test_relu_aware_calibration_behind_bn_relu(kind, gated):
+    model = Gated(kind).eval()
+    assert set(relu_gates(model, ["conv", "pre"])) == ({"conv"} if gated else set())
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
+    data = batches(n=6)
+    errors = {}
+    for aware in (False, True):
+        converted = copy.deepcopy(result.model)
+        errors[aware] = dsrewrite.calibrate(converted, model, data, relu_aware=aware).after["relative_error"]
+    if gated:
+        assert errors[True] < 0.95 * errors[False], "refitting to what the ReLU lets through lowers the error"
+    else:
+        assert errors[True] == pytest.approx(errors[False]), "no gate, the same plain least squares"
 
 
 def test_convert_with_calibration_reports_before_and_after():
