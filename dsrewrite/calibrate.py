@@ -28,7 +28,9 @@ in the network costs only the layers before it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import operator
 from typing import Any, Iterable
 
 import torch
@@ -97,6 +99,8 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     blocks = _blocks_in_order(converted, data[0])
     weights = consumer_scales(original, blocks, data[0])
     gates = relu_gates(original, blocks) if relu_aware else {}
+    graph = next((g.graph for g in gates.values() if g.other), None)
+    offsets = _Offsets(original, converted, graph) if graph is not None else None
     joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, data)
@@ -105,14 +109,16 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 block = converted.get_submodule(name)
                 conv = original.get_submodule(name)
                 linear = _svd_linear(block, conv)
+                gate = gates.get(name)
+                offset = (lambda x, node=gate.other: offsets(x, node)) if gate and gate.other else None
                 if refit_depthwise and _joint_fit_fits(block):
                     fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations,
-                                          weights.get(name), gates.get(name))
+                                          weights.get(name), gate, offset)
                     if fitted is not None:
                         linear, joint = fitted, joint + 1
                 scale, shift = _reset_bn(converted, block, data)
                 prior = _through_bn(linear[1], linear[2], scale, shift)
-                _refit_pointwise(converted, original, block, conv, data, ridge, prior, gates.get(name))
+                _refit_pointwise(converted, original, block, conv, data, ridge, prior, gate, offset)
                 bar.advance(name)
         after = agreement(original, converted, data)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint)
@@ -156,13 +162,27 @@ def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor
 GATED_ROUNDS = 3
 
 
-def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``name -> (scale, shift)`` of the eval BN for each conv whose output only feeds that BN, whose
-    output only feeds a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``), from the fx graph.
+@dataclasses.dataclass
+class Gate:
+    """What stands between a conv and the next nonlinearity: an eval BN (``scale·y + shift``
+    per channel), optionally a residual add of another tensor (fx node ``other``), then a ReLU."""
 
-    Behind such a gate the error that matters is ``relu(s·ŷ + t) − relu(s·y + t)``: where the
-    original is cut off, any prediction that is cut off too is exact. Models that fx cannot
-    trace get no gates (plain least squares).
+    scale: torch.Tensor
+    shift: torch.Tensor
+    other: str | None = None
+    #: the original's fx graph, to compute ``other`` (only with ``other``)
+    graph: torch.fx.Graph | None = dataclasses.field(default=None, repr=False)
+
+
+def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, Gate]:
+    """A :class:`Gate` for each conv in ``names`` whose output only feeds an eval BN whose output
+    only feeds a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``) — directly, or through
+    one residual add (``relu(bn(conv(x)) + shortcut)``), found in the fx graph.
+
+    Behind such a gate the error that matters is ``relu(s·ŷ + t + r̂) − relu(s·y + t + r)``:
+    where the original is cut off, any prediction that is cut off too is exact, and an error
+    that the shortcut ``r̂`` brings from earlier layers is the conv's to compensate. Models
+    that fx cannot trace get no gates (plain least squares).
     """
     from .trace import trace
 
@@ -182,7 +202,16 @@ def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[torch.
         bn = modules.get(bn_node.target) if bn_node.op == "call_module" else None
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None or len(bn_node.users) != 1:
             continue
-        if not _is_relu(next(iter(bn_node.users)), modules):
+        after, other = next(iter(bn_node.users)), None
+        if _is_add(after) and len(after.users) == 1:
+            operands = [a for a in after.args[:2] if isinstance(a, torch.fx.Node)]
+            if len(operands) != 2 or operands.count(bn_node) != 1:
+                continue
+            other = next(a for a in operands if a is not bn_node)
+            if _depends_on(other, node):
+                continue
+            after = next(iter(after.users))
+        if not _is_relu(after, modules):
             continue
         scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
         if bn.weight is not None:
@@ -191,8 +220,27 @@ def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[torch.
         if bn.bias is not None:
             shift = shift + bn.bias.detach().double()
         if bool((scale.abs() > 1e-12).all()):
-            gates[node.target] = (scale, shift)
+            gates[node.target] = Gate(scale, shift, other.name if other is not None else None,
+                                      result.graph if other is not None else None)
     return gates
+
+
+def _depends_on(node, ancestor) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is ancestor:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _is_add(node) -> bool:
+    if node.op == "call_function":
+        return node.target in (operator.add, operator.iadd, torch.add) and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
 
 
 def _is_relu(node, modules) -> bool:
@@ -203,19 +251,66 @@ def _is_relu(node, modules) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _gated(targets: torch.Tensor, prediction: torch.Tensor, gate) -> torch.Tensor:
-    """Targets [positions, C_out] for the next least-squares round behind BN → ReLU.
+class _Offsets:
+    """The residual operand of a gate, in the original and in the converted model, per batch.
 
-    In the BN's output space, where the original is cut off (≤ 0) the target becomes
-    ``min(prediction, 0)`` (no error for a prediction the ReLU cuts off too), elsewhere it
-    stays the original: a quadratic upper bound of the post-ReLU error, so each round's
-    least-squares fit lowers the error that the ReLU lets through.
+    The converted model has the original's module names (blocks are swapped in place), so
+    the original's fx graph run over the converted model's modules computes the converted
+    model; an interpreter stops as soon as the operand is known.
     """
-    scale, shift = gate
-    t = targets * scale + shift
-    a = prediction * scale + shift
-    wanted = torch.where(t > 0, t, torch.clamp(a, max=0.0))
-    return (wanted - shift) / scale
+
+    def __init__(self, original: nn.Module, converted: nn.Module, graph: torch.fx.Graph):
+        self.models = [torch.fx.GraphModule(original, copy.deepcopy(graph)),
+                       torch.fx.GraphModule(converted, copy.deepcopy(graph))]
+
+    def __call__(self, x: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(_flat(_run_until(gm, x, node)) for gm in self.models)
+
+
+def _run_until(gm: torch.fx.GraphModule, x: torch.Tensor, name: str) -> torch.Tensor:
+    class Until(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name == name:
+                raise _Found(out)
+            return out
+
+    try:
+        Until(gm).run(x)
+    except _Found as found:
+        return found.value
+    raise RuntimeError(f"node {name} did not run")
+
+
+class _Found(Exception):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+
+
+def _gated(targets: torch.Tensor, prediction: torch.Tensor | None, gate: Gate,
+           offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Targets [positions, C_out] for a least-squares round behind a :class:`Gate`.
+
+    In the ReLU's input space (BN output plus the residual operand: the original's ``r``,
+    the converted model's ``r̂`` from ``offsets``), the target is the original's value, so
+    the conv also makes up the shortcut's error; with a ``prediction`` (later rounds), where
+    the original is cut off (≤ 0) the target becomes ``min(prediction, 0)`` (no error for a
+    prediction the ReLU cuts off too): a quadratic upper bound of the post-ReLU error, so
+    each round's least-squares fit lowers the error the ReLU lets through.
+    """
+    r, r_hat = offsets if offsets is not None else (0.0, 0.0)
+    t = targets * gate.scale + gate.shift + r
+    if prediction is None:
+        wanted = t
+    else:
+        a = prediction * gate.scale + gate.shift + r_hat
+        wanted = torch.where(t > 0, t, torch.clamp(a, max=0.0))
+    return (wanted - gate.shift - r_hat) / gate.scale
 
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -313,14 +408,16 @@ def _patches(block: DepthwiseSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
-                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None, gate=None):
+                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None,
+                 gate: Gate | None = None, offset=None):
     """Alternating least squares for ``y ≈ P·(D ∗ x) + b`` on the data; writes D into the block.
 
     ``channel_weights`` (per output channel, see :func:`consumer_scales`) weight each output
     channel's squared error; they change the shared depthwise filters, not the pointwise
     half-step (each output channel's row is solved on its own). With a ``gate`` (the BN →
-    ReLU behind the conv, :func:`relu_gates`), later rounds refit to ReLU-aware targets
-    (:func:`_gated`) built from the previous round's fit.
+    (residual add →) ReLU behind the conv, :func:`relu_gates`; ``offset(x)`` gives the
+    residual operand), the targets are the ReLU's input, and later rounds refit to ReLU-aware
+    targets (:func:`_gated`) built from the previous round's fit.
 
     One pass collects Σ = Σ x̃x̃ᵀ and C = Σ y x̃ᵀ (x̃: input patch with a trailing 1); every
     half-step after that is an exact solve on those matrices, so the error never increases.
@@ -347,9 +444,9 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
             rows = _patches(block, inp).double()
             if i == 0 and round_ == 0 and rows.shape[0] * len(data) < 4 * mid * taps:
                 return None  # too few positions to pin the filters down: the SVD filters stand
-            targets = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
-            if round_ > 0:
-                targets = _gated(targets, rows @ full + bias, gate)
+            targets = _flat(y)
+            if gate is not None:
+                targets = _gated(targets, rows @ full + bias if round_ else None, gate, offset and offset(x))
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
             if round_ == 0:
                 sigma += rows.T @ rows
@@ -383,7 +480,8 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
 
 
 def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d,
-                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor, gate=None) -> None:
+                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor, gate: Gate | None = None,
+                     offset=None) -> None:
     mid, c_out = block.mid_channels, block.out_channels
     gram = torch.zeros(mid + 1, mid + 1, dtype=torch.float64)
     dtype = block.pointwise.weight.dtype
@@ -394,10 +492,10 @@ def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv:
             h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
             y = _capture(original, conv, x, "output")
             hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()
-            yf = y.permute(0, 2, 3, 1).reshape(-1, c_out).double()
-            if round_ > 0:
-                yf = _gated(yf, hf @ solution, gate)
-            else:
+            yf = _flat(y)
+            if gate is not None:
+                yf = _gated(yf, hf @ solution if round_ else None, gate, offset and offset(x))
+            if round_ == 0:
                 gram += hf.T @ hf
             cross += hf.T @ yf
         # Ridge toward the weight-only solution: where the data pin the weights down it has no

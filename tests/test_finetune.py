@@ -128,6 +128,39 @@ def test_relu_aware_calibration_behind_bn_relu(kind, gated):
         assert errors[True] == pytest.approx(errors[False]), "no gate, the same plain least squares"
 
 
+class Residual(nn.Module):
+    """Two basic-block-like stages: relu(bn(conv(h)) + h) after a replaced conv → BN → ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.pre = nn.Conv2d(3, 12, 1)
+        self.conv0, self.bn0 = nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.conv1, self.bn1 = nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            for bn in (self.bn0, self.bn1):
+                bn.running_var.fill_(0.5)
+                bn.bias.uniform_(-0.5, 0.1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.conv0(self.pre(x))))
+        return self.head(torch.relu(self.bn1(self.conv1(h)) + h))
+
+
+def test_residual_aware_calibration_compensates_the_shortcut():
+    model = Residual().eval()
+    gates = relu_gates(model, ["conv0", "conv1"])
+    assert gates["conv0"].other is None and gates["conv1"].other == "relu", "the shortcut operand is conv0's ReLU"
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
+    data = batches(n=6)
+    errors = {}
+    for aware in (False, True):
+        converted = copy.deepcopy(result.model)
+        errors[aware] = dsrewrite.calibrate(converted, model, data, relu_aware=aware).after["relative_error"]
+    assert errors[True] < 0.95 * errors[False], "the conv makes up the error its shortcut brings"
+
+
 def test_convert_with_calibration_reports_before_and_after():
     model = small_cnn()
     result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE, calibration=[(b, None) for b in
