@@ -63,12 +63,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    rows, summary = [], []
+    rows, summary, protos = [], [], []
 
     def flush():
         """Write what has been measured so far, so an interrupted run still leaves its results."""
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(render(rows, summary, args))
+        Path(args.output).write_text(render(rows, summary, protos, args))
 
     def distilled(model, original, **kw):
         student = copy.deepcopy(model)
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
             rows.append(_row(kind, f"prototype (rank {rank}): SVD + pointwise refit", f"rank {rank}", acc,
                              info.params, info.macs, lat, proto_s, base_acc, base_macs))
             log(f"{kind} prototype rank {rank}: {100 * acc:.2f}% ({base_macs / info.macs:.2f}× fewer MACs)")
+            dist_acc = None
             if rank == 1:
                 start = time.perf_counter()
                 dist_acc = distilled(proto, original)
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
                                  info.params, info.macs, lat, proto_s + time.perf_counter() - start, base_acc,
                                  base_macs))
                 log(f"{kind} prototype rank {rank}: distilled {100 * dist_acc:.2f}%")
+            protos.append((kind, rank, base_macs / info.macs, base_acc, acc, dist_acc))
             flush()
 
     # 3. the default preset's block (BN + ReLU inserted) on the same layers
@@ -199,7 +201,7 @@ def _row(kind, variant, target, acc, params, macs, latency_ms, seconds, base_acc
             f"{macs / 1e6:.2f}M", f"{base_macs / macs:.2f}×", f"{latency_ms:.1f}", f"{seconds:.0f}"]
 
 
-def render(rows, summary, args) -> str:
+def render(rows, summary, protos, args) -> str:
     order = list(dict.fromkeys(r[0] for r in rows))
     rows = sorted(rows, key=lambda r: order.index(r[0]))
     out = ["# Accuracy after conversion: Fashion-MNIST", "",
@@ -229,6 +231,13 @@ def render(rows, summary, args) -> str:
                       f"{100 * rand:.2f}%"])
     out += [md_table(["model", "fewer MACs", "original", "calibration only", "+ 1 epoch distillation",
                       "random-init route"], table), ""]
+    if protos:
+        table = [[kind, f"rank {rank}", f"{ratio:.2f}×", f"{100 * base:.2f}%", f"{100 * acc:.2f}% ({100 * (acc - base):+.2f})",
+                  f"{100 * dist:.2f}% ({100 * (dist - base):+.2f})" if dist is not None else "-"]
+                 for kind, rank, ratio, base, acc, dist in protos]
+        out += ["## The issue's prototype on the same trained models", "",
+                md_table(["model", "rank", "fewer MACs", "original", "calibration only", "+ 1 epoch distillation"],
+                         table), ""]
     return "\n".join(out) + "\n"
 
 

@@ -48,7 +48,11 @@ def convert_prototype(model: nn.Module, images: torch.Tensor, rank: int, min_in_
 
 def _seen(model: nn.Module, module: nn.Module, x: torch.Tensor, output: bool) -> torch.Tensor:
     seen = {}
-    handle = module.register_forward_hook(lambda m, args, out: seen.setdefault("t", out if output else args[0]))
+
+    def hook(m, args, out):  # returns None: the module's output stands
+        seen.setdefault("t", out if output else args[0])
+
+    handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             model(x)
