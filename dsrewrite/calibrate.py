@@ -145,15 +145,9 @@ def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor
             def pre(mod, args):
                 name = outputs.get(id(args[0]))
                 if name is not None and name not in scales:
-                    scale = 1.0 / torch.sqrt(mod.running_var.detach().double() + mod.eps)
-                    scales[name] = scale * mod.weight.detach().double().abs() if mod.weight is not None else scale
+                    scales[name] = _bn_affine(mod)[0].abs()
             handles.append(m.register_forward_pre_hook(pre))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_once(model, sample, handles)
     return {name: scale / scale.mean().clamp_min(1e-12) for name, scale in scales.items()}
 
 
@@ -213,12 +207,7 @@ def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, Gate]:
             after = next(iter(after.users))
         if not _is_relu(after, modules):
             continue
-        scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.detach().double()
-        shift = -bn.running_mean.detach().double() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.detach().double()
+        scale, shift = _bn_affine(bn)
         if bool((scale.abs() > 1e-12).all()):
             gates[node.target] = Gate(scale, shift, other.name if other is not None else None,
                                       result.graph if other is not None else None)
@@ -318,13 +307,29 @@ def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
                for name, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv2d)]
+    _forward_once(model, sample, handles)
+    return list(dict.fromkeys(order))
+
+
+def _forward_once(model: nn.Module, sample: torch.Tensor, handles: list) -> None:
+    """One eval-mode, no-grad forward for the given hooks' sake; the hooks are removed after."""
     try:
         with eval_mode(model), torch.no_grad():
             model(sample)
     finally:
         for h in handles:
             h.remove()
-    return list(dict.fromkeys(order))
+
+
+def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BN as the per-channel map ``scale·y + shift`` (float64)."""
+    scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale, shift
 
 
 def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:

@@ -84,6 +84,16 @@ def test_joint_depthwise_refit_is_never_worse_than_the_pointwise_refit(padding_m
     assert errors[True] < 0.9 * errors[False]
 
 
+def _errors_by_relu_awareness(model):
+    """{relu_aware: the calibrated model's output relative error} for one conversion of ``model``."""
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
+    errors = {}
+    for aware in (False, True):
+        converted = copy.deepcopy(result.model)
+        errors[aware] = dsrewrite.calibrate(converted, model, batches(n=6), relu_aware=aware).after["relative_error"]
+    return errors
+
+
 class Gated(nn.Module):
     """A conv → BN → ReLU (module, functional or none) between a mixing conv and a head conv."""
 
@@ -116,12 +126,7 @@ class Gated(nn.Module):
 def test_relu_aware_calibration_behind_bn_relu(kind, gated):
     model = Gated(kind).eval()
     assert set(relu_gates(model, ["conv", "pre"])) == ({"conv"} if gated else set())
-    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
-    data = batches(n=6)
-    errors = {}
-    for aware in (False, True):
-        converted = copy.deepcopy(result.model)
-        errors[aware] = dsrewrite.calibrate(converted, model, data, relu_aware=aware).after["relative_error"]
+    errors = _errors_by_relu_awareness(model)
     if gated:
         assert errors[True] < 0.95 * errors[False], "refitting to what the ReLU lets through lowers the error"
     else:
@@ -152,12 +157,7 @@ def test_residual_aware_calibration_compensates_the_shortcut():
     model = Residual().eval()
     gates = relu_gates(model, ["conv0", "conv1"])
     assert gates["conv0"].other is None and gates["conv1"].other == "relu", "the shortcut operand is conv0's ReLU"
-    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
-    data = batches(n=6)
-    errors = {}
-    for aware in (False, True):
-        converted = copy.deepcopy(result.model)
-        errors[aware] = dsrewrite.calibrate(converted, model, data, relu_aware=aware).after["relative_error"]
+    errors = _errors_by_relu_awareness(model)
     assert errors[True] < 0.95 * errors[False], "the conv makes up the error its shortcut brings"
 
 
