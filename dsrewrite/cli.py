@@ -373,6 +373,102 @@ def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, s
 
 
 @cli.command()
+@click.argument("student")
+@click.argument("teacher")
+@click.option("--data", "data_spec", required=True, metavar="FILE.py:NAME|MODULE:NAME",
+              help="Training batches: (inputs, labels) pairs, or inputs alone (pure distillation); an iterable "
+                   "such as a DataLoader, or a function returning one.")
+@click.option("--eval", "eval_spec", default=None, metavar="FILE.py:NAME|MODULE:NAME",
+              help="(inputs, labels) batches to measure top-1 accuracy on after each epoch (and before training).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Save the fine-tuned student here (.pt, a whole module).")
+@click.option("--state-dict", type=click.Path(dir_okay=False), help="Also save its state_dict (.pth).")
+@click.option("--history", "history_path", type=click.Path(dir_okay=False),
+              help="Write the per-epoch history (loss, accuracy, steps, seconds) as JSON.")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
+@click.option("--alpha", type=float, default=0.9, show_default=True,
+              help="Weight of the distillation loss; 1 − alpha goes to cross-entropy when batches have labels.")
+@click.option("--feature-loss", type=float, default=0.0, show_default=True,
+              help="Weight of the MSE between each replaced block's output and the teacher conv's output.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--amp", is_flag=True, help="Mixed precision (float16 on cuda, bfloat16 on cpu).")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the teacher's factory.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading pickled modules (.pt from convert -o); this runs code from the file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
+def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history_path, epochs, lr, temperature,
+             alpha, feature_loss, max_steps, device, amp, args, trust_pickle, quiet) -> None:
+    """Fine-tune a converted model (STUDENT) by distillation from the original (TEACHER).
+
+    STUDENT is usually the .pt written by `dsrewrite convert -o` (needs --trust-pickle);
+    TEACHER is the original model, as for analyze. Under `torchrun --nproc_per_node N`
+    the student trains with DistributedDataParallel; give a loader with a
+    DistributedSampler (a list of batches is split across ranks), and rank 0 writes.
+    """
+    import json
+
+    from . import export
+    from .files import write_text_atomic
+    from .finetune import command_batches, distill, evaluate, torchrun_group
+    from .load import load_model
+
+    say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    for name, value, low in (("--epochs", epochs, 1), ("--max-steps", max_steps, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    if not lr > 0 or not temperature > 0:
+        raise UsageError("--lr and --temperature must be positive")
+    if not 0 <= alpha <= 1:
+        raise UsageError(f"--alpha is a weight between 0 and 1, got {alpha}")
+    if feature_loss < 0:
+        raise UsageError(f"--feature-loss must be non-negative, got {feature_loss}")
+    for path in (output, state_dict, history_path):
+        if path:
+            export.check_output_path(path, [student, teacher])
+
+    with torchrun_group(device) as (rank, world):
+        quiet_rank = say if rank == 0 else (lambda msg: None)
+        quiet_rank(f"loading {student} and {teacher} ...")
+        # the teacher first: loading its file makes its classes importable for the student's pickle
+        teacher_model = load_model(teacher, parse_kwargs(_as_list(args)), trust_pickle).model
+        student_model = load_model(student, trust_pickle=trust_pickle).model
+        train = command_batches(data_spec, "--data", student_model, teacher_model, epochs=epochs, rank=rank,
+                                world=world)
+        test = command_batches(eval_spec, "--eval", student_model, teacher_model, epochs=epochs + 1, rank=rank,
+                               world=world, labels=True) if eval_spec else None
+        if device and world > 1 and device == "cuda":
+            import os
+
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        before = evaluate(student_model, test, device) if test is not None else None
+        if before is not None:
+            quiet_rank(f"student accuracy before: {100 * before:.2f}%")
+        history = distill(student_model, teacher_model, train, epochs=epochs, lr=lr, temperature=temperature,
+                          alpha=alpha, feature_loss=feature_loss, device=device, amp=amp, eval_loader=test,
+                          max_steps=max_steps, progress=not quiet and rank == 0)
+        if rank != 0:
+            return
+        student_model.cpu()
+        export.save_model(student_model, output)
+        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
+        if state_dict:
+            export.save_state_dict(student_model, state_dict)
+            say(f"wrote {state_dict}")
+        doc = {"accuracy_before": before, "world_size": world, "epochs": [h.__dict__ for h in history]}
+        if history_path:
+            write_text_atomic(history_path, json.dumps(doc, indent=2) + "\n")
+            say(f"wrote {history_path}")
+        from tabulate import tabulate
+
+        rows = [[h.epoch, h.steps, f"{h.loss:.4f}", "-" if h.accuracy is None else f"{100 * h.accuracy:.2f}%",
+                 f"{h.seconds:.1f}"] for h in history]
+        click.echo(tabulate(rows, ["epoch", "steps", "loss", "accuracy", "seconds"]))
+
+
+@cli.command()
 @click.argument("base", type=click.Path(exists=True, dir_okay=False))
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "format", type=click.Choice(("text", "markdown", "json")), default="text",  # noqa: A002

@@ -218,3 +218,87 @@ def _features(pairs: list[tuple[str, nn.Module, nn.Module]]):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def torchrun_group(device: str | torch.device | None = None):
+    """Join the process group ``torchrun`` describes in the environment, for the CLI.
+
+    Does nothing when ``WORLD_SIZE`` is unset or 1, or a group is already initialized (the
+    user's own engine set it up). Otherwise joins with ``nccl`` on cuda and ``gloo``
+    elsewhere, and leaves the group on exit. Yields ``(rank, world_size)``.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield (_rank(), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+        return
+    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def command_batches(spec: str, what: str, student: nn.Module, teacher: nn.Module, *, epochs: int = 1,
+                    rank: int = 0, world: int = 1, labels: bool = False) -> Iterable:
+    """The batches a ``file.py:NAME`` / ``module:NAME`` spec names, checked on both models (for the CLI).
+
+    Raises :class:`~dsrewrite.errors.UsageError` for data that is not batches, a one-shot
+    iterator asked for several epochs, or missing labels where ``labels`` is required, and
+    :class:`~dsrewrite.errors.InputError` when the first batch does not run through both
+    models or their outputs differ in shape. A list of batches is split across ranks.
+    """
+    import itertools
+
+    from .errors import InputError, UsageError
+    from .load import load_object
+
+    data = load_object(spec, what)
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise UsageError(f"{what} {spec}: expected an iterable of batches (a list or a DataLoader), "
+                         f"got a {type(data).__name__}")
+    one_shot = iter(data) is data
+    if one_shot and epochs > 1:
+        raise UsageError(f"{what} {spec}: a one-shot iterator cannot be read for {epochs} epochs; "
+                         "give a list or a DataLoader, or a function returning one")
+    if world > 1 and isinstance(data, (list, tuple)):
+        data = list(data)[rank::world]
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise UsageError(f"{what} {spec}: no batches")
+    if one_shot:
+        data = itertools.chain([first], iterator)
+    if not isinstance(first, torch.Tensor) and not (
+            isinstance(first, (tuple, list)) and first and all(isinstance(t, torch.Tensor) for t in first[:2])):
+        raise UsageError(f"{what} {spec}: a batch must be an input tensor or an (inputs, labels) pair, "
+                         f"got a {type(first).__name__}")
+    x, y = _split(first, "cpu")
+    if labels and y is None:
+        raise UsageError(f"{what} {spec}: accuracy needs (inputs, labels) batches")
+    outputs = []
+    for who, model in (("teacher", teacher), ("student", student)):
+        flags = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs.append(model(x.to(next(model.parameters()).device)))
+        except Exception as e:
+            raise InputError(f"{what} {spec}: the first batch (inputs {tuple(x.shape)}) fails in the {who}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        finally:
+            for m, flag in flags:
+                m.training = flag
+    if not all(isinstance(o, torch.Tensor) for o in outputs) or outputs[0].shape != outputs[1].shape:
+        shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs]
+        raise InputError(f"the teacher and the student give different outputs ({shapes[0]} vs {shapes[1]}); "
+                         "distillation needs the same logits from both")
+    if y is not None and (y.dtype.is_floating_point or y.ndim != 1 or y.shape[0] != x.shape[0]):
+        raise UsageError(f"{what} {spec}: labels must be one class index per input, got {y.dtype} "
+                         f"{tuple(y.shape)} for inputs {tuple(x.shape)}")
+    return data

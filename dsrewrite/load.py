@@ -374,6 +374,10 @@ def _load_saved(path: Path, trust_pickle: bool, spec: str) -> LoadedModel:
             ) from e
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e2:
+            raise ModelLoadError(
+                f"{path}: the pickle needs the module {e2.name!r}, which is not importable here; run from the "
+                f"folder that holds {e2.name}.py or add it to PYTHONPATH") from e2
         except Exception as e2:
             raise ModelLoadError(f"{path}: cannot be loaded ({type(e2).__name__}: {e2})") from e2
     if isinstance(obj, nn.Module):

@@ -294,3 +294,122 @@ def test_read_idx(tmp_path):
     with gzip.open(path, "wb") as fh:
         fh.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">3I", 3, 4, 5) + images.numpy().tobytes())
     assert torch.equal(read_idx(path), images)
+
+
+FT_MODEL = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(32, 5))
+
+    def forward(self, x):
+        return self.body(x)
+
+INPUT_SHAPE = (1, 3, 12, 12)
+"""
+FT_DATA = """
+import torch
+g = torch.Generator().manual_seed(3)
+X, Y = torch.randn(48, 3, 12, 12, generator=g), torch.randint(0, 5, (48,), generator=g)
+def train():
+    return [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 48, 8)]
+def unlabeled():
+    return [X[i:i + 8] for i in range(0, 48, 8)]
+def one_shot():
+    return (x for x in unlabeled())
+def wrong_channels():
+    return [torch.randn(4, 1, 12, 12)]
+def float_labels():
+    return [(X[:8], torch.randn(8))]
+TENSOR = X
+"""
+
+
+_FT_FILES = itertools.count()
+
+
+@pytest.fixture
+def finetune_files(tmp_path, monkeypatch):
+    """A model file (its name returned), its converted student (student.pt) and a data file, in a fresh folder.
+
+    The model file gets a name of its own per test: a pickle names the module its class came
+    from, and a stem already imported from another folder in this process would not do.
+    """
+    monkeypatch.chdir(tmp_path)
+    stem = f"ftnet{next(_FT_FILES)}"
+    (tmp_path / f"{stem}.py").write_text(FT_MODEL)
+    (tmp_path / "ftdata.py").write_text(FT_DATA)
+    r = CliRunner().invoke(cli, ["convert", f"{stem}.py", "--rules", "aggressive", "--set", "replace.min_in_channels=0",
+                                 "--set", "replace.min_mac_reduction=0", "-o", "student.pt", "-q"])
+    assert r.exit_code == 0, r.output
+    return f"{stem}.py"
+
+
+def test_cli_finetune_distills_and_saves(finetune_files):
+    student = torch.load("student.pt", weights_only=False)
+    r = CliRunner().invoke(cli, ["finetune", "student.pt", finetune_files, "--data", "ftdata.py:train", "--eval",
+                                 "ftdata.py:train", "--epochs", "3", "--lr", "5e-3", "--trust-pickle", "-o", "tuned.pt",
+                                 "--state-dict", "tuned.pth", "--history", "h.json", "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(Path("h.json").read_text())
+    assert doc["world_size"] == 1 and doc["accuracy_before"] is not None
+    assert [e["steps"] for e in doc["epochs"]] == [6, 12, 18]
+    losses = [e["loss"] for e in doc["epochs"]]
+    assert losses[-1] < losses[0], losses
+    tuned = torch.load("tuned.pt", weights_only=False)
+    assert any(isinstance(m, dsrewrite.DepthwiseSeparableConv2d) for m in tuned.modules())
+    assert not all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), tuned.state_dict().values()))
+    state = torch.load("tuned.pth", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in tuned.state_dict().items())
+    assert "epoch" in r.output and "accuracy" in r.output
+    # unlabeled batches: pure distillation
+    r = CliRunner().invoke(cli, ["finetune", "student.pt", finetune_files, "--data", "ftdata.py:unlabeled",
+                                 "--trust-pickle", "-o", "tuned2.pt", "--max-steps", "2", "-q"])
+    assert r.exit_code == 0 and Path("tuned2.pt").exists(), r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "ftdata.py:wrong_channels"], "fails in the teacher"),
+    (["--data", "ftdata.py:one_shot", "--epochs", "2"], "one-shot iterator"),
+    (["--data", "ftdata.py:TENSOR"], "expected an iterable of batches"),
+    (["--data", "ftdata.py:float_labels"], "labels must be one class index per input"),
+    (["--data", "ftdata.py:train", "--eval", "ftdata.py:unlabeled"], "needs (inputs, labels)"),
+    (["--data", "nope.py:train"], "no such file"),
+    (["--data", "ftdata.py:train", "--alpha", "1.5"], "between 0 and 1"),
+    (["--data", "ftdata.py:train", "--epochs", "0"], "at least 1"),
+    (["--data", "ftdata.py:train", "-o", "student.pt"], "refusing to overwrite"),
+])
+def test_cli_finetune_bad_input(finetune_files, args, words):
+    argv = ["finetune", "student.pt", finetune_files, "--trust-pickle", "-q", *args]
+    if "-o" not in args:
+        argv += ["-o", "tuned.pt"]
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, "one line, no traceback"
+    assert not Path("tuned.pt").exists()
+
+
+def test_cli_finetune_needs_trust_for_the_pickled_student(finetune_files):
+    r = CliRunner().invoke(cli, ["finetune", "student.pt", finetune_files, "--data", "ftdata.py:train", "-o", "t.pt"])
+    assert r.exit_code == 2 and "--trust-pickle" in r.output and not Path("t.pt").exists()
+
+
+def test_cli_finetune_under_torchrun(finetune_files):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "dsrewrite.cli", "finetune", "student.pt", finetune_files,
+           "--data", "ftdata.py:train", "--eval", "ftdata.py:train", "--device", "cpu", "--trust-pickle",
+           "-o", "tuned.pt", "--history", "h.json", "-q"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(Path("h.json").read_text())
+    assert doc["world_size"] == 2
+    assert doc["epochs"][0]["steps"] == 3, "six batches split across two ranks"
+    assert torch.load("tuned.pt", weights_only=False) is not None
