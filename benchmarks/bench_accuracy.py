@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-limit", type=int, default=None, help="use only this many training images (smoke runs)")
+    parser.add_argument("--phases", default="finetune,prototype,default",
+                        help="which parts to run, in this order: finetune (the recommended preset and the random-init "
+                             "route), prototype (the issue's prototype), default (the default preset's block)")
     parser.add_argument("-o", "--output", default=str(HERE / "results" / "accuracy.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
         flush()
 
     # 1. the recommended preset at both targets, and the random-init route with the same steps
-    for kind, (original, base_acc, base_macs) in originals.items():
+    phases = args.phases.split(",")
+    for kind, (original, base_acc, base_macs) in originals.items() if "finetune" in phases else ():
         for label, target in TARGETS:
             start = time.perf_counter()
             svd = dsrewrite.convert(original, (1, 1, 28, 28), rules="finetune", target_macs=target)
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
             flush()
 
     # 2. the prototype on the same trained models: uniform rank 2 and rank 1
-    for kind, (original, base_acc, base_macs) in originals.items():
+    for kind, (original, base_acc, base_macs) in originals.items() if "prototype" in phases else ():
         images = torch.cat(calibration)
         for rank in (2, 1):
             start = time.perf_counter()
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
             flush()
 
     # 3. the default preset's block (BN + ReLU inserted) on the same layers
-    for kind, (original, base_acc, base_macs) in originals.items():
+    for kind, (original, base_acc, base_macs) in originals.items() if "default" in phases else ():
         for label, target in TARGETS:
             overrides = ["block.activation=relu"]
             start = time.perf_counter()
