@@ -439,10 +439,6 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
                                 world=world)
         test = command_batches(eval_spec, "--eval", student_model, teacher_model, epochs=epochs + 1, rank=rank,
                                world=world, labels=True) if eval_spec else None
-        if device and world > 1 and device == "cuda":
-            import os
-
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         before = evaluate(student_model, test, device) if test is not None else None
         if before is not None:
             quiet_rank(f"student accuracy before: {100 * before:.2f}%")

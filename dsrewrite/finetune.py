@@ -226,7 +226,8 @@ def torchrun_group(device: str | torch.device | None = None):
 
     Does nothing when ``WORLD_SIZE`` is unset or 1, or a group is already initialized (the
     user's own engine set it up). Otherwise joins with ``nccl`` on cuda and ``gloo``
-    elsewhere, and leaves the group on exit. Yields ``(rank, world_size)``.
+    elsewhere (on cuda each rank's current device becomes ``LOCAL_RANK``, so a plain
+    ``cuda`` means that rank's GPU), and leaves the group on exit. Yields ``(rank, world_size)``.
     """
     import os
 
@@ -257,6 +258,7 @@ def command_batches(spec: str, what: str, student: nn.Module, teacher: nn.Module
 
     from .errors import InputError, UsageError
     from .load import load_object
+    from .trace import eval_mode
 
     data = load_object(spec, what)
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
@@ -283,17 +285,12 @@ def command_batches(spec: str, what: str, student: nn.Module, teacher: nn.Module
         raise UsageError(f"{what} {spec}: accuracy needs (inputs, labels) batches")
     outputs = []
     for who, model in (("teacher", teacher), ("student", student)):
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 outputs.append(model(x.to(next(model.parameters()).device)))
         except Exception as e:
             raise InputError(f"{what} {spec}: the first batch (inputs {tuple(x.shape)}) fails in the {who}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        finally:
-            for m, flag in flags:
-                m.training = flag
     if not all(isinstance(o, torch.Tensor) for o in outputs) or outputs[0].shape != outputs[1].shape:
         shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs]
         raise InputError(f"the teacher and the student give different outputs ({shapes[0]} vs {shapes[1]}); "
