@@ -111,6 +111,78 @@ def trace(model: nn.Module, training: bool = False) -> TraceResult:
 
 
 def _trace(model: nn.Module) -> TraceResult:
+    """Trace, then undo what tracing wrote into the modules' own state (see :func:`_module_state`)."""
+    saved = _module_state(model)
+    try:
+        return _trace_once(model)
+    finally:
+        _restore_proxy_state(saved)
+
+
+def _module_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """A shallow snapshot of every module's plain attributes (containers copied one level deep).
+
+    Forwards that cache tensors on the module (timm's LeViT keeps ``attention_bias_cache``
+    keyed by device) store *proxies* there while torch.fx traces them. Left in place, the
+    next trace of the same model (or of a deep copy) reads a proxy of the earlier graph and
+    builds a graph whose nodes refer to another graph's nodes.
+    """
+    skip = {"_parameters", "_buffers", "_modules"}
+    out = []
+    for module in model.modules():
+        state = {}
+        for key, value in vars(module).items():
+            if key in skip:
+                continue
+            state[key] = (value, _shallow(value))
+        out.append((module, state))
+    return out
+
+
+def _shallow(value):
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (list, set)):
+        return type(value)(value)
+    return None
+
+
+def _holds_proxy(value, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth > 2:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    return False
+
+
+def _restore_proxy_state(saved: list[tuple[nn.Module, dict]]) -> None:
+    """Put back every attribute that tracing left holding a proxy; other changes are the model's own."""
+    skip = {"_parameters", "_buffers", "_modules"}
+    for module, state in saved:
+        for key in [k for k in vars(module) if k not in skip]:
+            value = vars(module)[key]
+            if not _holds_proxy(value):
+                continue
+            if key not in state:
+                delattr(module, key)
+                continue
+            original, contents = state[key]
+            if contents is not None and value is original:
+                # the same container, filled in place: restore its contents, keep its identity
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
+            else:
+                object.__setattr__(module, key, original)
+
+
+def _trace_once(model: nn.Module) -> TraceResult:
     if isinstance(model, torch.jit.ScriptModule):
         return TraceResult(model, None, {"": "TorchScript module: torch.fx cannot trace it"}, "none")
     if isinstance(model, fx.GraphModule) and _is_export_graph(model):
