@@ -10,6 +10,7 @@ from torch import nn
 
 from . import __version__
 from .load import LoadedModel, as_input_tuple, load_model, make_inputs, resolve_inputs
+from .plan import ConversionPlan
 from .profile import ModelProfile, profile
 from .trace import TraceResult, trace
 
@@ -28,6 +29,7 @@ class Analysis:
     loaded: LoadedModel | None = None
     #: the example inputs the profile was taken on (meta tensors are fine)
     inputs: tuple | None = None
+    _channels: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def convs(self):
@@ -35,22 +37,16 @@ class Analysis:
         return self.profile.convs
 
     def channel_groups(self):
-        """The model's channel-dependency graph (:func:`dsrewrite.channels.channel_graph`).
+        """The model's channel-dependency graph (:func:`dsrewrite.channels.model_channel_graph`), built once.
 
         Layers that only training runs (auxiliary heads) are not in the eval-mode graph;
         when some module is never called there, the training-mode graph of a copy is added.
         """
-        from .channels import channel_graph, uncalled_modules
+        if self._channels is None:
+            from .channels import model_channel_graph
 
-        extra = []
-        if self.trace.graph is not None and self.inputs is not None and uncalled_modules(self.trace):
-            import copy
-
-            training = trace(copy.deepcopy(self.trace.root), training=True)
-            if training.graph is not None:
-                profile(training, self.inputs)
-                extra.append(training)
-        return channel_graph(self.trace, extra)
+            self._channels = model_channel_graph(self.trace, self.inputs)
+        return self._channels
 
     def totals(self) -> dict[str, Any]:
         """Whole-model totals (params, MACs, FLOPs, bytes)."""
@@ -99,12 +95,7 @@ def analyze(
     ``example_inputs`` is a tensor, a tuple of tensors, or a shape tuple such as
     ``(1, 3, 224, 224)``; only shapes and dtypes are used. Default: one 1×3×224×224 input.
     """
-    if example_inputs is None:
-        inputs = make_inputs([(1, 3, 224, 224)], dtype or torch.float32)
-    elif isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(d, int) for d in example_inputs):
-        inputs = make_inputs([tuple(example_inputs)], dtype or torch.float32)
-    else:
-        inputs = as_input_tuple(example_inputs, "example_inputs")
+    inputs = _inputs_from(example_inputs, dtype)
     traced = trace(model)
     return Analysis(name or type(model).__name__, profile(traced, inputs, dtype), traced, inputs=inputs)
 
@@ -217,7 +208,7 @@ class ConversionResult:
     """The result of :func:`convert`: the rewritten model, the plan, and the report."""
 
     model: nn.Module
-    plan: Any
+    plan: ConversionPlan
     report: ConversionReport
     before: Analysis
     after: Analysis
@@ -233,21 +224,37 @@ def _inputs_from(example_inputs: Any, dtype: torch.dtype | None) -> tuple:
 
 def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "default",
                overrides: tuple[str, ...] | list[str] = (), *, name: str | None = None,
-               analysis: Analysis | None = None, layer_timer=None, progress=None):
-    """The conversion plan only (decisions with reasons); the model is not changed.
+               analysis: Analysis | None = None, calibration=None, target_macs: float | None = None,
+               max_error: float | None = None, align: int | None = None, width: float | None = None,
+               measure_settings=None, batch_size: int | None = None, layer_timer=None, cache=None,
+               progress=None) -> ConversionPlan:
+    """The whole conversion plan (:class:`~dsrewrite.plan.ConversionPlan`); the model is not changed.
 
-    A latency-aware rule set (``replace.min_measured_speedup``) times the candidate layers first.
+    Takes the same planning arguments as :func:`convert`, gathers the facts they need
+    (:func:`dsrewrite.facts.gather_facts`: timings for a latency-aware rule set, candidate
+    errors for a MAC target or error bound, the channel graph for alignment or width) and
+    decides (:func:`dsrewrite.plan.plan_conversion`). ``convert`` applies exactly this plan.
     """
-    from .plan import make_plan
+    from .facts import gather_facts
+    from .plan import plan_conversion
 
     config = _rule_config(rules, overrides)
     if analysis is None:
         analysis = analyze(model, example_inputs, name=name)
-    if config.min_measured_speedup > 0:
-        settings = config.measure_settings()
-        timer = layer_timer or _layer_timer(config, settings, None, None, progress)
-        return make_plan(analysis, config, measure_candidates(analysis, config, timer), environment_label(settings))
-    return make_plan(analysis, config)
+    batches = _batches(calibration)
+    facts = gather_facts(model, analysis, config, timer=layer_timer, calibration=batches, target_macs=target_macs,
+                         max_error=max_error, align=align, width=width, settings=measure_settings,
+                         batch_size=batch_size, cache=cache, progress=progress)
+    return plan_conversion(analysis, config, facts, target_macs=target_macs, max_error=max_error, align=align,
+                           width=width)
+
+
+def _batches(calibration) -> list | None:
+    if calibration is None:
+        return None
+    from .calibrate import as_batches
+
+    return as_batches(calibration)
 
 
 def convert(
@@ -258,6 +265,7 @@ def convert(
     *,
     name: str | None = None,
     analysis: Analysis | None = None,
+    plan: ConversionPlan | None = None,
     progress=None,
     measure: bool = False,
     measure_settings=None,
@@ -270,13 +278,15 @@ def convert(
     align: int | None = None,
     width: float | None = None,
 ) -> ConversionResult:
-    """Plan and apply the separable rewrite; ``model`` itself is left untouched.
+    """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
-    ``rules`` is a preset name (default, conservative, aggressive, mobile), a path to a TOML
-    file, or a :class:`~dsrewrite.rules.RuleConfig`; ``overrides`` are ``key=value`` strings
-    such as ``"replace.min_in_channels=128"``. Example inputs that are only shapes (or meta
-    tensors) are filled with seeded N(0, 1) values where real data is needed: to place the
-    inserted BN in the activation's linear range and to measure output fidelity.
+    ``rules`` is a preset name (default, conservative, aggressive, mobile, ...), a path to a
+    TOML file, or a :class:`~dsrewrite.rules.RuleConfig`; ``overrides`` are ``key=value``
+    strings such as ``"replace.min_in_channels=128"``. Example inputs that are only shapes
+    (or meta tensors) are filled with seeded N(0, 1) values where real data is needed: to
+    place the inserted BN in the activation's linear range and to measure output fidelity.
+    ``plan`` applies a given plan (from :func:`plan_model`, or a saved one read by
+    :func:`dsrewrite.plan.load_plan`) instead of planning; the planning arguments are then unused.
 
     With ``measure=True`` the original and converted models are timed end to end, and each
     replaced layer against its block; with ``replace.min_measured_speedup`` set, candidates
@@ -286,76 +296,48 @@ def convert(
 
     ``calibration`` (an iterable of input batches, or (inputs, labels) pairs) refits every
     replaced block on that data (:func:`dsrewrite.calibrate`). ``target_macs`` (a fraction of
-    the original MACs) or ``max_error`` chooses each layer's rank (:mod:`dsrewrite.rank`),
-    judged from the calibration data when given, else from the weights' kept energy.
+    the original MACs) or ``max_error`` chooses each layer's depth multiplier
+    (:mod:`dsrewrite.rank`), judged from the calibration data when given, else from the
+    weights' kept energy.
 
-    ``align`` (a divisor, or rule keys ``align.groups`` + ``align.divisor``) then rounds every
+    ``align`` (a divisor, or rule keys ``align.groups`` + ``align.divisor``) rounds every
     resizable channel group up to a multiple of it, exactly; ``width`` (α, or ``align.width``)
     scales every resizable group, keeping the most important channels (:mod:`dsrewrite.resize`).
-    The order is fixed: separable replacements are planned and applied first, then the
-    channel groups of the result are aligned or resized.
+    Both are planned on the original model's channel groups (which the separable rewrite
+    does not change) and applied after the replacements and calibration.
     """
     from .rewrite import apply_plan, fidelity, real_inputs
 
     say = progress or (lambda message: None)
     inputs = _inputs_from(example_inputs, None)
-    if analysis is None:
-        traced_before = trace(model)
-        analysis = Analysis(name or type(model).__name__, profile(traced_before, inputs), traced_before,
-                            inputs=inputs)
-    before = analysis
-    config = _rule_config(rules, overrides)
-    settings = measure_settings or config.measure_settings()
-    timer = layer_timer or _layer_timer(config, settings, batch_size, cache, progress)
-    timings = measure_candidates(before, config, timer) if config.min_measured_speedup > 0 else {}
-    from .plan import make_plan
-
-    plan = make_plan(before, config, timings, environment_label(settings))
-    if measure:
-        missing = [d for d in plan.replacements if d.measured_original_s is None]
-        if missing:
-            timings.update(_time_decisions(before, missing, timer))
-            plan = make_plan(before, config, timings, environment_label(settings))
-    batches = None
-    if calibration is not None:
-        from .calibrate import as_batches
-
-        batches = as_batches(calibration)
-    if target_macs is not None or max_error is not None:
-        from .rank import choose_ranks, data_errors, energy_errors
-
-        say("choosing each layer's rank ...")
-        errors = data_errors(model, plan, batches) if batches else energy_errors(model, plan)
-        plan = choose_ranks(plan, errors, before.profile.macs, target_macs=target_macs, max_error=max_error,
-                            judged_by="data" if batches else "energy")
     real = real_inputs(inputs)
-    say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
-    rewritten = apply_plan(model, plan, real)
-    calibration_report = None
-    if batches:
-        from .calibrate import calibrate
+    if analysis is None:
+        analysis = analyze(model, inputs, name=name)
+    before = analysis
+    config = plan.config if plan is not None else _rule_config(rules, overrides)
+    settings = measure_settings or config.measure_settings()
+    timer = None
+    if measure or config.min_measured_speedup > 0:
+        from .facts import layer_timer as make_timer
 
-        say(f"calibrating on {sum(x.shape[0] for x in batches)} samples ...")
-        calibration_report = calibrate(rewritten.model, model, batches, progress=progress is not None).to_dict()
+        timer = layer_timer or make_timer(config, settings, batch_size, cache, progress)
+    batches = _batches(calibration)
+    if plan is None:
+        plan = plan_model(model, inputs, config, analysis=before, calibration=batches, target_macs=target_macs,
+                          max_error=max_error, align=align, width=width, measure_settings=settings,
+                          batch_size=batch_size, layer_timer=timer, progress=progress)
+    rewritten = apply_plan(model, plan, real, batches, progress)
     say("analyzing the converted model and checking output fidelity ...")
-    traced_after = trace(rewritten.model)
-    after = Analysis(before.model_name, profile(traced_after, inputs), traced_after, inputs=inputs)
-    divisor = align if align is not None else config.align_divisor
-    width = width if width is not None else (config.align_width or None)
-    resize_plan = None
-    if align is not None or config.align_groups or width is not None:
-        from .resize import apply_resize, plan_resize
+    after = analyze(rewritten.model, inputs, name=before.model_name)
+    layer_timings = {}
+    if measure and plan.replacements:
+        from .facts import time_decisions
 
-        say("aligning channel groups ..." if width is None else f"scaling channel groups by {width:g} ...")
-        groups = after.channel_groups()
-        resize_plan = plan_resize(rewritten.model, groups, max(divisor, 1), width)
-        if resize_plan.changed:
-            apply_resize(rewritten.model, groups, resize_plan)
-            traced_after = trace(rewritten.model)
-            after = Analysis(before.model_name, profile(traced_after, inputs), traced_after, inputs=inputs)
-    report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real))
-    report.calibration = calibration_report
-    report.channels = resize_plan.to_dict() if resize_plan is not None else None
+        layer_timings = time_decisions(before, plan.replacements, timer)
+    report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real),
+                                layer_timings)
+    report.calibration = rewritten.calibration
+    report.channels = plan.resize.to_dict() if plan.resize is not None else None
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")
@@ -368,57 +350,6 @@ def _rule_config(rules: Any, overrides):
     from .rules import RuleConfig, load_rules
 
     return rules if isinstance(rules, RuleConfig) else load_rules(rules, overrides)
-
-
-def environment_label(settings) -> str:
-    """``cpu/2 threads`` or ``cuda (NVIDIA H100)``: where timings were taken, for reasons."""
-    device = settings.resolved_device()
-    if device == "cpu":
-        return f"cpu/{settings.threads or torch.get_num_threads()} threads"
-    from .measure import fingerprint
-
-    return f"{device} ({fingerprint(settings)['device_name']})"
-
-
-def _layer_timer(config, settings, batch_size, cache, progress):
-    """Per-layer timing through the on-disk cache."""
-    from .measure import LatencyCache, layer_key, time_layer
-
-    store = cache if cache is not None else LatencyCache()
-
-    def timer(conv, depth_multiplier, bn, activation):
-        key = layer_key(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
-        hit = store.get(key) if store else None
-        if hit is not None:
-            return hit
-        timing = time_layer(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
-        if store:
-            store.put(key, timing)
-            store.save()
-        return timing
-
-    timer.quiet = progress is None
-    return timer
-
-
-def measure_candidates(analysis: Analysis, config, timer) -> dict:
-    """Time every conv the rules would replace if speed were no object (a superset of the final plan)."""
-    from .plan import make_plan
-
-    relaxed = make_plan(analysis, dataclasses.replace(config, min_measured_speedup=0.0))
-    return _time_decisions(analysis, relaxed.replacements, timer)
-
-
-def _time_decisions(analysis: Analysis, decisions, timer) -> dict:
-    from .progress import Progress
-
-    convs = {c.index: c for c in analysis.convs}
-    out = {}
-    with Progress("measuring layers", len(decisions), enabled=not getattr(timer, "quiet", True)) as bar:
-        for d in decisions:
-            out[d.index] = timer(convs[d.index], d.depth_multiplier, d.bn, d.activation)
-            bar.advance(d.name)
-    return out
 
 
 def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple, settings, fold: bool,
@@ -449,7 +380,7 @@ def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple,
 
 
 def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dict[str, float],
-                       fid: dict[str, float]) -> ConversionReport:
+                       fid: dict[str, float], timings: dict) -> ConversionReport:
     after_rows: dict[str, list] = {}
     for c in after.convs:
         if c.module_name:
@@ -459,6 +390,7 @@ def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dic
         sites = [d for d in plan.replacements if d.module_name == module_name]
         new_rows = after_rows.get(module_name, [])
         block = after.trace.root.get_submodule(module_name)
+        timing = timings.get(decision.index)
         layers.append(LayerChange(
             name=module_name,
             kernel=decision.kernel,
@@ -471,8 +403,8 @@ def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dic
             macs_after=sum(c.macs for c in new_rows),
             kept_energy=kept_energy.get(module_name, 1.0),
             reason=decision.reason,
-            measured_original_s=decision.measured_original_s,
-            measured_replacement_s=decision.measured_replacement_s,
+            measured_original_s=timing.original_s if timing else decision.measured_original_s,
+            measured_replacement_s=timing.replacement_s if timing else decision.measured_replacement_s,
         ))
     notes = []
     if not layers:

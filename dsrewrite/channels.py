@@ -99,10 +99,34 @@ class ChannelGraph:
     #: atom id -> group id
     group_of: dict[int, int]
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: qualified names of the model's depthwise-separable blocks (see :meth:`key`)
+    blocks: frozenset = frozenset()
 
     def group(self, group_id: int) -> ChannelGroup:
         """The group with this id."""
         return self.groups[group_id]
+
+    def key(self, group: ChannelGroup) -> tuple[str, ...]:
+        """A name for the group that survives the separable rewrite: its member labels, sorted.
+
+        Inside a :class:`~dsrewrite.layers.DepthwiseSeparableConv2d` block ``B``, the
+        depthwise filters follow ``B``'s input channels (``B.in``), the pointwise outputs are
+        ``B.out``, and the inserted BN and the pointwise inputs follow the input channels too,
+        so they add nothing. A group of a model and the same group after some of its convs
+        were replaced therefore have the same key.
+        """
+        labels = set()
+        for label in group.members:
+            module, _, role = label.rpartition(".")
+            parent, _, part = module.rpartition(".")
+            if parent in self.blocks:
+                if part == "depthwise":
+                    labels.add(f"{parent}.in")
+                elif part == "pointwise" and role == "out":
+                    labels.add(f"{parent}.out")
+                continue
+            labels.add(label)
+        return tuple(sorted(labels))
 
     @property
     def resizable(self) -> list[ChannelGroup]:
@@ -162,10 +186,13 @@ def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> Channel
     module's channels are one frozen group each. Modules with parameters that no graph
     calls are listed in ``notes`` and frozen where known, since nothing says what they consume.
     """
+    from .layers import DepthwiseSeparableConv2d
+
     builder = _Builder(traced.root)
+    blocks = frozenset(n for n, m in traced.root.named_modules() if isinstance(m, DepthwiseSeparableConv2d))
     if traced.graph is None:
         builder.freeze_all_modules("the model could not be traced")
-        return builder.finish()
+        return dataclasses.replace(builder.finish(), blocks=blocks)
     for result in [traced, *extra]:
         for node in result.graph.nodes:
             builder.visit(node)
@@ -174,7 +201,28 @@ def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> Channel
     for result in extra:
         missing &= set(uncalled_modules(result))
     builder.freeze_uncalled(sorted(missing))
-    return builder.finish()
+    return dataclasses.replace(builder.finish(), blocks=blocks)
+
+
+def model_channel_graph(traced: TraceResult, inputs: tuple) -> ChannelGraph:
+    """:func:`channel_graph` of a profiled model, with its training-mode graph added when needed.
+
+    Layers that only training runs (auxiliary heads) are not in the eval-mode graph; when
+    some module is never called there, a copy is traced in training mode and profiled on
+    ``inputs`` (meta tensors are fine), and its ties are added.
+    """
+    import copy
+
+    from .profile import profile
+    from .trace import trace
+
+    extra = []
+    if traced.graph is not None and inputs is not None and uncalled_modules(traced):
+        training = trace(copy.deepcopy(traced.root), training=True)
+        if training.graph is not None:
+            profile(training, inputs)
+            extra.append(training)
+    return channel_graph(traced, extra)
 
 
 def uncalled_modules(traced: TraceResult) -> list[str]:

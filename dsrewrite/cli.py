@@ -141,7 +141,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
     timm:NAME, or a saved model (.pt/.pth/.pt2).
     """
     from .api import analyze_spec
-    from .plan import make_plan
+    from .plan import plan_conversion
     from .report import render_analysis
 
     ms = model_settings
@@ -151,7 +151,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 
         _emit(render_groups(analysis.channel_groups(), output_settings.format, ms.spec, show_all), output_settings)
         return
-    plan = make_plan(analysis, rule_config)
+    plan = plan_conversion(analysis, rule_config)
     text = render_analysis(analysis, output_settings.format, max_rows=None if show_all else 60, plan=plan)
     _emit(text, output_settings)
 
@@ -161,8 +161,12 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @rules_options
 @click.option("--format", "format", type=click.Choice(("table", "markdown", "json")), default="table",
               show_default=True, help="Format of what is printed (the plan, or the report when no --report).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (what would change and why); change nothing.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save the whole converted module (.pt).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (what would change and why) in --format; with -o, write it there. Change nothing.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None, metavar="PLAN.json",
+              help="Apply this saved plan (from --dry-run --format json -o PLAN.json) exactly, instead of planning.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Save the whole converted module (.pt); with --dry-run, the plan.")
 @click.option("--state-dict", type=click.Path(dir_okay=False), help="Save the converted model's state_dict (.pth).")
 @click.option("--export-code", type=click.Path(file_okay=False), metavar="DIR",
               help="Write standalone model.py + weights.pt (loadable without dsrewrite) into DIR.")
@@ -195,7 +199,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            align, width, quiet: bool) -> None:
+            align, width, quiet: bool, plan_path) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -203,7 +207,6 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     """
     from . import export
     from .api import analyze_spec, convert as convert_model
-    from .load import resolve_inputs
     from .files import write_text_atomic
     from .report import format_for_path, render_conversion, render_plan
 
@@ -226,27 +229,31 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         raise UsageError(f"--align must be a positive channel divisor such as 8, got {align}")
     if width is not None and not 0 < width <= 1:
         raise UsageError(f"--width is a multiplier between 0 and 1 (e.g. 0.75), got {width}")
-    spec_inputs = [ms.spec]
-    for path in (output, state_dict, onnx_path, report_path):
+    if plan_path:
+        ctx = click.get_current_context()
+        planning = [f"--{n.replace('_', '-')}" for n in ("rules", "overrides", "target_macs", "max_error", "align",
+                                                          "width")
+                    if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+        if planning:
+            raise UsageError(f"--plan applies a saved plan, which already holds the rules and choices; drop "
+                             f"{', '.join(planning).replace('--overrides', '--set')}")
+    spec_inputs = [ms.spec] + ([plan_path] if plan_path else [])
+    outputs = [state_dict, onnx_path, report_path] + ([] if dry_run else [output])
+    for path in outputs:
         if path:
             export.check_output_path(path, spec_inputs)
     if export_code:
         export.check_output_path(export_code, spec_inputs, "code folder")
+    if dry_run and output:
+        export.check_output_path(output, spec_inputs, "plan file")
     report_format = format_for_path(report_path) if report_path else None
     if report_format == "csv":
         raise UsageError("--report: a conversion report is .md, .json, .txt or .html")
+    saved_plan = _read_plan(plan_path) if plan_path else None
 
     say(f"analyzing {ms.spec} ...")
     analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
-    if dry_run:
-        from .api import plan_model
-
-        plan = plan_model(analysis.loaded.model, None, rule_config, analysis=analysis,
-                          progress=None if quiet else say)
-        click.echo(render_plan(plan, format), nl=False)
-        return
-    inputs = resolve_inputs(analysis.loaded, ms.input_shapes, ms.dtype)
-    say(f"converting with {rule_config.source} ...")
+    inputs = analysis.inputs
     calibration = None
     if calibrate_spec:
         from .calibrate import as_batches
@@ -256,10 +263,30 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             calibration = as_batches(load_object(calibrate_spec, "--calibrate"), calibration_batches)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
-    result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis,
-                           progress=None if quiet else say, measure=measure, batch_size=batch_size,
-                           calibration=calibration, target_macs=target_macs, max_error=max_error, align=align,
-                           width=width)
+    planning = dict(calibration=calibration, target_macs=target_macs, max_error=max_error, align=align, width=width,
+                    batch_size=batch_size, progress=None if quiet else say)
+    plan = None
+    if saved_plan is not None:
+        from .plan import load_plan
+
+        plan = load_plan(saved_plan, analysis, plan_path)
+        say(f"{plan_path} fits the model: {len(plan.replacements)} of {len(plan.decisions)} conv calls replaced")
+    elif dry_run:
+        from .api import plan_model
+
+        plan = plan_model(analysis.loaded.model, inputs, rule_config, analysis=analysis, **planning)
+    if dry_run:
+        text = render_plan(plan, format)
+        if output:
+            write_text_atomic(output, text)
+            say(f"wrote {output}")
+        else:
+            click.echo(text, nl=False)
+        return
+    if plan is None:
+        say(f"converting with {rule_config.source} ...")
+    result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis, plan=plan,
+                           measure=measure, **planning)
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)
@@ -475,6 +502,19 @@ def compare(base, head, format, top) -> None:  # noqa: A002
     from .compare import compare_files, render_comparison
 
     click.echo(render_comparison(compare_files(base, head, top), format), nl=False)
+
+
+def _read_plan(path: str):
+    """A saved plan file's JSON (its fit to the model is checked after the model is analyzed)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--plan {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"--plan {path}: not a JSON plan ({type(e).__name__}: {e})") from None
 
 
 def _emit(text: str, out: OutputSettings) -> None:

@@ -241,11 +241,22 @@ class LayerTiming:
     original_s: float
     replacement_s: float
     cached: bool = False
+    #: when it was measured (ISO 8601, UTC), and where ("cpu/2 threads", the fingerprint's short form)
+    measured_at: str | None = None
+    environment: str = ""
+    #: the depth multiplier of the block that was timed
+    depth_multiplier: int | None = None
 
     @property
     def speedup(self) -> float:
         """original / replacement (>1: the replacement is faster)."""
         return self.original_s / self.replacement_s if self.replacement_s > 0 else float("inf")
+
+    def provenance(self) -> dict[str, Any]:
+        """Where this timing came from, for a plan: fresh or cached, when, where, which block."""
+        return {"source": "cached" if self.cached else "fresh", "measured_at": self.measured_at,
+                "environment": self.environment, "depth_multiplier": self.depth_multiplier,
+                "speedup": self.speedup}
 
 
 class LatencyCache:
@@ -280,11 +291,16 @@ class LatencyCache:
     def get(self, key: str) -> LayerTiming | None:
         """A cached timing, or None."""
         e = self.entries.get(key)
-        return LayerTiming(e["original_s"], e["replacement_s"], cached=True) if e else None
+        if not e:
+            return None
+        return LayerTiming(e["original_s"], e["replacement_s"], cached=True, measured_at=e.get("measured_at"),
+                           environment=e.get("environment", ""), depth_multiplier=e.get("depth_multiplier"))
 
     def put(self, key: str, timing: LayerTiming) -> None:
         """Remember a timing (saved by :meth:`save`)."""
-        self.entries[key] = {"original_s": timing.original_s, "replacement_s": timing.replacement_s}
+        self.entries[key] = {"original_s": timing.original_s, "replacement_s": timing.replacement_s,
+                             "measured_at": timing.measured_at, "environment": timing.environment,
+                             "depth_multiplier": timing.depth_multiplier}
         self.dirty = True
 
     def save(self) -> None:
@@ -339,6 +355,18 @@ def time_layer(conv, depth_multiplier: int, bn: bool, activation: str, settings:
     if bn and fold:  # what a folded BN leaves behind: a bias on the depthwise conv
         block.depthwise.bias = nn.Parameter(torch.zeros(block.mid_channels))
     x = torch.randn(*shape)
+    import datetime
+
     t_orig = measure(original, (x,), settings).median
     t_new = measure(block, (x,), settings).median
-    return LayerTiming(t_orig, t_new)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return LayerTiming(t_orig, t_new, measured_at=when, environment=environment_label(settings),
+                       depth_multiplier=depth_multiplier)
+
+
+def environment_label(settings: MeasureSettings) -> str:
+    """``cpu/2 threads`` or ``cuda (NVIDIA H100)``: where timings were taken, for reasons."""
+    device = settings.resolved_device()
+    if device == "cpu":
+        return f"cpu/{settings.threads or torch.get_num_threads()} threads"
+    return f"{device} ({fingerprint(settings)['device_name']})"

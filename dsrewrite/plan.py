@@ -1,8 +1,16 @@
-"""Stage 4, plan: a list of decisions, one per conv call site, each with its reason.
+"""Stage 4, plan: one :class:`ConversionPlan` value that holds every decision of a conversion.
 
-Computing a plan has no side effects: it reads an :class:`~dsrewrite.api.Analysis` and a
-:class:`~dsrewrite.rules.RuleConfig` and returns a value. ``--dry-run`` prints it; the
-rewrite stage applies it.
+Per conv call site: keep or replace, with the reason and the rule that decided; for a
+replacement, the block (depth multiplier, BN, activation) and its costs; the channel
+resize (alignment / width) of every channel group; and the facts each decision used
+(measured timings with where they came from, each candidate depth multiplier's error).
+
+:func:`plan_conversion` builds it from an :class:`~dsrewrite.api.Analysis` and the
+:class:`~dsrewrite.facts.PlanFacts` that the fact-gathering step collected (timings,
+calibration errors, channel importance). It has no side effects: it reads values and
+returns one. ``convert --dry-run`` renders it; :func:`dsrewrite.rewrite.apply_plan`
+executes exactly it; :meth:`ConversionPlan.to_dict` / :func:`load_plan` save it as
+JSON and read a saved (maybe hand-edited) plan back, validated against the model.
 """
 
 from __future__ import annotations
@@ -11,8 +19,13 @@ import collections
 import dataclasses
 from typing import Any
 
+from .errors import InputError
 from .profile import ConvProfile
-from .rules import KEEP_RULES, AlignChannels, MinMeasuredSpeedup, PlanContext, ReplaceHeavyConv, RuleConfig
+from .rules import Draft, Keep, PlanContext, RuleConfig, output_positions, rules_in_order
+
+#: ``format`` and ``schema_version`` of a saved plan (``convert --dry-run --format json``).
+PLAN_FORMAT = "dsrewrite-plan"
+PLAN_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -42,6 +55,10 @@ class Decision:
     #: measured latency of the conv and of its replacement on this machine (latency-aware plans).
     measured_original_s: float | None = None
     measured_replacement_s: float | None = None
+    #: where that timing came from: {"source": "fresh"|"cached", "measured_at", "environment", "depth_multiplier"}
+    timing: dict | None = None
+    #: depth multiplier -> the error the choice was judged by (``--target-macs`` / ``--max-error``)
+    candidate_errors: dict[int, float] | None = None
 
     @property
     def measured_speedup(self) -> float | None:
@@ -58,16 +75,29 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if self.candidate_errors is not None:
+            out["candidate_errors"] = {str(k): v for k, v in self.candidate_errors.items()}
+        return out
 
 
 @dataclasses.dataclass
-class Plan:
-    """The decisions for a whole model, in network order."""
+class ConversionPlan:
+    """Everything a conversion will do, and what it was decided from (see the module docstring)."""
 
     model_name: str
     config: RuleConfig
     decisions: list[Decision]
+    #: the input shapes the model was analyzed at (a plan fits only those)
+    input_shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    #: the model's MACs before conversion
+    macs_before: int = 0
+    #: how depth multipliers were chosen: {"target_macs", "max_error", "judged_by"}, or None (rules only)
+    rank_choice: dict | None = None
+    #: the channel resize (:class:`~dsrewrite.resize.ResizePlan`) applied after the replacements, or None
+    resize: Any = None
+    #: where the timings the plan used were taken ("cpu/2 threads"), or ""
+    environment: str = ""
     #: Remarks about the plan as a whole (an unreachable MAC target, say).
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -84,67 +114,137 @@ class Plan:
             out.setdefault(d.module_name, d)
         return out
 
+    @property
+    def macs_after(self) -> int:
+        """The model's MACs once the replacements are applied (before any channel resize)."""
+        return self.macs_before - sum(d.macs_before - d.macs_after for d in self.replacements)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {"model": self.model_name, "rules": self.config.to_dict(), "replaced": len(self.replacements),
-                "decisions": [d.to_dict() for d in self.decisions], "notes": list(self.notes)}
+        """The saved-plan JSON document (``convert --dry-run --format json``; ``convert --plan`` reads it)."""
+        return {
+            "format": PLAN_FORMAT,
+            "schema_version": PLAN_VERSION,
+            "model": self.model_name,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "rules": self.config.to_dict(),
+            "rank_choice": self.rank_choice,
+            "environment": self.environment,
+            "replaced": len(self.replacements),
+            "decisions": [d.to_dict() for d in self.decisions],
+            "channels": self.resize.to_plan_dict() if self.resize is not None else None,
+            "notes": list(self.notes),
+        }
 
 
-def make_plan(analysis, config: RuleConfig, timings: dict | None = None, environment: str = "") -> Plan:
-    """Decide, for every conv call site of an analyzed model, whether to replace it.
+# ------------------------------------------------------------------------------ planning
+
+
+def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: float | None = None,
+                    max_error: float | None = None, align: int | None = None,
+                    width: float | None = None) -> ConversionPlan:
+    """The whole plan for ``analysis``'s model under ``config``, from gathered ``facts``; no side effects.
+
+    1. The rules decide per conv call site (:func:`rule_decisions`).
+    2. With ``target_macs`` (a fraction of the original MACs) or ``max_error``, each replaced
+       module's depth multiplier is chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
+    3. With ``align`` (or rule key ``align.groups``) or ``width`` (or ``align.width``), every
+       resizable channel group gets its new width and kept channels (:mod:`dsrewrite.resize`),
+       from ``facts.channels`` (and ``facts.importance`` for a width change).
+
+    ``facts`` (:class:`~dsrewrite.facts.PlanFacts`) must hold what these steps need;
+    :func:`dsrewrite.facts.gather_facts` collects exactly that.
+    """
+    from .facts import PlanFacts
+
+    facts = facts or PlanFacts()
+    decisions = rule_decisions(analysis, config, facts.timings, facts.environment)
+    plan = ConversionPlan(analysis.model_name, config, decisions, [tuple(s) for s in analysis.profile.input_shapes],
+                          analysis.profile.macs, environment=facts.environment if facts.timings else "")
+    if target_macs is not None or max_error is not None:
+        from .rank import choose_ranks
+
+        missing = [n for n in plan.modules_to_replace if n not in facts.errors]
+        if missing:
+            raise ValueError(f"no candidate errors for {missing[0]}: gather them first (dsrewrite.facts)")
+        plan = choose_ranks(plan, facts.errors, analysis.profile.macs, target_macs=target_macs, max_error=max_error,
+                            judged_by=facts.errors_from or "energy")
+    divisor = align if align is not None else config.align_divisor
+    width = width if width is not None else (config.align_width or None)
+    if align is not None or config.align_groups or width is not None:
+        from .resize import plan_resize
+
+        if facts.channels is None:
+            raise ValueError("no channel graph: gather facts with the resize settings first (dsrewrite.facts)")
+        plan.resize = plan_resize(None, facts.channels, max(divisor, 1), width, importance=facts.importance)
+    return plan
+
+
+def rule_decisions(analysis, config: RuleConfig, timings: dict | None = None,
+                   environment: str = "") -> list[Decision]:
+    """Run the config's rules, in order, on every conv call site of an analyzed model.
 
     Shares of model MACs are measured against the model *as it will be after* the planned
     replacements: replacing heavy convs shrinks the total, which raises every other conv's
-    share. The plan is therefore iterated to its fixed point (replacements only grow, so it
-    converges), and running the converter on its own output finds nothing more to do.
+    share. The decisions are therefore iterated to their fixed point (replacements only
+    grow, so it converges), and running the converter on its own output finds nothing more to do.
     """
     ctx = PlanContext(
         config=config,
         convs=analysis.convs,
-        weight_reads=_weight_reads(analysis),
+        weight_reads=weight_reads(analysis),
         root_untraced="" in analysis.profile.untraced,
         total_macs=analysis.profile.macs,
         timings=timings or {},
         environment=environment,
     )
+    rules = rules_in_order(config)
+    decisions: list[Decision] = []
     for _ in range(len(analysis.convs) + 1):
-        decisions = _consistent_per_module([_decide(conv, ctx) for conv in analysis.convs])
+        decisions = _consistent_per_module([_decide(conv, ctx, rules) for conv in analysis.convs])
         total = analysis.profile.macs - sum(d.macs_before - d.macs_after for d in decisions if d.replaced)
         if total == ctx.total_macs:
             break
         ctx = dataclasses.replace(ctx, total_macs=total)
-    return Plan(analysis.model_name, config, decisions)
+    return decisions
 
 
-def _decide(conv: ConvProfile, ctx: PlanContext) -> Decision:
-    base = dict(index=conv.index, name=conv.name, module_name=conv.module_name, kernel=conv.kernel,
+def candidate_decisions(analysis, config: RuleConfig) -> list[Decision]:
+    """What the rules would replace if speed were no object (``replace.min_measured_speedup`` off).
+
+    The latency-aware rule needs a timing for each of these before it can decide.
+    """
+    return [d for d in rule_decisions(analysis, dataclasses.replace(config, min_measured_speedup=0.0)) if d.replaced]
+
+
+def _site(conv: ConvProfile) -> dict[str, Any]:
+    return dict(index=conv.index, name=conv.name, module_name=conv.module_name, kernel=conv.kernel,
                 stride=conv.stride, in_channels=conv.in_channels, out_channels=conv.out_channels,
                 output_shape=conv.output_shape, macs_before=conv.macs, params_before=conv.params,
                 has_bias=conv.has_bias)
-    for rule in KEEP_RULES:
-        reason = rule.keep_reason(conv, ctx)
-        if reason:
-            return Decision(action="keep", rule=rule.name, reason=reason, **base)
-    c = ctx.config
-    dm = AlignChannels().depth_multiplier(conv.in_channels, c.depth_multiplier, c.align_divisor)
-    proposal, why = ReplaceHeavyConv().propose(conv, ctx, dm)
-    if proposal is None:
-        return Decision(action="keep", rule=ReplaceHeavyConv.name, reason=why, **base)
+
+
+def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:
+    base = _site(conv)
     timing = ctx.timings.get(conv.index)
     if timing is not None:
-        base.update(measured_original_s=timing.original_s, measured_replacement_s=timing.replacement_s)
-    measured_keep = MinMeasuredSpeedup().keep_reason(conv, ctx)
-    if measured_keep:
-        return Decision(action="keep", rule=MinMeasuredSpeedup.name, reason=measured_keep, **base)
-    reason = proposal.reason
-    if timing is not None:
-        reason += f", measured {timing.speedup:.2f}×"
-    if dm != c.depth_multiplier:
-        reason += f" (depth multiplier {c.depth_multiplier}→{dm} to align {conv.in_channels * dm} channels to " \
-                  f"{c.align_divisor})"
-    return Decision(action="replace", rule=ReplaceHeavyConv.name, reason=reason,
-                    depth_multiplier=dm, mid_channels=proposal.mid_channels, macs_after=proposal.macs_after,
-                    params_after=proposal.params_after, bn=c.bn, activation=c.activation, **base)
+        base.update(measured_original_s=timing.original_s, measured_replacement_s=timing.replacement_s,
+                    timing=timing.provenance())
+    c = ctx.config
+    draft: Draft | Keep = Draft(c.depth_multiplier, c.bn, c.activation)
+    last = rules[-1].name if rules else "none"
+    for rule in rules:
+        draft = rule.decide(conv, ctx, draft)
+        last = rule.name
+        if isinstance(draft, Keep):
+            return Decision(action="keep", rule=rule.name, reason=draft.reason, **base)
+    if not draft.chosen:
+        return Decision(action="keep", rule=last, reason="kept: no rule chose to replace it", **base)
+    dm = draft.depth_multiplier
+    return Decision(action="replace", rule="ReplaceHeavyConv", reason=draft.reason + "".join(draft.remarks),
+                    depth_multiplier=dm, mid_channels=conv.in_channels * dm, macs_after=draft.macs_after,
+                    params_after=draft.params_after, bn=draft.bn, activation=draft.activation, **base)
 
 
 def _consistent_per_module(decisions: list[Decision]) -> list[Decision]:
@@ -162,16 +262,19 @@ def _consistent_per_module(decisions: list[Decision]) -> list[Decision]:
         sites = by_module.get(d.module_name, [d])
         if d.replaced and not all(s.replaced for s in sites):
             keeper = next(s for s in sites if not s.replaced)
-            d = dataclasses.replace(
-                d, action="keep", rule="ConsistentModule",
-                reason=f"kept: module called at {len(sites)} sites and call {keeper.name} is {keeper.reason[6:]}",
-                depth_multiplier=None, mid_channels=None, macs_after=None, params_after=None, bn=None,
-                activation=None)
+            d = kept(d, "ConsistentModule",
+                     f"kept: module called at {len(sites)} sites and call {keeper.name} is {keeper.reason[6:]}")
         out.append(d)
     return out
 
 
-def _weight_reads(analysis) -> dict[str, list[str]]:
+def kept(d: Decision, rule: str, reason: str) -> Decision:
+    """``d`` turned into a keep decision (its block and costs cleared)."""
+    return dataclasses.replace(d, action="keep", rule=rule, reason=reason, depth_multiplier=None, mid_channels=None,
+                               macs_after=None, params_after=None, bn=None, activation=None)
+
+
+def weight_reads(analysis) -> dict[str, list[str]]:
     """Conv modules whose parameters the traced graph reads directly (``get_attr conv.weight``)."""
     graph = analysis.trace.graph
     if graph is None:
@@ -184,3 +287,125 @@ def _weight_reads(analysis) -> dict[str, list[str]]:
             if owner in modules:
                 reads[owner].append(str(node.target))
     return dict(reads)
+
+
+# ------------------------------------------------------------------------- saved plans
+
+
+def load_plan(doc: Any, analysis, where: str = "plan") -> ConversionPlan:
+    """A saved plan (the dict of :meth:`ConversionPlan.to_dict`), checked against ``analysis``'s model.
+
+    A plan is validated, not trusted: it must fit the model (same call sites, shapes and
+    widths), every replacement must be one the converter can make, and a module's call
+    sites must agree. Costs are recomputed from the model; a decision whose action was
+    edited by hand gets a reason that says so. Raises :class:`PlanMismatch` (exit 2)
+    naming the first problem.
+    """
+    from .layers import ACTIVATIONS, theoretical_costs
+    from .rules import RULES, load_rules_dict
+
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+        raise PlanMismatch(f"{where}: not a dsrewrite plan (write one with convert --dry-run --format json -o FILE)")
+    if doc.get("schema_version") != PLAN_VERSION:
+        raise PlanMismatch(f"{where}: plan schema_version {doc.get('schema_version')!r}; this dsrewrite reads "
+                           f"version {PLAN_VERSION}")
+    shapes = [tuple(s) for s in analysis.profile.input_shapes]
+    try:
+        planned_shapes = [tuple(int(v) for v in s) for s in doc["input_shapes"]]
+        rows = list(doc["decisions"])
+        config = load_rules_dict(doc.get("rules") or {}, f"{where}: rules")
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanMismatch(f"{where}: malformed plan ({type(e).__name__}: {e})") from e
+    if planned_shapes != shapes:
+        raise PlanMismatch(f"{where}: made for input shape(s) {_shapes(planned_shapes)}, but the model was analyzed "
+                           f"at {_shapes(shapes)} (pass the plan's --input-shape)")
+    convs = analysis.convs
+    if len(rows) != len(convs):
+        raise PlanMismatch(f"{where}: has {len(rows)} conv call sites, the model has {len(convs)}")
+    ctx = PlanContext(config=config, convs=convs, weight_reads=weight_reads(analysis),
+                      root_untraced="" in analysis.profile.untraced)
+    feasibility = [RULES[n] for n in ("SkipNonStandard", "SkipFunctional", "SkipUntraced", "SkipWeightReads")]
+    decisions = []
+    for row, conv in zip(rows, convs):
+        if not isinstance(row, dict):
+            raise PlanMismatch(f"{where}: decision {conv.index} is not an object")
+        _check_site(row, conv, where)
+        base = _site(conv)
+        errors = row.get("candidate_errors")
+        # the facts a decision was made from travel with it (shown, not re-checked)
+        base.update(measured_original_s=row.get("measured_original_s"),
+                    measured_replacement_s=row.get("measured_replacement_s"), timing=row.get("timing"),
+                    candidate_errors={int(k): float(v) for k, v in errors.items()} if isinstance(errors, dict)
+                    else None)
+        action = row.get("action")
+        reason = str(row.get("reason") or "")
+        if action == "keep":
+            if not reason.startswith("kept"):
+                reason = "kept: as the plan file says (edited by hand)"
+            decisions.append(Decision(action="keep", rule=str(row.get("rule") or "PlanFile"), reason=reason, **base))
+            continue
+        if action != "replace":
+            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): action must be 'replace' or 'keep', "
+                               f"got {action!r}")
+        for rule in feasibility:
+            verdict = rule.decide(conv, ctx, Draft(1, False, "none"))
+            if isinstance(verdict, Keep):
+                raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}) replaces a conv that cannot be "
+                                   f"replaced ({verdict.reason})")
+        dm, bn, act = row.get("depth_multiplier"), row.get("bn"), row.get("activation")
+        if isinstance(dm, bool) or not isinstance(dm, int) or dm < 1:
+            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): depth_multiplier must be a positive "
+                               f"integer, got {dm!r}")
+        if not isinstance(bn, bool):
+            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): bn must be true or false, got {bn!r}")
+        if act not in ACTIVATIONS:
+            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): activation must be one of "
+                               f"{', '.join(ACTIVATIONS)}, got {act!r}")
+        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, conv.kernel, output_positions(conv),
+                                         dm, bn, conv.has_bias)
+        if not reason.startswith("replaced"):
+            reason = "replaced: as the plan file says (edited by hand)"
+        decisions.append(Decision(
+            action="replace", rule=str(row.get("rule") or "PlanFile"), reason=reason, depth_multiplier=dm,
+            mid_channels=conv.in_channels * dm, macs_after=macs, params_after=params, bn=bn, activation=act, **base))
+    _check_modules_agree(decisions, where)
+    plan = ConversionPlan(analysis.model_name, config, decisions, shapes, analysis.profile.macs,
+                          rank_choice=doc.get("rank_choice"), environment=str(doc.get("environment") or ""),
+                          notes=[str(n) for n in doc.get("notes") or []])
+    if doc.get("channels") is not None:
+        from .resize import resize_plan_from_dict
+
+        plan.resize = resize_plan_from_dict(doc["channels"], analysis.channel_groups(), f"{where}: channels")
+    return plan
+
+
+class PlanMismatch(InputError):
+    """A saved plan that does not fit the model, or is malformed (exit 2)."""
+
+
+def _check_site(row: dict, conv: ConvProfile, where: str) -> None:
+    """The saved call site must be the model's: same name, geometry and shapes."""
+    checks = [("name", conv.name), ("kernel", list(conv.kernel)), ("stride", list(conv.stride)),
+              ("in_channels", conv.in_channels), ("out_channels", conv.out_channels),
+              ("output_shape", list(conv.output_shape))]
+    for key, actual in checks:
+        if row.get(key) != actual:
+            raise PlanMismatch(f"{where}: decision {conv.index} expects {key} {row.get(key)!r} but the model's conv "
+                               f"call {conv.index} ({conv.name}) has {actual!r}")
+
+
+def _check_modules_agree(decisions: list[Decision], where: str) -> None:
+    """Swapping a module changes all its call sites: they must agree on the action and the block."""
+    first: dict[str, Decision] = {}
+    for d in decisions:
+        if d.module_name is None:
+            continue
+        seen = first.setdefault(d.module_name, d)
+        if (seen.action, seen.depth_multiplier, seen.bn, seen.activation) != \
+                (d.action, d.depth_multiplier, d.bn, d.activation):
+            raise PlanMismatch(f"{where}: module {d.module_name} is called at several sites ({seen.name}, {d.name}) "
+                               "and the plan treats them differently; one module gets one block")
+
+
+def _shapes(shapes) -> str:
+    return " ".join(",".join(map(str, s)) for s in shapes) or "(none)"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import decouple, theoretical_costs
-from .plan import Decision, Plan
+from .plan import ConversionPlan, Decision, kept
 from .rules import AlignChannels
 from .trace import eval_mode
 
@@ -40,16 +40,22 @@ def candidate_ranks(decision: Decision, align_divisor: int) -> list[int]:
     return ranks or [step]
 
 
-def energy_errors(model: nn.Module, plan: Plan) -> dict[str, dict[int, float]]:
-    """``module -> {rank: 1 − kept energy}`` from the weights."""
+def energy_errors(model: nn.Module, plan: ConversionPlan) -> dict[str, dict[int, float]]:
+    """``module -> {rank: 1 − kept energy}`` from the weights (one SVD per layer answers every rank)."""
     out = {}
     for name, d in plan.modules_to_replace.items():
         weight = model.get_submodule(name).weight.detach()
-        out[name] = {r: 1.0 - decouple(weight, r)[2] for r in candidate_ranks(d, plan.config.align_divisor)}
+        c_out, c_in = weight.shape[:2]
+        slices = weight.permute(1, 0, 2, 3).reshape(c_in, c_out, -1).double()
+        energy = torch.linalg.svdvals(slices).square()  # [C_in, q], descending
+        total = float(energy.sum())
+        kept_by_rank = energy.sum(0).cumsum(0)
+        out[name] = {r: (1.0 - float(kept_by_rank[min(r, len(kept_by_rank)) - 1]) / total) if total > 0 else 0.0
+                     for r in candidate_ranks(d, plan.config.align_divisor)}
     return out
 
 
-def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -> dict[str, dict[int, float]]:
+def data_errors(model: nn.Module, plan: ConversionPlan, batches: Iterable[torch.Tensor]) -> dict[str, dict[int, float]]:
     """``module -> {rank: relative output error after the least-squares refit}`` on calibration data."""
     targets = plan.modules_to_replace
     batches = list(batches)
@@ -104,7 +110,7 @@ def data_errors(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor]) -
     return errors
 
 
-def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: int, *,
+def choose_ranks(plan: ConversionPlan, errors: dict[str, dict[int, float]], total_macs: int, *,
                  target_macs: float | None = None, max_error: float | None = None, judged_by: str = "energy") -> Plan:
     """A new plan with each replaced module's rank chosen (see the module docstring)."""
     if (target_macs is None) == (max_error is None):
@@ -131,13 +137,12 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
         if rank == "absent":
             decisions.append(d)
         elif rank is None:
-            reason = (f"kept: no rank ≤ {MAX_RANK} brings the error under {max_error:g} for fewer MACs"
+            reason = (f"kept: no depth multiplier ≤ {MAX_RANK} brings the error under {max_error:g} for fewer MACs"
                       if max_error is not None else
-                      f"kept: the dense conv is a better use of the MACs than rank ≤ {MAX_RANK} "
+                      f"kept: the dense conv is a better use of the MACs than depth multiplier ≤ {MAX_RANK} "
                       f"for ≤{target_macs:g} of the MACs")
-            decisions.append(dataclasses.replace(
-                d, action="keep", rule="ChooseRank", reason=reason,
-                depth_multiplier=None, mid_channels=None, macs_after=None, params_after=None, bn=None, activation=None))
+            decisions.append(dataclasses.replace(kept(d, "ChooseDepthMultiplier", reason),
+                                                 candidate_errors=dict(errors[d.module_name])))
         else:
             err = errors[d.module_name][rank]
             quality = f"{100 * (1 - err):.1f}% kept energy" if judged_by == "energy" else f"{word} {err:.3f}"
@@ -147,9 +152,11 @@ def choose_ranks(plan: Plan, errors: dict[str, dict[int, float]], total_macs: in
             hw = "×".join(map(str, d.output_shape[2:]))
             decisions.append(dataclasses.replace(
                 d, depth_multiplier=rank, mid_channels=d.in_channels * rank, macs_after=macs, params_after=params,
+                rule="ChooseDepthMultiplier", candidate_errors=dict(errors[d.module_name]),
                 reason=f"replaced: {k} {d.in_channels}→{d.out_channels} at {hw}, {d.macs_before / macs:.1f}× fewer "
-                       f"MACs; rank {rank} ({quality}) {why}"))
-    return Plan(plan.model_name, plan.config, decisions, plan.notes + notes)
+                       f"MACs; depth multiplier {rank} ({quality}) {why}"))
+    choice = {"target_macs": target_macs, "max_error": max_error, "judged_by": judged_by}
+    return dataclasses.replace(plan, decisions=decisions, notes=plan.notes + notes, rank_choice=choice)
 
 
 # MAC budget resolution of the allocation: costs are rounded up to 1/BUCKETS of the budget
@@ -203,11 +210,11 @@ def _spend_budget(sites: dict[str, list[Decision]], errors: dict[str, dict[int, 
     return chosen, ""
 
 
-def _site_costs(d: Decision, rank: int, plan: Plan) -> tuple[int, int]:
+def _site_costs(d: Decision, rank: int, plan: ConversionPlan) -> tuple[int, int]:
     """(MACs, params) of one call site's block at ``rank``."""
     positions = d.output_shape[0] * math.prod(d.output_shape[2:])
     return theoretical_costs(d.in_channels, d.out_channels, d.kernel, positions, rank, plan.config.bn, d.has_bias)
 
 
-def _module_macs(decisions: list[Decision], rank: int, plan: Plan) -> int:
+def _module_macs(decisions: list[Decision], rank: int, plan: ConversionPlan) -> int:
     return sum(_site_costs(d, rank, plan)[0] for d in decisions)

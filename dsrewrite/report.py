@@ -148,30 +148,60 @@ def _totals_block(doc: dict, fmt: str, markdown: bool) -> str:
 
 
 def render_plan(plan, fmt: str = "table") -> str:
-    """A plan (``convert --dry-run``): every conv's decision and its reason."""
+    """A conversion plan (``convert --dry-run``): every conv's decision, block and reason, and the channel changes.
+
+    ``json`` is the saved-plan document that ``convert --plan`` applies.
+    """
     doc = plan.to_dict()
     if fmt == "json":
         return json.dumps(doc, indent=2) + "\n"
-    tfmt = "github" if fmt == "markdown" else "simple"
-    rows = [[d["index"], d["name"], "replace" if d["action"] == "replace" else "keep",
-             f"{d['in_channels']}→{d['out_channels']}",
+    md = fmt == "markdown"
+    tfmt = "github" if md else "simple"
+    rows = [[d["index"], d["name"], d["action"], f"{d['in_channels']}→{d['out_channels']}", _block_text(d),
              format_count(d["macs_before"]),
              format_count(d["macs_after"]) if d["macs_after"] is not None else "",
              d["reason"]] for d in doc["decisions"]]
     rules = doc["rules"]
-    head = (f"# dsrewrite plan: `{doc['model']}`\n" if fmt == "markdown" else f"dsrewrite plan: {doc['model']}")
-    lines = [head, f"Rules: {rules['source']}; {doc['replaced']} of {len(rows)} conv calls would be replaced.", ""]
+    head = f"# dsrewrite plan: `{doc['model']}`\n" if md else f"dsrewrite plan: {doc['model']}"
+    shapes = " ".join("×".join(map(str, s)) for s in doc["input_shapes"])
+    lines = [head, f"Rules: {rules['source']}; input {shapes}; {doc['replaced']} of {len(rows)} conv calls "
+                   "replaced.", ""]
+    choice = doc.get("rank_choice")
+    if choice:
+        goal = (f"at most {choice['target_macs']:g} of the original MACs" if choice.get("target_macs") is not None
+                else f"error ≤ {choice['max_error']:g} per layer")
+        judged = "output error after refit on the calibration data" if choice["judged_by"] == "data" else \
+            "1 − kept SVD energy (no data)"
+        lines += [f"Depth multipliers chosen for {goal}, judged by {judged}.", ""]
+    timed = [d["timing"] for d in doc["decisions"] if d.get("timing")]
+    if timed:
+        fresh = sum(t["source"] == "fresh" for t in timed)
+        lines += [f"Timings: {len(timed)} layers measured on {doc['environment']} ({fresh} fresh, "
+                  f"{len(timed) - fresh} from the latency cache).", ""]
     if rows:
-        lines.append(tabulate(rows, headers=["#", "conv", "decision", "channels", "MACs", "MACs after", "reason"],
-                              tablefmt=tfmt, disable_numparse=True))
+        lines.append(tabulate(rows, headers=["#", "conv", "decision", "channels", "block", "MACs", "MACs after",
+                                             "reason"], tablefmt=tfmt, disable_numparse=True))
     else:
         lines.append("This model has no convolutions.")
-    before = sum(d["macs_before"] for d in doc["decisions"])
-    after = sum(d["macs_after"] if d["macs_after"] is not None else d["macs_before"] for d in doc["decisions"])
-    if before:
-        lines += ["", f"Conv MACs {format_count(before)} → {format_count(after)} MACs "
-                      f"({before / after:.2f}× fewer) if applied."]
+    before, after = doc["macs_before"], doc["macs_after"]
+    if before and any(d["macs_before"] for d in doc["decisions"]):
+        lines += ["", f"Model MACs {format_count(before)} → {format_count(after)} MACs "
+                      f"({before / after:.2f}× fewer) from the replacements" +
+                      (", before the channel changes below." if doc["channels"] else ".")]
+    if plan.resize is not None:
+        lines += [""] + _channel_section(plan.resize.to_dict(), md, tfmt)
+    for note in doc["notes"]:
+        lines.append(f"Note: {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _block_text(d: dict) -> str:
+    """``dw×2 → BN → relu → pw`` for a replacement, empty for a kept conv."""
+    if d["action"] != "replace":
+        return ""
+    parts = [f"dw×{d['depth_multiplier']}"] + (["BN"] if d["bn"] else []) + \
+        ([d["activation"]] if d["activation"] != "none" else []) + ["pw"]
+    return " → ".join(parts)
 
 
 # -------------------------------------------------------------------------- conversions
@@ -185,7 +215,7 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
         return render_conversion_html(report, plan)
     doc = report.to_dict()
     if fmt == "json":
-        doc["plan"] = [d.to_dict() for d in plan.decisions]
+        doc["plan"] = plan.to_dict()
         return json.dumps(doc, indent=2) + "\n"
     md = fmt == "markdown"
     tfmt = "github" if md else "simple"
@@ -248,7 +278,7 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
                         if c["measured_speedup"] is not None else "-",
                         f"{c['measured_speedup']:.2f}×" if c["measured_speedup"] is not None else "-"]
             rows.append(row)
-        headers = ["conv", "kernel", "channels", "rank", "params", "MACs", "theoretical speedup", "kept energy"]
+        headers = ["conv", "kernel", "channels", "depth multiplier", "params", "MACs", "theoretical speedup", "kept energy"]
         if measured:
             headers += ["measured latency", "measured speedup"]
         out += [("## " if md else "") + "Replaced layers",

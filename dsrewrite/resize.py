@@ -39,6 +39,8 @@ class GroupChange:
     keep: list[int]
     reason: str
     producers: list[str]
+    #: the group's key (:meth:`~dsrewrite.channels.ChannelGraph.key`): how a saved plan finds it again
+    members: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -73,15 +75,31 @@ class ResizePlan:
         return [c for c in self.changes if c.changed]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict (the report's summary: changed groups, without kept indices)."""
         return {"divisor": self.divisor, "width": self.width, "exact": self.exact,
                 "changed": [c.to_dict() for c in self.changed],
                 "unchanged": len(self.changes) - len(self.changed),
                 "frozen": [{"group": g, "width": w, "reasons": r} for g, w, r in self.frozen]}
 
+    def to_plan_dict(self) -> dict[str, Any]:
+        """Everything :func:`apply_resize` needs, for a saved plan: every resizable group's change.
 
-def plan_resize(model: nn.Module, channels: ChannelGraph, divisor: int = 8, width: float | None = None) -> ResizePlan:
-    """Each resizable group's new width (see the module docstring); changes nothing."""
+        ``keep`` is null when every old channel stays in order (alignment), else the kept indices.
+        """
+        groups = [{"group": c.group, "members": list(c.members), "old_width": c.old_width, "new_width": c.new_width,
+                   "keep": None if c.keep == list(range(c.old_width)) else list(c.keep), "reason": c.reason,
+                   "producers": list(c.producers)} for c in self.changes]
+        return {"divisor": self.divisor, "width": self.width, "exact": self.exact, "groups": groups,
+                "frozen": [{"group": g, "width": w, "reasons": r} for g, w, r in self.frozen]}
+
+
+def plan_resize(model: nn.Module | None, channels: ChannelGraph, divisor: int = 8, width: float | None = None,
+                importance: dict[int, Any] | None = None) -> ResizePlan:
+    """Each resizable group's new width (see the module docstring); changes nothing.
+
+    Which channels a shrinking group keeps is decided by ``importance`` (group id -> one
+    score per channel, :func:`group_importance`); without it, it is computed from ``model``.
+    """
     if divisor < 1:
         raise ValueError(f"the channel divisor must be at least 1, got {divisor}")
     if width is not None and not width > 0:
@@ -100,16 +118,20 @@ def plan_resize(model: nn.Module, channels: ChannelGraph, divisor: int = 8, widt
             new = make_divisible(old * width, divisor, min_value=divisor)
             reason = f"width ×{width:g} → make_divisible({old * width:g}, {divisor})"
         if new < old:
-            importance = _importance(model, channels, group.id)
-            keep = sorted(torch.topk(importance, new).indices.tolist())
+            scores = importance.get(group.id) if importance else None
+            if scores is None:
+                if model is None:
+                    raise ValueError(f"no channel importance for group {group.id}: give the model or importance")
+                scores = group_importance(model, channels, group.id)
+            keep = sorted(torch.topk(torch.as_tensor(scores, dtype=torch.float64), new).indices.tolist())
             reason += f"; kept the {new} channels with the largest filter L1 norm"
         else:
             keep = list(range(old))
-        changes.append(GroupChange(group.id, old, new, keep, reason, group.producers))
+        changes.append(GroupChange(group.id, old, new, keep, reason, group.producers, channels.key(group)))
     return ResizePlan(divisor, width, changes, frozen)
 
 
-def _importance(model: nn.Module, channels: ChannelGraph, group_id: int) -> torch.Tensor:
+def group_importance(model: nn.Module, channels: ChannelGraph, group_id: int) -> torch.Tensor:
     """L1 norm of each channel's producing filters, summed over the group's producers.
 
     A producer's outputs may span several groups (a conv whose outputs are added to a
@@ -139,9 +161,62 @@ def member_tensor(model: nn.Module, member: Member, name: str) -> torch.Tensor:
 _FILL = {"running_var": 1.0, ("features", "weight"): 1.0}
 
 
+def resize_plan_from_dict(doc: Any, channels: ChannelGraph, where: str) -> ResizePlan:
+    """A saved plan's channel section, checked against the model's channel graph (groups found by key)."""
+    from .plan import PlanMismatch
+
+    by_key = {channels.key(g): g for g in channels.groups}
+    try:
+        divisor, width = int(doc["divisor"]), doc.get("width")
+        entries = list(doc["groups"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanMismatch(f"{where}: malformed ({type(e).__name__}: {e})") from e
+    changes = []
+    for entry in entries:
+        key = tuple(sorted(entry.get("members") or ()))
+        group = by_key.get(key)
+        shown = ", ".join(key[:3]) + (", …" if len(key) > 3 else "")
+        if group is None:
+            raise PlanMismatch(f"{where}: the model has no channel group with members {shown}")
+        old, new, keep = entry.get("old_width"), entry.get("new_width"), entry.get("keep")
+        if old != group.width:
+            raise PlanMismatch(f"{where}: group {shown} is {group.width} channels wide in the model, the plan says "
+                               f"{old!r}")
+        if not group.resizable:
+            raise PlanMismatch(f"{where}: group {shown} cannot be resized ({'; '.join(group.frozen) or 'no producer'})")
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise PlanMismatch(f"{where}: group {shown}: new_width must be a positive integer, got {new!r}")
+        if keep is None:
+            keep = list(range(min(old, new)))
+        if (not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep)
+                or keep != sorted(set(keep)) or (keep and not 0 <= keep[0] <= keep[-1] < old) or len(keep) > new):
+            raise PlanMismatch(f"{where}: group {shown}: keep must be increasing channel indices below {old}, at most "
+                               f"new_width ({new}) of them")
+        if new < old and len(keep) != new:
+            raise PlanMismatch(f"{where}: group {shown} shrinks to {new} channels but keeps {len(keep)}")
+        changes.append(GroupChange(group.id, old, new, keep, str(entry.get("reason") or "as the plan file says"),
+                                   list(group.producers), key))
+    frozen = [(g.id, g.width, g.frozen or ["no conv or Linear produces these channels"])
+              for g in channels.groups if not g.resizable and g.members]
+    return ResizePlan(divisor, width if isinstance(width, (int, float)) else None, changes, frozen)
+
+
 def apply_resize(model: nn.Module, channels: ChannelGraph, plan: ResizePlan) -> nn.Module:
-    """Resize ``model`` in place according to ``plan`` and return it (callers pass a copy)."""
-    change_of = {c.group: c for c in plan.changed}
+    """Resize ``model`` in place according to ``plan`` and return it (callers pass a copy).
+
+    ``channels`` is ``model``'s own channel graph; the plan's groups are found in it by key,
+    so a plan made on the model before its separable rewrite applies to the rewritten one.
+    """
+    from .errors import InputError
+
+    by_key = {channels.key(g): g for g in channels.groups}
+    change_of = {}
+    for change in plan.changed:
+        group = by_key.get(tuple(change.members)) if change.members else channels.group(change.group)
+        if group is None or group.width != change.old_width or not group.resizable:
+            raise InputError(f"the planned change of channel group {', '.join(change.members[:3])} does not fit the "
+                             "model it is applied to")
+        change_of[group.id] = change
     if not change_of:
         return model
     atom_change = {atom: change_of.get(channels.group_of[atom]) for atom in channels.group_of}

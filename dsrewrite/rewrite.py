@@ -1,12 +1,18 @@
-"""Stage 5, rewrite: apply a plan to a copy of the model.
+"""Stage 5, rewrite: execute a :class:`~dsrewrite.plan.ConversionPlan` on a copy of the model.
 
-Each replaced conv module is swapped, under its own qualified name, for a
-:class:`~dsrewrite.layers.DepthwiseSeparableConv2d` initialized from its weights. The
-traced graph calls modules by those names (``call_module`` targets), so swapping the module
-rewrites every call site of the graph at once and consistently, and it works the same for
-models torch.fx cannot trace. The result is the user's own model class, with its methods and
-``state_dict`` layout intact apart from the replaced convs. Only this stage mutates, and
-only the copy.
+In a fixed order, and nothing but what the plan says:
+
+1. each replaced conv module is swapped, under its own qualified name, for a
+   :class:`~dsrewrite.layers.DepthwiseSeparableConv2d` of the planned depth multiplier,
+   BN and activation, initialized from its weights. The traced graph calls modules by
+   those names (``call_module`` targets), so swapping the module rewrites every call site
+   at once, and it works the same for models torch.fx cannot trace;
+2. with calibration data, every block is refit on it (:func:`dsrewrite.calibrate`);
+3. the planned channel resize (alignment / width) is applied to the result's channel
+   groups, found again by key (:meth:`~dsrewrite.channels.ChannelGraph.key`).
+
+The result is the user's own model class, with its methods and ``state_dict`` layout
+intact apart from the changed layers. The user's model is never touched: only the copy is.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import InputError
 from .layers import DepthwiseSeparableConv2d
-from .plan import Plan
+from .plan import ConversionPlan
 
 
 @dataclasses.dataclass
@@ -30,6 +36,10 @@ class RewriteResult:
     model: nn.Module
     #: conv module name -> fraction of ‖W‖² the SVD truncation keeps.
     kept_energy: dict[str, float]
+    #: fidelity before/after calibration (:meth:`~dsrewrite.calibrate.CalibrationReport.to_dict`), or None
+    calibration: dict | None = None
+    #: the channel resize as applied (group ids of the rewritten model's graph), or None
+    resize: object = None
 
 
 def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
@@ -46,8 +56,38 @@ def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
     return tuple(out)
 
 
-def apply_plan(model: nn.Module, plan: Plan, inputs: tuple) -> RewriteResult:
-    """Return a copy of ``model`` with every planned conv replaced (``model`` is not touched)."""
+def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibration: list | None = None,
+               progress=None) -> RewriteResult:
+    """A copy of ``model`` with ``plan`` executed on it (see the module docstring); ``model`` is not touched.
+
+    ``inputs`` are real example tensors (:func:`real_inputs`): they place each inserted BN in
+    its activation's linear range. ``calibration`` is a list of input batches, or None.
+    """
+    say = progress or (lambda message: None)
+    say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
+    result = _swap_blocks(model, plan, inputs)
+    if calibration and plan.modules_to_replace:
+        from .calibrate import calibrate
+
+        say(f"calibrating on {sum(x.shape[0] for x in calibration)} samples ...")
+        result.calibration = calibrate(result.model, model, calibration, progress=progress is not None).to_dict()
+    if plan.resize is not None:
+        result.resize = plan.resize
+        if plan.resize.changed:
+            from .channels import model_channel_graph
+            from .profile import profile
+            from .resize import apply_resize
+            from .trace import trace
+
+            say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
+            meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+            traced = trace(result.model)
+            profile(traced, meta)
+            apply_resize(result.model, model_channel_graph(traced, meta), plan.resize)
+    return result
+
+
+def _swap_blocks(model: nn.Module, plan: ConversionPlan, inputs: tuple) -> RewriteResult:
     targets = plan.modules_to_replace
     new = copy.deepcopy(model)
     if not targets:

@@ -1,8 +1,8 @@
 """Rules: small named objects that decide, per conv, whether to keep it or replace it.
 
-A rule has one job and a declared contract. Keep-rules return the reason to keep a conv
-(or None to let it pass); :class:`ReplaceHeavyConv` is the only rule that proposes a
-replacement, and :class:`AlignChannels` adjusts what a replacement creates. Rules read
+A rule has one job, a name and a declared contract (:class:`Rule`): given a conv and the
+block drafted for it so far, it returns the draft (changed or not) or :class:`Keep` with
+the reason. A preset lists the rules it runs, in order (``plan.rules``). Rules read
 :class:`~dsrewrite.profile.ConvProfile` rows and the traced graph; they never touch a model.
 
 Their thresholds come from a :class:`RuleConfig`, loaded from a preset in the top-level
@@ -80,6 +80,10 @@ class RuleConfig:
     measure_repeats: int = 10
     #: [measure.warmup] untimed runs before timing.
     measure_warmup: int = 3
+    #: [plan.rules] the rules planning runs, in order (see dsrewrite.rules.RULES).
+    rules: tuple[str, ...] = (
+        "SkipNonStandard", "SkipFunctional", "SkipUntraced", "SkipWeightReads", "KeepStem", "KeepDownsampling",
+        "AlignChannels", "ReplaceHeavyConv", "MinMeasuredSpeedup")
 
     def measure_settings(self):
         """The :class:`~dsrewrite.measure.MeasureSettings` the ``[measure]`` keys describe."""
@@ -122,6 +126,7 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "measure.fold_bn": ("measure_fold_bn", bool),
     "measure.repeats": ("measure_repeats", int),
     "measure.warmup": ("measure_warmup", int),
+    "plan.rules": ("rules", "rules"),
 }
 _CHOICES = {
     "block.activation": ("relu", "relu6", "none"),
@@ -152,6 +157,22 @@ def load_rules(spec: str | Path | None = "default", overrides: list[str] | tuple
             raise ConfigError(f"--set expects key=value (e.g. replace.min_in_channels=128), got {item!r}")
         config = _apply(config, {key.strip(): _parse_value(raw.strip())}, "--set")
     return config
+
+
+def load_rules_dict(doc: dict[str, Any], where: str) -> RuleConfig:
+    """A :class:`RuleConfig` back from :meth:`RuleConfig.to_dict` (a saved plan's ``rules``), checked key by key."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a table of rules sections, got {doc!r}")
+    flat: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section in ("preset", "source"):
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: unknown key {section!r}")
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    config = _apply(RuleConfig(), flat, where)
+    return dataclasses.replace(config, preset=str(doc.get("preset", "custom")), source=str(doc.get("source", where)))
 
 
 def _preset(name: str, depth: int) -> RuleConfig:
@@ -220,6 +241,15 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
                                                   for v in value):
             raise bad
         return tuple(value)
+    if expected == "rules":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        unknown = [v for v in value if v not in RULES]
+        if unknown:
+            raise ConfigError(f"{where}: {key}: unknown rule {unknown[0]!r}; known rules: {', '.join(RULES)}")
+        if "ReplaceHeavyConv" not in value:
+            raise ConfigError(f"{where}: {key} must include ReplaceHeavyConv (the rule that chooses to replace)")
+        return tuple(value)
     if not isinstance(value, str):
         raise bad
     if key in _CHOICES and value not in _CHOICES[key]:
@@ -231,7 +261,8 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
 
 def _type_word(t: type) -> str:
     return {bool: "true or false", int: "a non-negative integer", float: "a non-negative number",
-            list: "a list of kernel sizes such as [3, 5]", str: "a string"}[t]
+            list: "a list of kernel sizes such as [3, 5]", str: "a string",
+            "rules": "a list of rule names such as [\"KeepStem\", \"ReplaceHeavyConv\"]"}[t]
 
 
 def _parse_value(raw: str) -> Any:
@@ -267,14 +298,52 @@ class PlanContext:
         return conv.macs / self.total_macs if self.total_macs else conv.macs_share
 
 
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """The block a conv would get, as the rules have shaped it so far.
+
+    Every conv starts with the configured block (``block.*`` keys) and no costs; a rule
+    that chooses to replace (:class:`ReplaceHeavyConv`) costs it and gives the reason.
+    A conv whose draft reaches the end of the rule list costed is replaced.
+    """
+
+    depth_multiplier: int
+    bn: bool
+    activation: str
+    macs_after: int | None = None
+    params_after: int | None = None
+    #: the reason to replace ("replaced: ..."), set by the rule that chose to
+    reason: str = ""
+    #: remarks later rules add to the reason (an aligned multiplier, a measured speedup)
+    remarks: tuple[str, ...] = ()
+
+    @property
+    def chosen(self) -> bool:
+        """Whether a rule has chosen to replace the conv (and costed the block)."""
+        return self.macs_after is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """A rule's verdict: keep the conv standard, for this reason (``kept: ...``)."""
+
+    reason: str
+
+
 class Rule:
-    """A keep-rule: returns the reason to keep a conv standard, or None to let it pass."""
+    """One step of planning: look at a conv and the draft block, return the draft (maybe changed) or :class:`Keep`.
+
+    Every rule has a ``name`` (used in presets' ``plan.rules`` lists and in each decision)
+    and declares ``preserves_computation``: True when the rule never changes what the model
+    computes (it only keeps convs, or changes nothing a forward pass can see). A test runs
+    every rule that declares it on real models and checks the outputs are unchanged.
+    """
 
     name: ClassVar[str] = "Rule"
-    #: Whether applying this rule's change leaves the model's outputs exactly unchanged.
     preserves_computation: ClassVar[bool] = True
 
-    def keep_reason(self, conv: ConvProfile, ctx: PlanContext) -> str | None:  # pragma: no cover - interface
+    def decide(self, conv: ConvProfile, ctx: PlanContext, draft: Draft) -> Draft | Keep:  # pragma: no cover
+        """The draft to pass on, or :class:`Keep` with the reason."""
         raise NotImplementedError
 
 
@@ -283,14 +352,14 @@ class SkipNonStandard(Rule):
 
     name = "SkipNonStandard"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         if conv.kind == "transposed":
-            return "kept: transposed conv"
+            return Keep("kept: transposed conv")
         if conv.kind != "standard":
-            return f"kept: already {conv.kind}"
+            return Keep(f"kept: already {conv.kind}")
         if len(conv.kernel) != 2:
-            return f"kept: Conv{len(conv.kernel)}d (only 2-D convs are rewritten)"
-        return None
+            return Keep(f"kept: Conv{len(conv.kernel)}d (only 2-D convs are rewritten)")
+        return draft
 
 
 class SkipFunctional(Rule):
@@ -298,10 +367,10 @@ class SkipFunctional(Rule):
 
     name = "SkipFunctional"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         if conv.module_name is None:
-            return "kept: functional F.conv call (not convertible; write it as an nn.Conv2d module)"
-        return None
+            return Keep("kept: functional F.conv call (not convertible; write it as an nn.Conv2d module)")
+        return draft
 
 
 class SkipUntraced(Rule):
@@ -309,10 +378,10 @@ class SkipUntraced(Rule):
 
     name = "SkipUntraced"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         if not conv.traced and not ctx.root_untraced:
-            return "kept: inside an untraced block"
-        return None
+            return Keep("kept: inside an untraced block")
+        return draft
 
 
 class SkipWeightReads(Rule):
@@ -320,11 +389,11 @@ class SkipWeightReads(Rule):
 
     name = "SkipWeightReads"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         reads = ctx.weight_reads.get(conv.module_name or "")
         if reads:
-            return f"kept: the model reads {', '.join(reads)} directly"
-        return None
+            return Keep(f"kept: the model reads {', '.join(reads)} directly")
+        return draft
 
 
 class KeepStem(Rule):
@@ -332,13 +401,13 @@ class KeepStem(Rule):
 
     name = "KeepStem"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         c = ctx.config
         if conv.index < c.keep_first_convs:
-            return "kept: stem conv" if conv.index == 0 else f"kept: among the first {c.keep_first_convs} convs"
+            return Keep("kept: stem conv" if conv.index == 0 else f"kept: among the first {c.keep_first_convs} convs")
         if conv.depth_fraction < c.keep_first_depth_fraction:
-            return f"kept: early layer (depth {conv.depth_fraction:.2f} < {c.keep_first_depth_fraction:g})"
-        return None
+            return Keep(f"kept: early layer (depth {conv.depth_fraction:.2f} < {c.keep_first_depth_fraction:g})")
+        return draft
 
 
 class KeepDownsampling(Rule):
@@ -346,89 +415,32 @@ class KeepDownsampling(Rule):
 
     name = "KeepDownsampling"
 
-    def keep_reason(self, conv, ctx):
+    def decide(self, conv, ctx, draft):
         if ctx.config.keep_downsampling and conv.downsamples:
-            return f"kept: downsampling, stride {'×'.join(map(str, conv.stride))}"
-        return None
+            return Keep(f"kept: downsampling, stride {'×'.join(map(str, conv.stride))}")
+        return draft
 
 
-KEEP_RULES: list[Rule] = [SkipNonStandard(), SkipFunctional(), SkipUntraced(), SkipWeightReads(),
-                          KeepStem(), KeepDownsampling()]
-
-
-@dataclasses.dataclass
-class Proposal:
-    """What a replacement would create."""
-
-    depth_multiplier: int
-    mid_channels: int
-    macs_after: int
-    params_after: int
-    reason: str
-
-
-class ReplaceHeavyConv:
-    """Replace deep, heavy K×K convs with depthwise K×K + pointwise 1×1, if it pays enough."""
-
-    name = "ReplaceHeavyConv"
-    preserves_computation = False
-
-    def propose(self, conv: ConvProfile, ctx: PlanContext, depth_multiplier: int) -> tuple[Proposal | None, str]:
-        """A proposal, or None and the reason to keep."""
-        from .layers import theoretical_costs
-
-        c = ctx.config
-        k = conv.kernel
-        if k[0] != k[1] or k[0] not in c.kernel_sizes:
-            return None, f"kept: kernel {'×'.join(map(str, k))} not in replace.kernel_sizes {list(c.kernel_sizes)}"
-        if conv.in_channels < c.min_in_channels:
-            return None, f"kept: {conv.in_channels} input channels < replace.min_in_channels {c.min_in_channels}"
-        share = ctx.macs_share(conv)
-        if share < c.min_macs_share:
-            return None, (f"kept: {100 * share:.2f}% of model MACs < replace.min_macs_share "
-                          f"{100 * c.min_macs_share:g}%")
-        positions = conv.output_shape[0] * math.prod(conv.output_shape[2:]) if len(conv.output_shape) == 4 else \
-            math.prod(conv.output_shape[1:])
-        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, k, positions, depth_multiplier,
-                                         c.bn, conv.has_bias)
-        reduction = conv.macs / macs if macs else float("inf")
-        if reduction < c.min_mac_reduction:
-            return None, f"kept: only {reduction:.1f}× fewer MACs < replace.min_mac_reduction {c.min_mac_reduction:g}×"
-        hw = "×".join(map(str, conv.output_shape[2:]))
-        reason = (f"replaced: {k[0]}×{k[1]} {conv.in_channels}→{conv.out_channels} at {hw}, "
-                  f"{reduction:.1f}× fewer MACs")
-        return Proposal(depth_multiplier, conv.in_channels * depth_multiplier, macs, params, reason), ""
-
-
-class MinMeasuredSpeedup:
-    """Replace only if the block measured at least ``replace.min_measured_speedup`` times faster here."""
-
-    name = "MinMeasuredSpeedup"
-    preserves_computation = True  # it only ever keeps convs
-
-    def keep_reason(self, conv: ConvProfile, ctx: PlanContext) -> str | None:
-        """The reason to keep a proposed replacement, or None."""
-        threshold = ctx.config.min_measured_speedup
-        if threshold <= 0:
-            return None
-        timing = ctx.timings.get(conv.index)
-        if timing is None:
-            return "kept: no latency measurement for this layer"
-        if timing.speedup < threshold:
-            return f"kept: measured {timing.speedup:.2f}× on {ctx.environment}, below {threshold:g}×"
-        return None
-
-
-class AlignChannels:
-    """Make the channel count a replacement creates (C_in × depth multiplier) a multiple of the divisor.
+class AlignChannels(Rule):
+    """Make the channel count a replacement creates (C_in × depth multiplier) a multiple of ``align.divisor``.
 
     The depthwise conv's output count must be a multiple of C_in, so alignment raises the
     depth multiplier to the smallest value whose C_in × multiplier is divisible; the
-    model's external widths are left to channel alignment of the whole graph.
+    model's external widths are left to channel alignment of the whole graph. It changes
+    only the block a later rule may choose, never a model by itself.
     """
 
     name = "AlignChannels"
     preserves_computation = True
+
+    def decide(self, conv, ctx, draft):
+        c = ctx.config
+        dm = self.depth_multiplier(conv.in_channels, draft.depth_multiplier, c.align_divisor)
+        if dm == draft.depth_multiplier:
+            return draft
+        remark = (f" (depth multiplier {draft.depth_multiplier}→{dm} to align {conv.in_channels * dm} channels to "
+                  f"{c.align_divisor})")
+        return dataclasses.replace(draft, depth_multiplier=dm, remarks=draft.remarks + (remark,))
 
     def depth_multiplier(self, in_channels: int, depth_multiplier: int, divisor: int) -> int:
         """The aligned depth multiplier (≥ the requested one)."""
@@ -436,3 +448,67 @@ class AlignChannels:
             return depth_multiplier
         step = divisor // math.gcd(in_channels, divisor)
         return -(-depth_multiplier // step) * step
+
+
+class ReplaceHeavyConv(Rule):
+    """Replace deep, heavy K×K convs with depthwise K×K + pointwise 1×1, if it pays enough."""
+
+    name = "ReplaceHeavyConv"
+    preserves_computation = False
+
+    def decide(self, conv, ctx, draft):
+        from .layers import theoretical_costs
+
+        c = ctx.config
+        k = conv.kernel
+        if k[0] != k[1] or k[0] not in c.kernel_sizes:
+            return Keep(f"kept: kernel {'×'.join(map(str, k))} not in replace.kernel_sizes {list(c.kernel_sizes)}")
+        if conv.in_channels < c.min_in_channels:
+            return Keep(f"kept: {conv.in_channels} input channels < replace.min_in_channels {c.min_in_channels}")
+        share = ctx.macs_share(conv)
+        if share < c.min_macs_share:
+            return Keep(f"kept: {100 * share:.2f}% of model MACs < replace.min_macs_share {100 * c.min_macs_share:g}%")
+        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, k, output_positions(conv),
+                                         draft.depth_multiplier, draft.bn, conv.has_bias)
+        reduction = conv.macs / macs if macs else float("inf")
+        if reduction < c.min_mac_reduction:
+            return Keep(f"kept: only {reduction:.1f}× fewer MACs < replace.min_mac_reduction {c.min_mac_reduction:g}×")
+        hw = "×".join(map(str, conv.output_shape[2:]))
+        reason = f"replaced: {k[0]}×{k[1]} {conv.in_channels}→{conv.out_channels} at {hw}, {reduction:.1f}× fewer MACs"
+        return dataclasses.replace(draft, macs_after=macs, params_after=params, reason=reason)
+
+
+class MinMeasuredSpeedup(Rule):
+    """Replace only if the block measured at least ``replace.min_measured_speedup`` times faster here."""
+
+    name = "MinMeasuredSpeedup"
+    preserves_computation = True  # it only ever keeps convs
+
+    def decide(self, conv, ctx, draft):
+        threshold = ctx.config.min_measured_speedup
+        if threshold <= 0 or not draft.chosen:
+            return draft
+        timing = ctx.timings.get(conv.index)
+        if timing is None:
+            return Keep("kept: no latency measurement for this layer")
+        if timing.speedup < threshold:
+            return Keep(f"kept: measured {timing.speedup:.2f}× on {ctx.environment}, below {threshold:g}×")
+        return dataclasses.replace(draft, remarks=draft.remarks + (f", measured {timing.speedup:.2f}×",))
+
+
+#: Every rule by name, in the order the built-in presets run them.
+RULES: dict[str, Rule] = {r.name: r for r in (
+    SkipNonStandard(), SkipFunctional(), SkipUntraced(), SkipWeightReads(), KeepStem(), KeepDownsampling(),
+    AlignChannels(), ReplaceHeavyConv(), MinMeasuredSpeedup())}
+DEFAULT_ORDER: tuple[str, ...] = tuple(RULES)
+
+
+def rules_in_order(config: RuleConfig) -> list[Rule]:
+    """The rules ``config.rules`` names, in its order."""
+    return [RULES[name] for name in config.rules]
+
+
+def output_positions(conv: ConvProfile) -> int:
+    """Output positions of a conv call (batch × spatial), what a per-position cost is multiplied by."""
+    shape = conv.output_shape
+    return shape[0] * math.prod(shape[2:]) if len(shape) >= 3 else math.prod(shape[1:])

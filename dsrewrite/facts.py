@@ -1,0 +1,109 @@
+"""Between profile and plan: gather the facts a plan is decided from.
+
+Planning itself is pure (:func:`dsrewrite.plan.plan_conversion`); what it needs that is not
+in the analysis is collected here, where side effects belong:
+
+* **timings** of each candidate conv against its block on this machine, for the
+  latency-aware rule (``replace.min_measured_speedup``) — read from and written to the
+  on-disk latency cache, each one marked fresh or cached;
+* **candidate errors** of every depth multiplier for each replaceable module, for
+  ``--target-macs`` / ``--max-error`` — from the weights (kept SVD energy) or, with
+  calibration data, from one pass over the data;
+* the **channel graph** (and, for a width change, each channel's importance) for
+  ``--align`` / ``--width``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from .plan import ConversionPlan, candidate_decisions, rule_decisions
+from .rules import RuleConfig
+
+
+@dataclasses.dataclass
+class PlanFacts:
+    """What :func:`~dsrewrite.plan.plan_conversion` decides from, besides the analysis and the rules."""
+
+    #: conv index -> :class:`~dsrewrite.measure.LayerTiming` (latency-aware rule)
+    timings: dict[int, Any] = dataclasses.field(default_factory=dict)
+    #: where the timings were taken ("cpu/2 threads")
+    environment: str = ""
+    #: conv module -> {depth multiplier: error} (rank choice)
+    errors: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    #: "data" (calibration batches) or "energy" (weights only), or None
+    errors_from: str | None = None
+    #: the model's channel graph (resize), or None
+    channels: Any = None
+    #: group id -> one importance score per channel (width changes)
+    importance: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
+                 calibration: list | None = None, target_macs: float | None = None, max_error: float | None = None,
+                 align: int | None = None, width: float | None = None, settings=None, batch_size: int | None = None,
+                 cache=None, progress: Callable[[str], None] | None = None) -> PlanFacts:
+    """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings."""
+    from .measure import environment_label
+
+    say = progress or (lambda message: None)
+    facts = PlanFacts()
+    if config.min_measured_speedup > 0:
+        settings = settings or config.measure_settings()
+        timer = timer or layer_timer(config, settings, batch_size, cache, progress)
+        facts.timings = time_decisions(analysis, candidate_decisions(analysis, config), timer)
+        facts.environment = environment_label(settings)
+    if target_macs is not None or max_error is not None:
+        from .rank import data_errors, energy_errors
+
+        say("judging each candidate depth multiplier ...")
+        candidates = ConversionPlan(analysis.model_name, config,
+                                    rule_decisions(analysis, config, facts.timings, facts.environment))
+        facts.errors = data_errors(model, candidates, calibration) if calibration else energy_errors(model, candidates)
+        facts.errors_from = "data" if calibration else "energy"
+    width = width if width is not None else (config.align_width or None)
+    if align is not None or config.align_groups or width is not None:
+        from .resize import group_importance
+
+        facts.channels = analysis.channel_groups()
+        if width is not None:
+            facts.importance = {g.id: group_importance(model, facts.channels, g.id).tolist()
+                                for g in facts.channels.resizable}
+    return facts
+
+
+def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cache=None, progress=None) -> Callable:
+    """``timer(conv, depth_multiplier, bn, activation) -> LayerTiming``, through the on-disk cache."""
+    from .measure import LatencyCache, layer_key, time_layer
+
+    store = cache if cache is not None else LatencyCache()
+
+    def timer(conv, depth_multiplier, bn, activation):
+        key = layer_key(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        hit = store.get(key) if store else None
+        if hit is not None:
+            return hit
+        timing = time_layer(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        if store:
+            store.put(key, timing)
+            store.save()
+        return timing
+
+    timer.quiet = progress is None
+    return timer
+
+
+def time_decisions(analysis, decisions, timer) -> dict:
+    """conv index -> timing of each decision's conv against its block (with a progress bar)."""
+    from .progress import Progress
+
+    convs = {c.index: c for c in analysis.convs}
+    out = {}
+    with Progress("measuring layers", len(decisions), enabled=not getattr(timer, "quiet", True)) as bar:
+        for d in decisions:
+            out[d.index] = timer(convs[d.index], d.depth_multiplier, d.bn, d.activation)
+            bar.advance(d.name)
+    return out
