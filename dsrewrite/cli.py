@@ -245,6 +245,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     if export_code:
         export.check_output_path(export_code, spec_inputs, "code folder")
     if dry_run and output:
+        if not output.lower().endswith((".json", ".md", ".txt")):
+            raise UsageError(f"with --dry-run, -o writes the plan (.json, .md or .txt), not a model: {output}")
         export.check_output_path(output, spec_inputs, "plan file")
     report_format = format_for_path(report_path) if report_path else None
     if report_format == "csv":

@@ -201,10 +201,13 @@ def test_broken_config_is_exit_2(tmp_path, monkeypatch):
 
 
 def test_convert_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
-    r = run("convert", EXAMPLE, "--dry-run", "-o", tmp_path / "out.pt")
+    r = run("convert", EXAMPLE, "--dry-run")
     assert r.exit_code == 0, r.output
     assert "kept: stem conv" in r.output and "replaced: 3×3 256→256 at 14×14, 8.7× fewer MACs" in r.output
-    assert "13 of 20 conv calls would be replaced" in r.output
+    assert "13 of 20 conv calls replaced" in r.output and "dw×1 → BN → relu → pw" in r.output
+    # with --dry-run, -o names the plan file: a model file's name is refused, nothing is written
+    r = run("convert", EXAMPLE, "--dry-run", "-o", tmp_path / "out.pt")
+    assert r.exit_code == 2 and "-o writes the plan" in r.output
     assert not (tmp_path / "out.pt").exists()
     doc = json.loads(run("convert", EXAMPLE, "--dry-run", "--format", "json").stdout)
     assert doc["replaced"] == 13 and doc["rules"]["preset"] == "default"

@@ -254,7 +254,7 @@ def test_rank_choice_meets_a_mac_target_and_an_error_bound():
             if fixed + sum(dense[n] if r is None else _module_macs(sites[n], r, plan) for n, r in zip(names, combo))
             <= target * total)
         assert _summed_error(chosen, data) == pytest.approx(best, abs=1e-9)
-    assert "rank" in tight.replacements[0].reason and "output error after refit" in tight.replacements[0].reason
+    assert "depth multiplier" in tight.replacements[0].reason and "output error after refit" in tight.replacements[0].reason
     bounded = choose_ranks(plan, energy, total, max_error=0.3)
     for d in bounded.replacements:
         assert energy[d.module_name][d.depth_multiplier] <= 0.3
