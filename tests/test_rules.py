@@ -237,3 +237,52 @@ def test_from_conv_reproduces_the_conv(bn, activation):
         z = block.bn(block.depthwise(x))
         assert float(z.min()) >= 0 and float(z.max()) <= 6
     assert "DepthwiseSeparableConv2d" in repr(block) and "depthwise" in repr(block)
+
+
+# ----------------------------------------------------- rules that declare preserves_computation
+
+from dsrewrite.rules import RULES, RuleConfig  # noqa: E402
+
+PRESERVING = [name for name, rule in RULES.items() if rule.preserves_computation]
+_zoo = {}
+
+
+def _zoo_model(name):
+    if name not in _zoo:
+        import torchvision
+
+        torch.manual_seed(0)
+        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+        for m in model.modules():  # non-trivial BN statistics, so a non-neutral change would show
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        _zoo[name] = (model, dsrewrite.analyze(model, (2, 3, 64, 64)))
+    return _zoo[name]
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "googlenet", "densenet121"])
+@pytest.mark.parametrize("rule", PRESERVING)
+def test_rules_that_preserve_computation_do(model_name, rule):
+    """Every rule declaring preserves_computation, run as the whole rule list (with exact channel alignment to 24
+    on top), leaves the model's outputs unchanged."""
+    from dsrewrite.facts import PlanFacts
+    from dsrewrite.plan import plan_conversion
+    from dsrewrite.rewrite import apply_plan
+
+    model, analysis = _zoo_model(model_name)
+    assert RULES[rule].preserves_computation
+    config = RuleConfig(rules=(rule,), keep_first_convs=0, keep_first_depth_fraction=0.0, keep_downsampling=False,
+                        min_in_channels=0, min_macs_share=0.0, min_mac_reduction=0.0, min_measured_speedup=1.0)
+    plan = plan_conversion(analysis, config, PlanFacts(channels=analysis.channel_groups()), align=24)
+    assert plan.resize.exact and plan.resize.changed, "alignment to 24 pads every torchvision width"
+    x = torch.randn(2, 3, 64, 64)
+    converted = apply_plan(model, plan, (x,)).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_replacing_rule_does_not_claim_to_preserve():
+    assert not RULES["ReplaceHeavyConv"].preserves_computation
+    assert "ReplaceHeavyConv" not in PRESERVING and len(PRESERVING) == len(RULES) - 1
