@@ -89,15 +89,21 @@ def analyze(
     *,
     dtype: torch.dtype | None = None,
     name: str | None = None,
+    costs: dict | None = None,
 ) -> Analysis:
     """Trace and profile ``model`` on ``example_inputs`` without running real arithmetic.
 
     ``example_inputs`` is a tensor, a tuple of tensors, or a shape tuple such as
     ``(1, 3, 224, 224)``; only shapes and dtypes are used. Default: one 1×3×224×224 input.
+    ``costs`` adds or overrides cost handlers for this analysis only: ``{aten op: handler}``,
+    ``None`` for an op free on purpose, or ``(handler, kind)`` (see :mod:`dsrewrite.costs`).
     """
+    from .costs import CostTable
+
     inputs = _inputs_from(example_inputs, dtype)
     traced = trace(model)
-    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype), traced, inputs=inputs)
+    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype, CostTable(costs)), traced,
+                    inputs=inputs)
 
 
 def analyze_spec(

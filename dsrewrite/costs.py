@@ -102,22 +102,63 @@ def sdpa_macs(call: OpCall) -> float:
 #: (or ``F.linear``) are reported as ``linear`` by the profiler.
 OP_KINDS: dict[Any, str] = {}
 
+#: The default table: what every analysis starts from (``analyze(..., costs=...)`` adds to a copy).
 COST_HANDLERS: dict[Any, CostHandler | None] = {}
 
 
+class CostTable:
+    """The cost handlers one analysis uses: the defaults plus that analysis's own overrides.
+
+    ``overrides`` maps an aten op (packet or overload) to a handler, ``None`` (free on
+    purpose), or ``(handler, kind)``. Nothing here is process-global: two analyses with
+    different overrides do not see each other's.
+    """
+
+    def __init__(self, overrides: dict | None = None):
+        self.handlers = dict(COST_HANDLERS)
+        self.kinds = dict(OP_KINDS)
+        for op, value in (overrides or {}).items():
+            handler, kind = value if isinstance(value, tuple) else (value, "other")
+            _put(self.handlers, self.kinds, op, handler, kind)
+
+    def handler_for(self, func) -> tuple[bool, CostHandler | None]:
+        """``(known, handler)`` for a dispatched op: known is False when the op is unsupported."""
+        packet = func.overloadpacket
+        if packet in self.handlers:
+            return True, self.handlers[packet]
+        if is_cost_free(func):
+            return True, None
+        # An in-place variant (hardswish_) costs what its functional op (hardswish) costs.
+        name = packet.__name__
+        if torch.Tag.inplace in func.tags and name.endswith("_") and hasattr(aten, name[:-1]):
+            functional = getattr(aten, name[:-1])
+            overload = getattr(functional, func._overloadname, None) or functional.default
+            return self.handler_for(overload)
+        return False, None
+
+    def op_kind(self, func) -> str:
+        """The op-kind column (conv / matmul / other) of a MAC-bearing op."""
+        return self.kinds.get(func.overloadpacket, "other")
+
+
+def _put(handlers: dict, kinds: dict, op, handler, kind: str) -> None:
+    key = getattr(op, "overloadpacket", op)
+    handlers[key] = handler
+    if handler is None:
+        kinds.pop(key, None)
+    else:
+        kinds[key] = kind
+
+
 def set_op_handle(op, handler: CostHandler | None, kind: str = "other") -> None:
-    """Register (or replace) the cost handler of an aten op.
+    """Register (or replace) the cost handler of an aten op in the *default* table (every later analysis).
 
     ``op`` is an ``OpOverloadPacket`` (``torch.ops.aten.mm``) or an ``OpOverload``
     (``torch.ops.aten.mm.default``); ``handler=None`` declares the op free of MACs.
     ``kind`` is the column its MACs are reported under (conv / linear / matmul / other).
+    For one analysis only, pass ``costs={op: handler}`` to :func:`dsrewrite.analyze`.
     """
-    key = getattr(op, "overloadpacket", op)
-    COST_HANDLERS[key] = handler
-    if handler is None:
-        OP_KINDS.pop(key, None)
-    else:
-        OP_KINDS[key] = kind
+    _put(COST_HANDLERS, OP_KINDS, op, handler, kind)
 
 
 def _register_defaults() -> None:
@@ -183,22 +224,6 @@ def _register_defaults() -> None:
 _register_defaults()
 
 
-def handler_for(func) -> tuple[bool, CostHandler | None]:
-    """``(known, handler)`` for a dispatched op: known is False when the op is unsupported."""
-    packet = func.overloadpacket
-    if packet in COST_HANDLERS:
-        return True, COST_HANDLERS[packet]
-    if is_cost_free(func):
-        return True, None
-    # An in-place variant (hardswish_) costs what its functional op (hardswish) costs.
-    name = packet.__name__
-    if torch.Tag.inplace in func.tags and name.endswith("_") and hasattr(aten, name[:-1]):
-        functional = getattr(aten, name[:-1])
-        overload = getattr(functional, func._overloadname, None) or functional.default
-        return handler_for(overload)
-    return False, None
-
-
 def is_cost_free(func) -> bool:
     """Pointwise, view and metadata ops carry no MACs by this convention."""
     tags = func.tags
@@ -208,8 +233,3 @@ def is_cost_free(func) -> bool:
         or torch.Tag.inplace_view in tags
         or func.namespace == "prim"
     )
-
-
-def op_kind(func) -> str:
-    """The op-kind column (conv / matmul / other) of a MAC-bearing op."""
-    return OP_KINDS.get(func.overloadpacket, "other")

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .costs import OpCall, handler_for, op_kind
+from .costs import CostTable, OpCall
 from .errors import InputError
 from .trace import TraceResult, eval_mode
 
@@ -133,8 +133,14 @@ def classify_conv(groups: int, in_channels: int, out_channels: int, kernel: tupl
     return "standard"
 
 
-def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None) -> ModelProfile:
-    """Propagate shapes and costs through a traced model (see module docstring)."""
+def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None,
+            costs: CostTable | None = None) -> ModelProfile:
+    """Propagate shapes and costs through a traced model (see module docstring).
+
+    ``costs`` is the cost-handler table to price ops with (default: :class:`~dsrewrite.costs.CostTable`
+    of the defaults).
+    """
+    costs = costs or CostTable()
     model = traced.root
     notes: list[str] = []
     can_meta = not isinstance(model, torch.jit.ScriptModule)
@@ -143,10 +149,10 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
     with eval_mode(model), torch.no_grad():
         if can_meta:
             try:
-                return _profile_once(traced, inputs, dtype, meta=True, notes=notes)
+                return _profile_once(traced, inputs, dtype, meta=True, notes=notes, costs=costs)
             except _NeedsRealForward as e:
                 notes.append(f"profiled with one real forward: meta propagation failed at {e.where}: {e.reason}")
-        return _profile_once(traced, inputs, dtype, meta=False, notes=notes)
+        return _profile_once(traced, inputs, dtype, meta=False, notes=notes, costs=costs)
 
 
 class _NeedsRealForward(Exception):
@@ -192,7 +198,8 @@ def _real_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: list[str]) -> ModelProfile:
+def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: list[str],
+                  costs: CostTable) -> ModelProfile:
     model = traced.root
     if meta:
         run_inputs = tuple(_as_meta(x) for x in inputs)
@@ -201,7 +208,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
         run_inputs = tuple(_as_real(x) for x in inputs)
         state = contextlib.nullcontext(_real_names(model))
     with state as tensor_names:
-        counter = _Counter(model, tensor_names, meta, traced.untraced)
+        counter = _Counter(model, tensor_names, meta, traced.untraced, costs)
         counter.input_desc = ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
         with counter.hooks(), counter:
             if traced.graph is not None:
@@ -308,8 +315,10 @@ class _Counter(TorchDispatchMode):
         # torch._dynamo (over a second). This mode never runs under torch.compile.
         return False
 
-    def __init__(self, model: nn.Module, tensor_names: dict[int, str], meta: bool, untraced: dict[str, str]):
+    def __init__(self, model: nn.Module, tensor_names: dict[int, str], meta: bool, untraced: dict[str, str],
+                 costs: CostTable):
         super().__init__()
+        self.costs = costs
         self.model = model
         self.tensor_names = tensor_names
         self.meta = meta
@@ -402,7 +411,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = self._compute(func, args, kwargs)
-        known, handler = handler_for(func)
+        known, handler = self.costs.handler_for(func)
         if not known:
             entry = self.unsupported.setdefault(str(func.overloadpacket), {"calls": 0, "where": self._where()})
             entry["calls"] += 1
@@ -421,7 +430,7 @@ class _Counter(TorchDispatchMode):
 
     def _record(self, func, handler, args, kwargs, out) -> None:
         macs = int(handler(OpCall(func, args, kwargs, out)))
-        kind = op_kind(func)
+        kind = self.costs.op_kind(func)
         linear_module = self._linear_module()
         if kind == "matmul" and linear_module is not None:
             kind = "linear"

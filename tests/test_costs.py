@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from dsrewrite.costs import OpCall, handler_for
+from dsrewrite.costs import CostTable, OpCall
+
+handler_for = CostTable().handler_for
 
 aten = torch.ops.aten
 

@@ -141,13 +141,15 @@ def test_op_without_handler_is_listed_not_silently_zero():
 
 def test_custom_handler_overrides_and_is_counted():
     op = torch.ops.aten._fft_r2c
-    try:
-        dsrewrite.set_op_handle(op, lambda call: 1000, kind="other")
-        a = dsrewrite.analyze(WithFFT(), (1, 3, 8, 8))
-        assert a.profile.unsupported_ops == {}
-        assert a.profile.by_kind["other"].macs == 1000
-    finally:
-        dsrewrite.COST_HANDLERS.pop(op, None)
+    a = dsrewrite.analyze(WithFFT(), (1, 3, 8, 8), costs={op: (lambda call: 1000, "other")})
+    assert a.profile.unsupported_ops == {}
+    assert a.profile.by_kind["other"].macs == 1000
+    # the override belonged to that analysis only: the next one reports the op as unsupported again
+    assert any("fft" in k for k in dsrewrite.analyze(WithFFT(), (1, 3, 8, 8)).profile.unsupported_ops)
+    assert op not in dsrewrite.COST_HANDLERS
+    # None: free on purpose, neither counted nor unsupported
+    free = dsrewrite.analyze(WithFFT(), (1, 3, 8, 8), costs={op: None})
+    assert free.profile.unsupported_ops == {} and free.profile.by_kind["other"].macs == 0
 
 
 def test_data_dependent_shapes_fall_back_to_one_real_forward():
