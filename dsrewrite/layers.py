@@ -103,8 +103,7 @@ def decouple(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     where kept energy is the fraction of ``‖W‖²`` the truncation keeps.
     """
     c_out, c_in, kh, kw = weight.shape
-    slices = weight.permute(1, 0, 2, 3).reshape(c_in, c_out, kh * kw).to(torch.float64)
-    u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # u [C_in, C_out, q], s [C_in, q], vh [C_in, q, K²]
+    u, s, vh = torch.linalg.svd(channel_slices(weight), full_matrices=False)  # u [C_in, C_out, q], s [C_in, q], vh [C_in, q, K²]
     q = s.shape[1]
     r = min(rank, q)
     root = s[:, :r].sqrt()
@@ -112,10 +111,21 @@ def decouple(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     pointwise = torch.zeros(c_out, c_in, rank, dtype=torch.float64, device=weight.device)
     depthwise[:, :r] = vh[:, :r] * root.unsqueeze(-1)
     pointwise[:, :, :r] = (u[:, :, :r] * root.unsqueeze(1)).permute(1, 0, 2)
-    total = float((s**2).sum())
-    energy = float((s[:, :r] ** 2).sum()) / total if total > 0 else 1.0
+    energy = kept_energy(s, r)
     return (depthwise.reshape(c_in * rank, 1, kh, kw).to(weight.dtype),
             pointwise.reshape(c_out, c_in * rank).to(weight.dtype), energy)
+
+
+def channel_slices(weight: torch.Tensor) -> torch.Tensor:
+    """``[C_in, C_out, K²]`` float64: per input channel, the C_out × K² slice that :func:`decouple` factors."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(1, 0, 2, 3).reshape(c_in, c_out, -1).to(torch.float64)
+
+
+def kept_energy(singular_values: torch.Tensor, rank: int) -> float:
+    """Share of ``‖W‖²`` the top-``rank`` components of every slice keep (``singular_values`` [C_in, q])."""
+    total = float(singular_values.square().sum())
+    return float(singular_values[:, :rank].square().sum()) / total if total > 0 else 1.0
 
 
 def set_linear_range(block: DepthwiseSeparableConv2d, lo, hi, mean, var, activation: str):

@@ -233,14 +233,13 @@ def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:
                     timing=timing.provenance())
     c = ctx.config
     draft: Draft | Keep = Draft(c.depth_multiplier, c.bn, c.activation)
-    last = rules[-1].name if rules else "none"
     for rule in rules:
         draft = rule.decide(conv, ctx, draft)
-        last = rule.name
         if isinstance(draft, Keep):
             return Decision(action="keep", rule=rule.name, reason=draft.reason, **base)
     if not draft.chosen:
-        return Decision(action="keep", rule=last, reason="kept: no rule chose to replace it", **base)
+        return Decision(action="keep", rule=rules[-1].name if rules else "none",
+                        reason="kept: no rule chose to replace it", **base)
     dm = draft.depth_multiplier
     return Decision(action="replace", rule="ReplaceHeavyConv", reason=draft.reason + "".join(draft.remarks),
                     depth_multiplier=dm, mid_channels=conv.in_channels * dm, macs_after=draft.macs_after,

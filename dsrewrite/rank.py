@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import decouple, theoretical_costs
+from .layers import channel_slices, decouple, kept_energy, theoretical_costs
 from .plan import ConversionPlan, Decision, kept
-from .rules import AlignChannels
+from .rules import AlignChannels, output_positions
 from .trace import eval_mode
 
 MAX_RANK = 4
@@ -44,14 +44,8 @@ def energy_errors(model: nn.Module, plan: ConversionPlan) -> dict[str, dict[int,
     """``module -> {rank: 1 − kept energy}`` from the weights (one SVD per layer answers every rank)."""
     out = {}
     for name, d in plan.modules_to_replace.items():
-        weight = model.get_submodule(name).weight.detach()
-        c_out, c_in = weight.shape[:2]
-        slices = weight.permute(1, 0, 2, 3).reshape(c_in, c_out, -1).double()
-        energy = torch.linalg.svdvals(slices).square()  # [C_in, q], descending
-        total = float(energy.sum())
-        kept_by_rank = energy.sum(0).cumsum(0)
-        out[name] = {r: (1.0 - float(kept_by_rank[min(r, len(kept_by_rank)) - 1]) / total) if total > 0 else 0.0
-                     for r in candidate_ranks(d, plan.config.align_divisor)}
+        s = torch.linalg.svdvals(channel_slices(model.get_submodule(name).weight.detach()))
+        out[name] = {r: 1.0 - kept_energy(s, r) for r in candidate_ranks(d, plan.config.align_divisor)}
     return out
 
 
@@ -111,7 +105,7 @@ def data_errors(model: nn.Module, plan: ConversionPlan, batches: Iterable[torch.
 
 
 def choose_ranks(plan: ConversionPlan, errors: dict[str, dict[int, float]], total_macs: int, *,
-                 target_macs: float | None = None, max_error: float | None = None, judged_by: str = "energy") -> Plan:
+                 target_macs: float | None = None, max_error: float | None = None, judged_by: str = "energy") -> ConversionPlan:
     """A new plan with each replaced module's rank chosen (see the module docstring)."""
     if (target_macs is None) == (max_error is None):
         raise ValueError("give exactly one of target_macs and max_error")
@@ -212,8 +206,8 @@ def _spend_budget(sites: dict[str, list[Decision]], errors: dict[str, dict[int, 
 
 def _site_costs(d: Decision, rank: int, plan: ConversionPlan) -> tuple[int, int]:
     """(MACs, params) of one call site's block at ``rank``."""
-    positions = d.output_shape[0] * math.prod(d.output_shape[2:])
-    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, positions, rank, plan.config.bn, d.has_bias)
+    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, output_positions(d), rank, plan.config.bn,
+                             d.has_bias)
 
 
 def _module_macs(decisions: list[Decision], rank: int, plan: ConversionPlan) -> int:

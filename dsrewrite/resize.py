@@ -104,11 +104,9 @@ def plan_resize(model: nn.Module | None, channels: ChannelGraph, divisor: int = 
         raise ValueError(f"the channel divisor must be at least 1, got {divisor}")
     if width is not None and not width > 0:
         raise ValueError(f"the width multiplier must be positive, got {width}")
-    changes, frozen = [], []
+    changes = []
     for group in channels.groups:
         if not group.resizable:
-            if group.members:
-                frozen.append((group.id, group.width, group.frozen or ["no conv or Linear produces these channels"]))
             continue
         old = group.width
         if width is None:
@@ -128,7 +126,7 @@ def plan_resize(model: nn.Module | None, channels: ChannelGraph, divisor: int = 
         else:
             keep = list(range(old))
         changes.append(GroupChange(group.id, old, new, keep, reason, group.producers, channels.key(group)))
-    return ResizePlan(divisor, width, changes, frozen)
+    return ResizePlan(divisor, width, changes, _frozen(channels))
 
 
 def group_importance(model: nn.Module, channels: ChannelGraph, group_id: int) -> torch.Tensor:
@@ -196,9 +194,13 @@ def resize_plan_from_dict(doc: Any, channels: ChannelGraph, where: str) -> Resiz
             raise PlanMismatch(f"{where}: group {shown} shrinks to {new} channels but keeps {len(keep)}")
         changes.append(GroupChange(group.id, old, new, keep, str(entry.get("reason") or "as the plan file says"),
                                    list(group.producers), key))
-    frozen = [(g.id, g.width, g.frozen or ["no conv or Linear produces these channels"])
-              for g in channels.groups if not g.resizable and g.members]
-    return ResizePlan(divisor, width if isinstance(width, (int, float)) else None, changes, frozen)
+    return ResizePlan(divisor, width if isinstance(width, (int, float)) else None, changes, _frozen(channels))
+
+
+def _frozen(channels: ChannelGraph) -> list[tuple[int, int, list[str]]]:
+    """The groups with members that cannot be resized: (group id, width, reasons)."""
+    return [(g.id, g.width, g.frozen or ["no conv or Linear produces these channels"])
+            for g in channels.groups if not g.resizable and g.members]
 
 
 def apply_resize(model: nn.Module, channels: ChannelGraph, plan: ResizePlan) -> nn.Module:

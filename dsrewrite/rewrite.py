@@ -38,8 +38,6 @@ class RewriteResult:
     kept_energy: dict[str, float]
     #: fidelity before/after calibration (:meth:`~dsrewrite.calibrate.CalibrationReport.to_dict`), or None
     calibration: dict | None = None
-    #: the channel resize as applied (group ids of the rewritten model's graph), or None
-    resize: object = None
 
 
 def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
@@ -71,19 +69,17 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
 
         say(f"calibrating on {sum(x.shape[0] for x in calibration)} samples ...")
         result.calibration = calibrate(result.model, model, calibration, progress=progress is not None).to_dict()
-    if plan.resize is not None:
-        result.resize = plan.resize
-        if plan.resize.changed:
-            from .channels import model_channel_graph
-            from .profile import profile
-            from .resize import apply_resize
-            from .trace import trace
+    if plan.resize is not None and plan.resize.changed:
+        from .channels import model_channel_graph
+        from .profile import profile
+        from .resize import apply_resize
+        from .trace import trace
 
-            say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
-            meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-            traced = trace(result.model)
-            profile(traced, meta)
-            apply_resize(result.model, model_channel_graph(traced, meta), plan.resize)
+        say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
+        meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+        traced = trace(result.model)
+        profile(traced, meta)
+        apply_resize(result.model, model_channel_graph(traced, meta), plan.resize)
     return result
 
 
