@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import DepthwiseSeparableConv2d, decouple, set_linear_range
-from .progress import Progress
+from .progress import Progress, heartbeat
 from .trace import eval_mode
 
 
@@ -444,6 +444,7 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
         full = torch.einsum("cjk,ocj->cko", depthwise.reshape(c_in, rank, taps),
                             pointwise.reshape(-1, c_in, rank)).reshape(c_in * taps, -1)
         for i, x in enumerate(data):
+            heartbeat(f"joint fit round {round_ + 1}: batch {i + 1}/{len(data)}")
             inp = _capture(converted, block, x, "input")
             y = _capture(original, conv, x, "output")
             rows = _patches(block, inp).double()
@@ -461,7 +462,8 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
         patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
         mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
         cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
-        for _ in range(iterations):
+        for it in range(iterations):
+            heartbeat(f"joint fit: alternation {it + 1}/{iterations}")
             # pointwise half-step: features h = D x and a constant 1
             gram = torch.empty(mid + 1, mid + 1, dtype=torch.float64)
             gram[:mid, :mid] = torch.einsum("ik,ikj->ij", depthwise, torch.einsum("ikjl,jl->ikj", patch, depthwise))
@@ -493,7 +495,8 @@ def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv:
     solution = prior
     for round_ in range(GATED_ROUNDS if gate is not None else 1):
         cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
-        for x in data:
+        for i, x in enumerate(data):
+            heartbeat(f"pointwise refit: batch {i + 1}/{len(data)}")
             h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
             y = _capture(original, conv, x, "output")
             hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()

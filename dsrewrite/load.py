@@ -130,7 +130,7 @@ def _load_zoo(zoo: str, name: str, kwargs: dict, spec: str) -> LoadedModel:
             raise ModelLoadError(f"{spec}: timm has no model {name!r}{_did_you_mean(name, available)}")
         build = lambda: lib.create_model(name, pretrained=False, **kwargs)  # noqa: E731
         factory = None
-    model = _call_factory(build, f"{zoo} {name}()")
+    model = _call_factory(build, f"{zoo} {name}()", kwargs, factory)
     file, line = _source_of(factory or type(model))
     return LoadedModel(model, spec, None, file, line)
 
@@ -259,23 +259,76 @@ def _materialize(obj, kwargs: dict, where: str, spec: str) -> LoadedModel:
         model = obj
         file, line = _source_of(type(obj))
     elif callable(obj):
-        model = _call_factory(lambda: obj(**kwargs), f"{where}()")
+        model = _call_factory(lambda: obj(**kwargs), f"{_factory_name(obj, where)}()", kwargs, obj)
         file, line = _source_of(obj)
     else:
         raise ModelLoadError(f"{where} is a {type(obj).__name__}, not a model, a class or a factory")
     return LoadedModel(model, spec, None, file, line)
 
 
-def _call_factory(build: Callable[[], Any], what: str) -> nn.Module:
+#: Seed of the random initialization of models built by a factory, so that two runs on an
+#: untrained model (and the fidelity numbers they report) agree.
+INIT_SEED = 0
+
+
+def _call_factory(build: Callable[[], Any], what: str, kwargs: dict | None = None, factory=None) -> nn.Module:
+    """Build a model with the global RNG seeded (:data:`INIT_SEED`) and left as it was afterwards.
+
+    A failure names the factory and, when ``--arg`` values were given, the argument that
+    does not fit its signature or its default's type.
+    """
+    kwargs = kwargs or {}
+    problem = _argument_problem(factory, kwargs) if factory is not None else None
+    if problem:
+        raise ModelLoadError(f"{what}: {problem}")
     try:
-        model = build()
-    except TypeError as e:
-        raise ModelLoadError(f"calling {what} failed: {e} (pass arguments with --arg key=value)") from e
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            model = build()
     except Exception as e:
-        raise ModelLoadError(f"calling {what} raised {type(e).__name__}: {e}") from e
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        call = f"{what[:-2]}({given})" if given and what.endswith("()") else what
+        hint = (f"; check the --arg values ({', '.join(f'{k} is a {type(v).__name__}' for k, v in kwargs.items())})"
+                if kwargs else " (pass arguments with --arg key=value)" if isinstance(e, TypeError) else "")
+        raise ModelLoadError(f"calling {call} raised {type(e).__name__}: {e}{hint}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{what} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _argument_problem(factory, kwargs: dict) -> str | None:
+    """Why ``kwargs`` cannot be passed to ``factory``, from its signature (None if they can, or if unknown)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    params = sig.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key, value in kwargs.items():
+        if key not in params:
+            if takes_any:
+                continue
+            return (f"--arg {key}=...: the factory takes no argument {key!r}"
+                    f"{_did_you_mean(key, named)} (it takes: {', '.join(named) or 'nothing'})")
+        default = params[key].default
+        if default is inspect.Parameter.empty or default is None or value is None:
+            continue
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                isinstance(default, (int, float)) and not isinstance(value, (int, float))):
+            return (f"--arg {key}={value!r}: expected {_a(type(default).__name__)} like its default "
+                    f"({key}={default!r}), got {_a(type(value).__name__)}")
+    return None
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _factory_name(obj, where: str) -> str:
+    """``examples/resnet.py:build_model`` for a factory found in a file without a :NAME."""
+    name = getattr(obj, "__name__", None)
+    return where if not name or where.endswith(f":{name}") else f"{where}:{name}"
 
 
 def _source_of(obj) -> tuple[str | None, int | None]:
