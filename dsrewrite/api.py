@@ -141,6 +141,9 @@ class LayerChange:
     #: measured latency of the original conv and of the block (first call site), when measured.
     measured_original_s: float | None = None
     measured_replacement_s: float | None = None
+    #: where the layer timing came from (:meth:`~dsrewrite.measure.LayerTiming.provenance`): fresh or
+    #: cached, when, on which machine, and its spread
+    timing: dict[str, Any] | None = None
 
     @property
     def theoretical_speedup(self) -> float:
@@ -182,6 +185,10 @@ class ConversionReport:
     calibration: dict[str, Any] | None = None
     #: Channel-group alignment / width changes (:meth:`dsrewrite.resize.ResizePlan.to_dict`), or None.
     channels: dict[str, Any] | None = None
+    #: what ``fidelity`` was measured on: "random" (seeded N(0, 1) inputs) or "example" (the model's own)
+    fidelity_inputs: str = "random"
+    #: what chose the replacements: "measured latency" (a latency-aware rule set) or "MACs"
+    chosen_by: str = "MACs"
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -202,6 +209,8 @@ class ConversionReport:
             "conv_calls": self.conv_calls,
             "layers": [layer.to_dict() for layer in self.layers],
             "fidelity": self.fidelity,
+            "fidelity_inputs": self.fidelity_inputs,
+            "chosen_by": self.chosen_by,
             "measurement": self.measurement,
             "calibration": self.calibration,
             "channels": self.channels,
@@ -344,11 +353,14 @@ def convert(
                                 layer_timings)
     report.calibration = rewritten.calibration
     report.channels = plan.resize.to_dict() if plan.resize is not None else None
+    report.fidelity_inputs = "random" if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs) else "example"
+    report.chosen_by = "measured latency" if config.min_measured_speedup > 0 else "MACs"
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")
         report.measurement = measure_end_to_end(model, rewritten.model, real, settings, config.measure_fold_bn,
                                                 batch_size, report.ratios()["macs"])
+        report.measurement["breakdown"] = time_breakdown(report.measurement, layer_timings)
     return ConversionResult(rewritten.model, plan, report, before, after)
 
 
@@ -385,6 +397,33 @@ def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple,
     }
 
 
+def time_breakdown(measurement: dict[str, Any], layer_timings: dict) -> dict[str, Any] | None:
+    """Where the end-to-end time goes: the replaced convs (timed one by one) and everything else.
+
+    ``predicted_speedup`` is what the end-to-end speedup would be if only the replaced convs
+    changed, by their own measured speedups (Amdahl's law); the gap to the measured speedup
+    is what the layers do together (caches, memory format changes, fusion) that they do not alone.
+    """
+    if not layer_timings:
+        return None
+    total_before = measurement["before"]["median_s"]
+    total_after = measurement["after"]["median_s"]
+    conv_before = sum(t.original_s for t in layer_timings.values())
+    conv_after = sum(t.replacement_s for t in layer_timings.values())
+    rest = max(total_before - conv_before, 0.0)
+    predicted_after = rest + conv_after
+    return {
+        "replaced_calls": len(layer_timings),
+        "replaced_before_s": conv_before,
+        "replaced_after_s": conv_after,
+        "rest_before_s": rest,
+        "rest_after_s": max(total_after - conv_after, 0.0),
+        "replaced_share_before": conv_before / total_before if total_before else None,
+        "predicted_speedup": total_before / predicted_after if predicted_after else None,
+        "cached_layers": sum(1 for t in layer_timings.values() if t.cached),
+    }
+
+
 def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dict[str, float],
                        fid: dict[str, float], timings: dict) -> ConversionReport:
     after_rows: dict[str, list] = {}
@@ -411,6 +450,7 @@ def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dic
             reason=decision.reason,
             measured_original_s=timing.original_s if timing else decision.measured_original_s,
             measured_replacement_s=timing.replacement_s if timing else decision.measured_replacement_s,
+            timing=(timing.provenance() if timing else decision.timing),
         ))
     notes = []
     if not layers:

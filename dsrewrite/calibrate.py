@@ -56,6 +56,8 @@ class CalibrationReport:
     batches: int
     samples: int
     depthwise_refit: int = 0
+    #: samples kept out of the fit; ``before``/``after`` are measured on them (0: on the fit data)
+    held_out_samples: int = 0
 
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,9 +85,27 @@ def as_batches(data: Iterable, max_batches: int | None = None) -> list[torch.Ten
 MAX_JOINT_UNKNOWNS = 4608
 
 
+def split_held_out(data: list[torch.Tensor], fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(fit, held out): the last ``fraction`` of the samples (at least one, whole batches or a
+    batch's tail) are kept out of the fit; with a single sample nothing is held out."""
+    total = sum(x.shape[0] for x in data)
+    keep_out = min(max(int(round(fraction * total)), 1), total - 1) if fraction > 0 and total > 1 else 0
+    fit, held = list(data), []
+    while keep_out > 0:
+        last = fit.pop()
+        if last.shape[0] <= keep_out:
+            held.insert(0, last)
+            keep_out -= last.shape[0]
+        else:
+            fit.append(last[:-keep_out])
+            held.insert(0, last[-keep_out:])
+            keep_out = 0
+    return fit, held
+
+
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
               max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 10,
-              relu_aware: bool = True, progress: bool = False) -> CalibrationReport:
+              relu_aware: bool = True, progress: bool = False, held_out: float = 0.125) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
     ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
@@ -94,8 +114,11 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     ``refit_depthwise`` turns the joint (alternating least squares) fit of the depthwise
     filters on or off; ``iterations`` bounds its alternations. ``relu_aware`` refits a conv
     followed by BN → ReLU to the error the ReLU lets through (:func:`relu_gates`).
+    ``held_out`` is the share of the samples kept out of the fit (:func:`split_held_out`);
+    the report's fidelity before/after is measured on them, so it is not flattered by the fit.
     """
-    data = as_batches(batches, max_batches)
+    data, held = split_held_out(as_batches(batches, max_batches), held_out)
+    judge = held or data
     blocks = _blocks_in_order(converted, data[0])
     weights = consumer_scales(original, blocks, data[0])
     gates = relu_gates(original, blocks) if relu_aware else {}
@@ -103,7 +126,7 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     offsets = _Offsets(original, converted, graph) if graph is not None else None
     joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
-        before = agreement(original, converted, data)
+        before = agreement(original, converted, judge)
         with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
             for name in blocks:
                 block = converted.get_submodule(name)
@@ -120,8 +143,9 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 prior = _through_bn(linear[1], linear[2], scale, shift)
                 _refit_pointwise(converted, original, block, conv, data, ridge, prior, gate, offset)
                 bar.advance(name)
-        after = agreement(original, converted, data)
-    return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint)
+        after = agreement(original, converted, judge)
+    return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint,
+                             sum(x.shape[0] for x in held))
 
 
 def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -172,8 +172,10 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
               help="Write standalone model.py + weights.pt (loadable without dsrewrite) into DIR.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Export the converted model to ONNX.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Write the before/after report to FILE (.md, .json or .txt).")
+              help="Write the before/after report to FILE: .html (charts), .md, .json or .txt.")
 @click.option("--measure", is_flag=True, help="Time the original and converted models, and each replaced layer.")
+@click.option("--no-cache", is_flag=True,
+              help="Measure every layer afresh: the latency cache is neither read nor written.")
 @click.option("--device", default=None, help="Where to time: auto, cpu, cuda, cuda:N, mps (measure.device).")
 @click.option("--threads", type=int, default=None, help="CPU threads while timing (measure.threads).")
 @click.option("--batch-size", type=int, default=None, help="Batch size for timing (default: the input's).")
@@ -199,7 +201,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            align, width, quiet: bool, plan_path) -> None:
+            align, width, quiet: bool, plan_path, no_cache: bool) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -266,7 +268,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         except (TypeError, ValueError) as e:
             raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
     planning = dict(calibration=calibration, target_macs=target_macs, max_error=max_error, align=align, width=width,
-                    batch_size=batch_size, progress=None if quiet else say)
+                    batch_size=batch_size, progress=None if quiet else say, cache=False if no_cache else None)
     plan = None
     if saved_plan is not None:
         from .plan import load_plan
@@ -310,7 +312,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         write_text_atomic(report_path, render_conversion(result.report, result.plan, report_format))
         say(f"wrote {report_path}")
     else:
-        click.echo(render_conversion(result.report, result.plan, format), nl=False)
+        click.echo(render_conversion(result.report, result.plan, format, color=True), nl=False)
 
 
 @cli.command()
@@ -424,12 +426,13 @@ def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, s
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on cuda, bfloat16 on cpu).")
+@click.option("--threads", type=int, default=None, help="CPU threads for training (default: torch's setting).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the teacher's factory.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled modules (.pt from convert -o); this runs code from the file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
 def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history_path, epochs, lr, temperature,
-             alpha, feature_loss, max_steps, device, amp, args, trust_pickle, quiet) -> None:
+             alpha, feature_loss, max_steps, device, amp, threads, args, trust_pickle, quiet) -> None:
     """Fine-tune a converted model (STUDENT) by distillation from the original (TEACHER).
 
     STUDENT is usually the .pt written by `dsrewrite convert -o` (needs --trust-pickle);
@@ -454,6 +457,12 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
         raise UsageError(f"--alpha is a weight between 0 and 1, got {alpha}")
     if feature_loss < 0:
         raise UsageError(f"--feature-loss must be non-negative, got {feature_loss}")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     for path in (output, state_dict, history_path):
         if path:
             export.check_output_path(path, [student, teacher])

@@ -79,14 +79,18 @@ def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cac
     """``timer(conv, depth_multiplier, bn, activation) -> LayerTiming``, through the on-disk cache."""
     from .measure import LatencyCache, layer_key, time_layer
 
-    store = cache if cache is not None else LatencyCache()
+    store = cache if cache is not None else LatencyCache()  # cache=False: no disk cache at all
+    this_run: dict[str, Any] = {}  # layers of the same geometry are timed once per run, and count as fresh
 
     def timer(conv, depth_multiplier, bn, activation):
         key = layer_key(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        if key in this_run:
+            return this_run[key]
         hit = store.get(key) if store else None
         if hit is not None:
             return hit
         timing = time_layer(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        this_run[key] = timing
         if store:
             store.put(key, timing)
             store.save()

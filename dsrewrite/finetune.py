@@ -84,7 +84,10 @@ def distill(
         for epoch in range(epochs):
             model.train()
             start, loss_sum, count = time.perf_counter(), 0.0, 0
-            with Progress(f"distilling epoch {epoch + 1}/{epochs}", steps_per_epoch or 1,
+            # the steps this epoch will run: the epoch's length, or what --max-steps leaves of it
+            this_epoch = min(steps_per_epoch or math.inf, (max_steps - step) if max_steps is not None else math.inf)
+            total = int(this_epoch) if math.isfinite(this_epoch) else None
+            with Progress(f"distilling epoch {epoch + 1}/{epochs}", total,
                           enabled=progress and _rank() == 0) as bar:
                 for batch in loader:
                     if max_steps is not None and step >= max_steps:

@@ -24,6 +24,8 @@ from .errors import UsageError
 #: The clock used for every timing; tests replace it with a fake one to stay deterministic.
 clock: Callable[[], float] = time.perf_counter
 MEMORY_FORMATS = ("contiguous", "channels_last")
+#: a measurement whose p10–p90 spread exceeds this share of its median is reported as noisy
+NOISY_SPREAD = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +72,15 @@ class Timing:
         """(p90 − p10) / median: how noisy the measurement was."""
         return (self.p90 - self.p10) / self.median if self.median else 0.0
 
+    @property
+    def noisy(self) -> bool:
+        """The spread is wider than :data:`NOISY_SPREAD` of the median."""
+        return self.spread > NOISY_SPREAD
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (seconds)."""
         return {"median_s": self.median, "p10_s": self.p10, "p90_s": self.p90, "mean_s": self.mean,
-                "repeats": self.repeats, "spread": self.spread, "fingerprint": self.fingerprint}
+                "repeats": self.repeats, "spread": self.spread, "noisy": self.noisy, "fingerprint": self.fingerprint}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,6 +253,17 @@ class LayerTiming:
     environment: str = ""
     #: the depth multiplier of the block that was timed
     depth_multiplier: int | None = None
+    #: p10 and p90 of the repeats (seconds), original and replacement; None in old cache entries
+    original_p10_p90: tuple[float, float] | None = None
+    replacement_p10_p90: tuple[float, float] | None = None
+
+    @property
+    def spread(self) -> float | None:
+        """The wider of the two (p90 − p10) / median spreads, or None when unknown."""
+        if self.original_p10_p90 is None or self.replacement_p10_p90 is None:
+            return None
+        return max((hi - lo) / med if med else 0.0 for (lo, hi), med in
+                   ((self.original_p10_p90, self.original_s), (self.replacement_p10_p90, self.replacement_s)))
 
     @property
     def speedup(self) -> float:
@@ -256,7 +274,7 @@ class LayerTiming:
         """Where this timing came from, for a plan: fresh or cached, when, where, which block."""
         return {"source": "cached" if self.cached else "fresh", "measured_at": self.measured_at,
                 "environment": self.environment, "depth_multiplier": self.depth_multiplier,
-                "speedup": self.speedup}
+                "speedup": self.speedup, "spread": self.spread}
 
 
 class LatencyCache:
@@ -294,13 +312,17 @@ class LatencyCache:
         if not e:
             return None
         return LayerTiming(e["original_s"], e["replacement_s"], cached=True, measured_at=e.get("measured_at"),
-                           environment=e.get("environment", ""), depth_multiplier=e.get("depth_multiplier"))
+                           environment=e.get("environment", ""), depth_multiplier=e.get("depth_multiplier"),
+                           original_p10_p90=_pair(e.get("original_p10_p90")),
+                           replacement_p10_p90=_pair(e.get("replacement_p10_p90")))
 
     def put(self, key: str, timing: LayerTiming) -> None:
         """Remember a timing (saved by :meth:`save`)."""
         self.entries[key] = {"original_s": timing.original_s, "replacement_s": timing.replacement_s,
                              "measured_at": timing.measured_at, "environment": timing.environment,
-                             "depth_multiplier": timing.depth_multiplier}
+                             "depth_multiplier": timing.depth_multiplier,
+                             "original_p10_p90": timing.original_p10_p90,
+                             "replacement_p10_p90": timing.replacement_p10_p90}
         self.dirty = True
 
     def save(self) -> None:
@@ -357,11 +379,16 @@ def time_layer(conv, depth_multiplier: int, bn: bool, activation: str, settings:
     x = torch.randn(*shape)
     import datetime
 
-    t_orig = measure(original, (x,), settings).median
-    t_new = measure(block, (x,), settings).median
+    t_orig = measure(original, (x,), settings)
+    t_new = measure(block, (x,), settings)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return LayerTiming(t_orig, t_new, measured_at=when, environment=environment_label(settings),
-                       depth_multiplier=depth_multiplier)
+    return LayerTiming(t_orig.median, t_new.median, measured_at=when, environment=environment_label(settings),
+                       depth_multiplier=depth_multiplier, original_p10_p90=(t_orig.p10, t_orig.p90),
+                       replacement_p10_p90=(t_new.p10, t_new.p90))
+
+
+def _pair(value) -> tuple[float, float] | None:
+    return (float(value[0]), float(value[1])) if isinstance(value, (list, tuple)) and len(value) == 2 else None
 
 
 def environment_label(settings: MeasureSettings) -> str:

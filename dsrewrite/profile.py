@@ -210,6 +210,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
     with state as tensor_names:
         counter = _Counter(model, tensor_names, meta, traced.untraced, costs)
         counter.input_desc = ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        counter.input_dims = [x.dim() for x in inputs if isinstance(x, torch.Tensor)]
         with counter.hooks(), counter:
             if traced.graph is not None:
                 outputs = _run_graph(traced.graph, model, run_inputs, counter)
@@ -334,6 +335,7 @@ class _Counter(TorchDispatchMode):
         self.params_by_kind: dict[str, set[str]] = {k: set() for k in OP_KIND_NAMES}
         self.unsupported: dict[str, dict] = {}
         self.input_desc = ""
+        self.input_dims: list[int] = []
         self.activation_bytes = 0
         self.live: dict[fx.Node, int] = {}
         self.live_bytes = 0
@@ -405,6 +407,12 @@ class _Counter(TorchDispatchMode):
             message = (str(e).strip().splitlines() or [""])[0]
             if self.meta and (isinstance(e, NotImplementedError) or "meta" in message.lower()):
                 raise _NeedsRealForward(where, f"{type(e).__name__}: {message}") from e
+            short = [x for x in self.input_dims if x < 4]
+            if short and any(w in message for w in ("expected input", "channels", "dim", "D input")):
+                raise InputError(
+                    f"the model rejects input {self.input_desc} at {where}: its convs expect an N,C,H,W input "
+                    f"(4 numbers, e.g. --input-shape 1,3,224,224), but the shape given has {short[0]}: "
+                    f"{self.input_desc.replace('×', ',')}") from e
             raise InputError(f"the model rejects input {self.input_desc} at {where}: {message}") from e
 
     # -- dispatch

@@ -20,8 +20,9 @@ _active: list["Progress"] = []
 class Progress:
     """``with Progress("measuring layers", total) as p: p.advance()``."""
 
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None, interval: float | None = None):
-        self.label, self.total, self.enabled = label, max(total, 1), enabled
+    def __init__(self, label: str, total: int | None, enabled: bool = True, stream=None, interval: float | None = None):
+        self.label, self.enabled = label, enabled
+        self.total = max(total, 1) if total is not None else None  # None: unknown (a loader without len)
         self.stream = stream or sys.stderr
         self.done = 0
         self.start = time.monotonic()
@@ -39,7 +40,7 @@ class Progress:
         """One more step done."""
         self.done += 1
         self._note = note
-        self._draw(force=self.done >= self.total)
+        self._draw(force=self.total is not None and self.done >= self.total)
 
     def heartbeat(self, note: str) -> None:
         """Work inside the current step moved: show ``note`` (at most one line per interval off a terminal)."""
@@ -50,10 +51,13 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        width = 24
-        filled = int(width * min(self.done, self.total) / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        text = f"{self.label} [{bar}] {self.done}/{self.total} {now - self.start:.0f}s {self._note}".rstrip()
+        if self.total is None:
+            text = f"{self.label} {self.done} done {now - self.start:.0f}s {self._note}".rstrip()
+        else:
+            width = 24
+            filled = int(width * min(self.done, self.total) / self.total)
+            bar = "#" * filled + "-" * (width - filled)
+            text = f"{self.label} [{bar}] {self.done}/{self.total} {now - self.start:.0f}s {self._note}".rstrip()
         if self._tty:
             self.stream.write("\r" + text[:120].ljust(120))
         elif force or now - self._last_line >= self.interval:
@@ -71,7 +75,7 @@ class Progress:
         if self._tty:
             self.stream.write("\n")
             self.stream.flush()
-        elif self.done < self.total and exc[0] is None:  # stopped early (e.g. --max-steps): say where
+        elif self.total is not None and self.done < self.total and exc[0] is None:  # stopped early (e.g. --max-steps): say where
             self.stream.write(f"{self.label}: stopped at {self.done}/{self.total} "
                               f"{time.monotonic() - self.start:.0f}s\n")
             self.stream.flush()

@@ -207,8 +207,136 @@ def _block_text(d: dict) -> str:
 # -------------------------------------------------------------------------- conversions
 
 
-def render_conversion(report, plan, fmt: str = "table") -> str:
-    """Before/after report of a conversion (table, markdown, json or html)."""
+#: relative output error at or below which fidelity is good, and above which it is bad
+FIDELITY_GOOD, FIDELITY_BAD = 0.05, 0.2
+MARKS = {"bad": "✗", "warn": "!", "good": "✓", "info": "·"}
+
+
+def speed_level(speedup: float) -> str:
+    """Verdict of a measured speedup: faster, about the same, slower."""
+    return "good" if speedup >= 1.05 else "warn" if speedup >= 0.95 else "bad"
+
+
+def fidelity_level(relative_error: float) -> str:
+    """Verdict of a relative output error."""
+    return "good" if relative_error <= FIDELITY_GOOD else "warn" if relative_error <= FIDELITY_BAD else "bad"
+
+
+def realization_level(realization: float | None) -> str:
+    """Verdict of measured ÷ theoretical speedup."""
+    if realization is None:
+        return "info"
+    return "good" if realization >= 0.7 else "warn" if realization >= 0.4 else "bad"
+
+
+def spread_text(d: dict) -> str:
+    """``p10–p90 770–801 ms`` for a timing dict (median_s, p10_s, p90_s)."""
+    return f"p10–p90 {_ms(d['p10_s'])[:-3]}–{_ms(d['p90_s'])}"
+
+
+def conversion_findings(doc: dict) -> list[tuple[str, str]]:
+    """The verdicts of a conversion report, headline first: ``[(level, sentence)]``.
+
+    ``level`` is bad, warn, good or info. Every renderer (text, markdown, HTML) shows these,
+    so a slower model, slower layers, noisy timings, a poor realization and the meaning of the
+    fidelity number are said in words, not only drawn.
+    """
+    out: list[tuple[str, str]] = []
+    meas, r = doc.get("measurement"), doc["ratios"]
+    by_macs = doc.get("chosen_by", "MACs") != "measured latency"
+    if meas:
+        b, a = meas["before"], meas["after"]
+        if meas["speedup"] < 1:
+            out.append(("bad", f"The converted model is SLOWER: {1 / meas['speedup']:.2f}× the original's latency "
+                               f"({_ms(b['median_s'])} → {_ms(a['median_s'])} median), although it has "
+                               f"{r['macs']:.2f}× fewer MACs." +
+                        (" Fewer MACs is not lower latency; plan by measured speed with --rules latency."
+                         if by_macs else "")))
+        else:
+            out.append((speed_level(meas["speedup"]),
+                        f"Measured {meas['speedup']:.2f}× faster end to end ({_ms(b['median_s'])} → "
+                        f"{_ms(a['median_s'])} median, fresh), {r['macs']:.2f}× fewer MACs."))
+    elif by_macs and doc["layers"]:
+        out.append(("warn", f"Not timed: these replacements were chosen by MACs ({r['macs']:.2f}× fewer), and fewer "
+                            "MACs is not lower latency (depthwise convs are memory-bound). --measure times both "
+                            "models; --rules latency keeps only replacements that measure faster."))
+    slower = [c for c in doc["layers"] if c["measured_speedup"] is not None and c["measured_speedup"] < 1]
+    if slower:
+        names = ", ".join(c["name"] for c in slower[:4]) + (f" (+{len(slower) - 4} more)" if len(slower) > 4 else "")
+        out.append(("bad", f"{len(slower)} of {len(doc['layers'])} replaced layers measured slower than the conv "
+                           f"they replace: {names}." +
+                    (" --rules latency keeps only replacements that measure faster." if by_macs else "")))
+    if meas:
+        noisy = [n for n, t in (("before", meas["before"]), ("after", meas["after"])) if t.get("noisy")]
+        if noisy:
+            out.append(("warn", f"Noisy end-to-end timing ({' and '.join(noisy)}: p10–p90 spread "
+                                f"{100 * max(meas[n]['spread'] for n in noisy):.0f}% of the median); use "
+                                "--repeats 30 or a quieter machine before trusting the speedup."))
+        level = realization_level(meas.get("realization"))
+        bd = meas.get("breakdown")
+        if level != "good" and meas.get("realization") is not None:
+            text = (f"Realization {meas['realization']:.2f}: {meas['speedup']:.2f}× measured of "
+                    f"{meas['theoretical_speedup']:.2f}× fewer MACs.")
+            if bd and bd.get("replaced_share_before") is not None:
+                text += (f" The replaced convs took {100 * bd['replaced_share_before']:.0f}% of the original's time "
+                         f"({_ms(bd['replaced_before_s'])} of {_ms(meas['before']['median_s'])}, timed one by one); "
+                         f"the rest ({_ms(bd['rest_before_s'])}: kept layers and non-conv ops) does not shrink, "
+                         f"so their own speedups predict {bd['predicted_speedup']:.2f}× end to end.")
+            out.append((level, text))
+    timed = [c["timing"] for c in doc["layers"] if c.get("timing")]
+    if timed:
+        cached = [t for t in timed if t["source"] == "cached"]
+        if cached:
+            when = sorted(t["measured_at"] for t in cached if t.get("measured_at"))
+            span = f" (measured {when[0][:16].replace('T', ' ')} UTC" + (
+                f" to {when[-1][:16].replace('T', ' ')}" if when and when[-1] != when[0] else "") + \
+                f" on {cached[0]['environment']})" if when else ""
+            out.append(("info", f"Per-layer timings: {len(cached)} of {len(timed)} from the latency cache{span}, "
+                                f"{len(timed) - len(cached)} fresh; --no-cache measures every layer afresh."))
+        else:
+            out.append(("info", f"Per-layer timings: all {len(timed)} measured fresh in this run."))
+    out.append(fidelity_finding(doc))
+    return out
+
+
+def fidelity_finding(doc: dict) -> tuple[str, str]:
+    """The fidelity headline: on held-out calibration data when there was calibration, else on example inputs."""
+    cal = doc.get("calibration")
+    if cal:
+        after, before = cal["after"], cal["before"]
+        where = (f"{cal['held_out_samples']} held-out calibration samples (not used in the fit)"
+                 if cal.get("held_out_samples") else f"the {cal['samples']} calibration samples it was fit on")
+        agree = (f", top-1 agreement {100 * after['top1_agreement']:.1f}%"
+                 if after.get("top1_agreement") is not None else "")
+        return (fidelity_level(after["relative_error"]),
+                f"Output fidelity on {where}: relative error {after['relative_error']:.3g}, cosine "
+                f"{after['cosine']:.4f}{agree} (before calibration: relative error {before['relative_error']:.3g}).")
+    f = doc["fidelity"]
+    what = ("seeded random N(0, 1) inputs" if doc.get("fidelity_inputs", "random") == "random"
+            else "the model's example inputs")
+    return (fidelity_level(f["relative_error"]),
+            f"Output fidelity on {what}: relative error {f['relative_error']:.3g}, cosine {f['cosine']:.4f}. "
+            "With untrained weights and random inputs this is a pessimistic bound; --calibrate DATA refits each "
+            "block on your data and measures fidelity on held-out samples of it.")
+
+
+def _finding_lines(findings, md: bool, color: bool) -> list[str]:
+    out = []
+    for level, text in findings:
+        line = f"{MARKS[level]} {text}"
+        if md:
+            line = f"- {MARKS[level]} " + (f"**{text}**" if level == "bad" else text)
+        elif color and level in ("bad", "warn", "good"):
+            import click
+
+            line = click.style(line, fg={"bad": "red", "warn": "yellow", "good": "green"}[level],
+                               bold=level == "bad")
+        out.append(line)
+    return out
+
+
+def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> str:
+    """Before/after report of a conversion (table, markdown, json or html); ``color``: ANSI colours (terminal)."""
     if fmt == "html":
         from .html import render_conversion_html
 
@@ -216,13 +344,15 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
     doc = report.to_dict()
     if fmt == "json":
         doc["plan"] = plan.to_dict()
+        doc["findings"] = [{"level": lv, "text": t} for lv, t in conversion_findings(doc)]
         return json.dumps(doc, indent=2) + "\n"
     md = fmt == "markdown"
     tfmt = "github" if md else "simple"
     b, a, r = doc["before"], doc["after"], doc["ratios"]
     out = [f"# dsrewrite conversion: `{doc['model']}`\n" if md else f"dsrewrite conversion: {doc['model']}",
            f"Rules: {doc['rules']['source']}; replaced {doc['replaced_modules']} conv module(s) "
-           f"({len(plan.replacements)} of {doc['conv_calls']} conv calls).", ""]
+           f"({len(plan.replacements)} of {doc['conv_calls']} conv calls), chosen by {doc['chosen_by']}.", ""]
+    out += [("## " if md else "") + "Summary", *_finding_lines(conversion_findings(doc), md, color), ""]
     totals = [
         ["params", f"{format_count(b['params'])} params", f"{format_count(a['params'])} params",
          f"{r['params']:.2f}×"],
@@ -234,8 +364,8 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
     ]
     meas = doc.get("measurement")
     if meas:
-        totals.append(["latency (median)", _ms(meas["before"]["median_s"]), _ms(meas["after"]["median_s"]),
-                       f"{meas['speedup']:.2f}×"])
+        totals.append(["latency (median, fresh)", f"{_ms(meas['before']['median_s'])} ({spread_text(meas['before'])})",
+                       f"{_ms(meas['after']['median_s'])} ({spread_text(meas['after'])})", f"{meas['speedup']:.2f}×"])
     out += [("## " if md else "") + "Totals",
             tabulate(totals, headers=["", "before", "after", "before/after"], tablefmt=tfmt, disable_numparse=True),
             ""]
@@ -244,16 +374,33 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
         out += [("## " if md else "") + "Measured speedup",
                 f"measured {meas['speedup']:.2f}× end to end vs {meas['theoretical_speedup']:.2f}× fewer MACs: "
                 f"realization ratio {meas['realization']:.2f} (measured ÷ theoretical).",
-                f"Measured on {fp['device']} ({fp['device_name']}), {fp['threads']} threads, {fp['dtype']}, "
-                f"{fp['memory_format']}, batch {meas['batch_size']}, BN {'folded' if meas['fold_bn'] else 'not folded'}, "
-                f"torch {fp['torch']}; median of {meas['before']['repeats']} runs after "
-                f"{meas['settings']['warmup']} warm-up (spread {100 * meas['before']['spread']:.0f}% / "
-                f"{100 * meas['after']['spread']:.0f}%).", ""]
+                f"Measured fresh in this run on {fp['device']} ({fp['device_name']}), {fp['threads']} threads, "
+                f"{fp['dtype']}, {fp['memory_format']}, batch {meas['batch_size']}, "
+                f"BN {'folded' if meas['fold_bn'] else 'not folded'}, torch {fp['torch']}; median of "
+                f"{meas['before']['repeats']} / {meas['after']['repeats']} runs after {meas['settings']['warmup']} "
+                f"warm-up (p10–p90 spread {100 * meas['before']['spread']:.0f}% / "
+                f"{100 * meas['after']['spread']:.0f}% of the median).", ""]
+        bd = meas.get("breakdown")
+        if bd:
+            rows = [["replaced convs (each timed alone)", _ms(bd["replaced_before_s"]), _ms(bd["replaced_after_s"]),
+                     f"{100 * bd['replaced_share_before']:.0f}%" if bd["replaced_share_before"] is not None else "-"],
+                    ["everything else (kept layers, non-conv ops)", _ms(bd["rest_before_s"]), _ms(bd["rest_after_s"]),
+                     f"{100 * (1 - bd['replaced_share_before']):.0f}%" if bd["replaced_share_before"] is not None
+                     else "-"],
+                    ["end to end", _ms(meas["before"]["median_s"]), _ms(meas["after"]["median_s"]), "100%"]]
+            out += [("## " if md else "") + "Where the time goes",
+                    tabulate(rows, headers=["", "before", "after", "share of the original"], tablefmt=tfmt,
+                             disable_numparse=True),
+                    f"If only the replaced convs changed, by their own measured speedups, the model would run "
+                    f"{bd['predicted_speedup']:.2f}× faster; measured: {meas['speedup']:.2f}×.", ""]
     cal = doc.get("calibration")
     if cal:
         def _agree(d):
             return f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
-        out += [("## " if md else "") + f"Calibration ({cal['samples']} samples, {cal['blocks']} blocks refit)",
+        judged = (f"fidelity on {cal['held_out_samples']} held-out samples" if cal.get("held_out_samples")
+                  else "fidelity on the fit data (too few samples to hold any out)")
+        out += [("## " if md else "") + f"Calibration ({cal['samples']} samples fit, {cal['blocks']} blocks refit; "
+                                        f"{judged})",
                 f"before: relative error {cal['before']['relative_error']:.4g}, cosine {cal['before']['cosine']:.6f}"
                 f"{_agree(cal['before'])}",
                 f"after:  relative error {cal['after']['relative_error']:.4g}, cosine {cal['after']['cosine']:.6f}"
@@ -262,7 +409,8 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
     if ch:
         out += _channel_section(ch, md, tfmt)
     f = doc["fidelity"]
-    out += [("## " if md else "") + "Output fidelity on the example inputs",
+    what = "seeded random inputs" if doc["fidelity_inputs"] == "random" else "the model's example inputs"
+    out += [("## " if md else "") + f"Output on {what}" + (" (not your data; see Calibration)" if cal else ""),
             f"relative error {f['relative_error']:.4g}, cosine similarity {f['cosine']:.6f}, "
             f"max abs error {f['max_abs_error']:.4g}", ""]
     if doc["layers"]:
@@ -276,15 +424,18 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
             if measured:
                 row += [f"{_ms(c['measured_original_s'])} → {_ms(c['measured_replacement_s'])}"
                         if c["measured_speedup"] is not None else "-",
-                        f"{c['measured_speedup']:.2f}×" if c["measured_speedup"] is not None else "-"]
+                        _layer_speedup(c, md), _timing_source(c.get("timing"))]
             rows.append(row)
         headers = ["conv", "kernel", "channels", "depth multiplier", "params", "MACs", "theoretical speedup", "kept energy"]
         if measured:
-            headers += ["measured latency", "measured speedup"]
+            headers += ["measured latency (median)", "measured speedup", "timing"]
         out += [("## " if md else "") + "Replaced layers",
                 tabulate(rows, headers=headers, tablefmt=tfmt, disable_numparse=True), ""]
         out.append("Kept energy: the share of the conv weight's squared norm that the rank-r depthwise/pointwise "
                    "factorization keeps (100% = exact).")
+        if measured:
+            out.append("Timing: fresh (measured in this run) or cached (from the latency cache, with its date), "
+                       "and the wider p10–p90 spread of the two medians.")
         out.append("")
     kept = [d for d in plan.decisions if not d.replaced]
     if kept:
@@ -294,6 +445,25 @@ def render_conversion(report, plan, fmt: str = "table") -> str:
         out.append(f"Note: {note}")
     out.append(f"Convention: {doc['convention']}.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _layer_speedup(c: dict, md: bool) -> str:
+    if c["measured_speedup"] is None:
+        return "-"
+    text = f"{c['measured_speedup']:.2f}×"
+    if c["measured_speedup"] < 1:
+        text += " slower"
+        return f"**{text}**" if md else text
+    return text
+
+
+def _timing_source(t: dict | None) -> str:
+    if not t:
+        return "-"
+    spread = f", ±{50 * t['spread']:.0f}%" if t.get("spread") is not None else ""
+    if t["source"] == "cached":
+        return f"cached {str(t.get('measured_at') or '')[:10]}{spread}".replace("cached ,", "cached,")
+    return f"fresh{spread}"
 
 
 def _channel_section(ch: dict, md: bool, tfmt: str) -> list[str]:

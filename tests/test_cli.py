@@ -131,7 +131,16 @@ BAD_INPUTS = {
     "bad shape text": (["analyze", EXAMPLE, "--input-shape", "1,3,a"], "comma-separated integers"),
     "bad dtype": (["analyze", EXAMPLE, "--dtype", "float7"], "unknown dtype"),
     "bad arg": (["analyze", EXAMPLE, "--arg", "nokey"], "key=value"),
-    "bad factory arg": (["analyze", EXAMPLE, "--arg", "depth=3"], "unexpected keyword"),
+    "bad factory arg": (["analyze", EXAMPLE, "--arg", "depth=3"], "build_model(): --arg depth=...: the factory takes "
+                                                                  "no argument 'depth'"),
+    "misspelt factory arg": (["analyze", EXAMPLE, "--arg", "num_clases=3"], "did you mean num_classes"),
+    "factory arg of the wrong type": (["analyze", EXAMPLE, "--arg", "num_classes=ten"],
+                                      "--arg num_classes='ten': expected an int like its default"),
+    "zoo arg of the wrong type": (["analyze", "torchvision:resnet18", "--arg", "num_classes=ten"],
+                                  "calling torchvision resnet18(num_classes='ten') raised TypeError"),
+    "three-number shape": (["analyze", EXAMPLE, "--input-shape", "1,3,224"],
+                           "expect an N,C,H,W input (4 numbers, e.g. --input-shape 1,3,224,224), but the shape "
+                           "given has 3: 1,3,224"),
     "output folder missing": (["analyze", EXAMPLE, "-o", "{tmp}/nope/out.txt"], "does not exist"),
     "bad spec": (["analyze", "justaname"], "cannot read model spec"),
 }

@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from torch import nn
 
 import dsrewrite
-from dsrewrite.calibrate import agreement, relu_gates
+from dsrewrite.calibrate import agreement, relu_gates, split_held_out
 from dsrewrite.cli import cli
 from dsrewrite.data import read_idx
 from dsrewrite.rank import _module_macs, choose_ranks, data_errors, energy_errors
+from dsrewrite.report import render_conversion
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,10 +49,29 @@ def test_calibration_reduces_the_output_error(overrides):
     before = agreement(model, result.model, data)
     report = dsrewrite.calibrate(result.model, model, data)
     assert report.blocks == len(result.report.layers) == 3
-    assert report.before["relative_error"] == pytest.approx(before["relative_error"])
+    fit, held = split_held_out(data, 0.125)
+    assert report.held_out_samples == sum(x.shape[0] for x in held) > 0
+    assert report.samples == sum(x.shape[0] for x in fit)
+    assert report.before["relative_error"] != pytest.approx(before["relative_error"]), "judged on held-out data"
     assert report.after["relative_error"] < 0.5 * report.before["relative_error"]
     held_out = agreement(model, result.model, batches(seed=9))
     assert held_out["relative_error"] < before["relative_error"], "it generalizes to unseen inputs"
+
+
+def test_held_out_samples_are_not_fit_on():
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE)
+    data = batches()
+    fit, held = split_held_out(data, 0.25)
+    assert sum(x.shape[0] for x in held) == round(0.25 * sum(x.shape[0] for x in data))
+    a, b = copy.deepcopy(result.model), copy.deepcopy(result.model)
+    ra = dsrewrite.calibrate(a, model, data, held_out=0.25)
+    rb = dsrewrite.calibrate(b, model, fit, held_out=0)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb), "the held-out samples changed the fit"
+    assert ra.after == agreement(model, a, held) and rb.held_out_samples == 0
+    one = [torch.zeros(1, 3)]
+    assert split_held_out(one, 0.5)[1] == [], "a single sample is never held out"
 
 
 def test_calibration_at_full_rank_is_exact_and_sets_bn_statistics():
@@ -59,7 +79,7 @@ def test_calibration_at_full_rank_is_exact_and_sets_bn_statistics():
     result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive",
                                AGGRESSIVE + ["block.depth_multiplier=9", "block.activation=relu"])
     data = batches(n=6)
-    report = dsrewrite.calibrate(result.model, model, data, ridge=1e-9)
+    report = dsrewrite.calibrate(result.model, model, data, ridge=1e-9, held_out=0)
     assert report.after["relative_error"] < 1e-4 and report.after["top1_agreement"] == 1.0
     block = result.model[3]
     with torch.no_grad():
@@ -166,8 +186,16 @@ def test_convert_with_calibration_reports_before_and_after():
     result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE, calibration=[(b, None) for b in
                                                                                               batches()])
     cal = result.report.calibration
-    assert cal["samples"] == 32 and cal["after"]["relative_error"] < cal["before"]["relative_error"]
+    assert cal["samples"] == 28 and cal["held_out_samples"] == 4, "1/8 of the 32 samples are held out"
+    assert cal["after"]["relative_error"] < cal["before"]["relative_error"]
     assert set(cal["after"]) == {"relative_error", "cosine", "top1_agreement"}
+    # one fidelity headline, and it is the held-out one, not the random-input number
+    text = render_conversion(result.report, result.plan, "markdown")
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert f"Output fidelity on 4 held-out calibration samples (not used in the fit): relative error " \
+           f"{cal['after']['relative_error']:.3g}" in summary
+    assert "random" not in summary
+    assert "## Output on seeded random inputs (not your data; see Calibration)" in text
 
 
 def test_distill_improves_the_student_and_never_touches_the_teacher():
@@ -278,7 +306,8 @@ def test_cli_calibrate_and_target(tmp_path):
                                  "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
-    assert doc["calibration"]["samples"] == 12
+    assert doc["calibration"]["samples"] == 10 and doc["calibration"]["held_out_samples"] == 2
+    assert doc["findings"][-1]["text"].startswith("Output fidelity on 2 held-out calibration samples")
     assert doc["after"]["macs"] <= 0.4 * doc["before"]["macs"]
     for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
                         (["--calibrate", f"{data}:missing"], "defines no 'missing'"),

@@ -12,6 +12,7 @@ from torch import nn
 import dsrewrite
 import dsrewrite.measure as measure_mod
 from dsrewrite.cli import cli
+from dsrewrite.load import load_model
 from dsrewrite.measure import LatencyCache, LayerTiming, MeasureSettings, fold_bn, measure
 
 
@@ -164,3 +165,117 @@ def test_cli_measure_writes_a_self_contained_html_report(monkeypatch, tmp_path):
     r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--measure",
                                  "--repeats", "2", "--report", str(md), "-q"])
     assert "## Measured speedup" in md.read_text() and "measured speedup" in md.read_text()
+
+
+def provenance_timer(speedup_of, cached_of):
+    """Per-layer timer with provenance: ``cached_of(conv)`` marks a timing as read from the cache."""
+    def timer(conv, depth_multiplier, bn, activation):
+        return LayerTiming(0.0005, 0.0005 / speedup_of(conv), cached=cached_of(conv),
+                           measured_at="2026-11-20T08:00:00+00:00" if cached_of(conv) else "2026-11-25T09:00:00+00:00",
+                           environment="cpu/2 threads", depth_multiplier=depth_multiplier,
+                           original_p10_p90=(0.00045, 0.00055),
+                           replacement_p10_p90=(0.00045 / speedup_of(conv), 0.00055 / speedup_of(conv)))
+    return timer
+
+
+# name: (end-to-end before durations, after durations, per-layer speedup, cached, expected findings by level,
+#        expected latency card class)
+HONESTY = {
+    "slower model, slower layers, cached timings": (
+        [0.010] * 3, [0.020] * 3, lambda c: 0.8 if c.in_channels == 64 else 2.0, lambda c: c.in_channels == 64,
+        {"bad": ["The converted model is SLOWER: 2.00× the original's latency", "--rules latency",
+                 "4 of 13 replaced layers measured slower than the conv they replace"],
+         "info": ["Per-layer timings: 4 of 13 from the latency cache (measured 2026-11-20 08:00 UTC on cpu/2 "
+                  "threads), 9 fresh; --no-cache"]},
+        "bad"),
+    "faster model, fresh timings": (
+        [0.020] * 3, [0.010] * 3, lambda c: 2.0, lambda c: False,
+        {"good": ["Measured 2.00× faster end to end (20 ms → 10 ms median, fresh)"],
+         "info": ["Per-layer timings: all 13 measured fresh in this run."]},
+        "good"),
+    "noisy timing": (
+        [0.010, 0.010, 0.030], [0.010] * 3, lambda c: 2.0, lambda c: False,
+        {"warn": ["Noisy end-to-end timing (before: p10–p90 spread 200% of the median)"]},
+        "warn"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HONESTY))
+def test_reports_say_what_the_measurements_mean(case, monkeypatch):
+    from dsrewrite.html import render_conversion_html
+    from dsrewrite.report import conversion_findings, render_conversion
+
+    before, after, speedup, cached, expected, card = HONESTY[case]
+    monkeypatch.setattr(measure_mod, "clock", StepClock(before + after))
+    model = load_model("examples/resnet.py").model
+    result = dsrewrite.convert(model, (1, 3, 32, 32), "default", measure=True,
+                               measure_settings=MeasureSettings(device="cpu", repeats=3, warmup=1),
+                               layer_timer=provenance_timer(speedup, cached))
+    doc = result.report.to_dict()
+    findings = conversion_findings(doc)
+    for level, starts in expected.items():
+        for text in starts:
+            assert any(lv == level and text in t for lv, t in findings), (level, text, findings)
+    bd = doc["measurement"]["breakdown"]
+    assert bd["replaced_calls"] == 13 and bd["cached_layers"] == sum(cached(c) for c in result.before.convs
+                                                                      if c.index in {d.index for d in
+                                                                                     result.plan.replacements})
+    assert bd["replaced_before_s"] == pytest.approx(0.0065) and bd["rest_before_s"] == pytest.approx(
+        doc["measurement"]["before"]["median_s"] - 0.0065)
+    text = render_conversion(result.report, result.plan, "table")
+    assert "Where the time goes" in text and "p10–p90" in text and "latency (median, fresh)" in text
+    assert ("cached 2026-11-20" in text) == any(cached(c) for c in result.before.convs)
+    page = render_conversion_html(result.report, result.plan)
+    assert f"<div class='card {card}'><div class='k'>latency (median, fresh)" in page
+    assert "aria-label='time breakdown'" in page
+    for level, starts in expected.items():
+        assert f"<li class='{level}'>" in page
+
+
+def test_reports_without_measurement_say_macs_are_not_latency():
+    from dsrewrite.html import render_conversion_html
+    from dsrewrite.report import conversion_findings
+
+    torch.manual_seed(0)
+    result = dsrewrite.convert(torchvision.models.resnet18(), (1, 3, 64, 64), "default")
+    findings = conversion_findings(result.report.to_dict())
+    assert findings[0][0] == "warn" and "fewer MACs is not lower latency" in findings[0][1] and \
+        "--measure" in findings[0][1]
+    # the random-input fidelity is labelled as what it is, seeded, and coloured by its value
+    level, text = findings[-1]
+    assert "seeded random N(0, 1) inputs" in text and "pessimistic bound" in text and "--calibrate" in text
+    page = render_conversion_html(result.report, result.plan)
+    assert f"<div class='card {level}'><div class='k'>output fidelity" in page
+    assert "<div class='card warn'><div class='k'>latency</div><div class='v'>not measured" in page
+
+
+def test_factories_build_the_same_untrained_weights_every_run():
+    """Fidelity on an untrained model used to change from run to run (0.458, then 0.414)."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b = load_model("examples/resnet.py").model, load_model("examples/resnet.py").model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(torch.get_rng_state(), state), "the caller's random state is left as it was"
+
+
+def test_no_cache_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_time_layer(conv, *args, **kwargs):
+        calls.append(conv.name)
+        return LayerTiming(0.002, 0.001)
+
+    monkeypatch.setattr(measure_mod, "time_layer", fake_time_layer)
+    monkeypatch.setenv("DSREWRITE_CACHE_DIR", str(tmp_path))
+    args = ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--rules", "latency", "--dry-run", "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    first = len(calls)
+    assert first > 0 and (tmp_path / "latency-v1.json").exists()
+    r = CliRunner().invoke(cli, args + ["--format", "json"])
+    assert len(calls) == first, "a second run reads the cache"
+    assert all(d["timing"]["source"] == "cached" for d in json.loads(r.stdout)["decisions"] if d.get("timing"))
+    (tmp_path / "latency-v1.json").unlink()
+    r = CliRunner().invoke(cli, args + ["--no-cache", "--format", "json"])
+    assert r.exit_code == 0 and len(calls) == 2 * first, "--no-cache measures every geometry afresh, once"
+    assert all(d["timing"]["source"] == "fresh" for d in json.loads(r.stdout)["decisions"] if d.get("timing"))
+    assert not (tmp_path / "latency-v1.json").exists(), "--no-cache writes nothing"
