@@ -90,6 +90,7 @@ def analyze(
     dtype: torch.dtype | None = None,
     name: str | None = None,
     costs: dict | None = None,
+    max_memory: float | None = None,
 ) -> Analysis:
     """Trace and profile ``model`` on ``example_inputs`` without running real arithmetic.
 
@@ -97,12 +98,13 @@ def analyze(
     ``(1, 3, 224, 224)``; only shapes and dtypes are used. Default: one 1×3×224×224 input.
     ``costs`` adds or overrides cost handlers for this analysis only: ``{aten op: handler}``,
     ``None`` for an op free on purpose, or ``(handler, kind)`` (see :mod:`dsrewrite.costs`).
+    ``max_memory`` (bytes) bounds a real-forward fallback (:func:`dsrewrite.profile.profile`).
     """
     from .costs import CostTable
 
     inputs = _inputs_from(example_inputs, dtype)
     traced = trace(model)
-    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype, CostTable(costs)), traced,
+    return Analysis(name or type(model).__name__, profile(traced, inputs, dtype, CostTable(costs), max_memory), traced,
                     inputs=inputs)
 
 
@@ -112,12 +114,13 @@ def analyze_spec(
     dtype: torch.dtype | None = None,
     kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    max_memory: float | None = None,
 ) -> Analysis:
     """Load a model from a spec (see :func:`dsrewrite.load.load_model`) and analyze it."""
     loaded = load_model(spec, kwargs, trust_pickle=trust_pickle)
     inputs = resolve_inputs(loaded, input_shapes, dtype)
     traced = trace(loaded.model)
-    return Analysis(spec, profile(traced, inputs, dtype), traced, loaded, inputs)
+    return Analysis(spec, profile(traced, inputs, dtype, max_memory=max_memory), traced, loaded, inputs)
 
 
 # ------------------------------------------------------------------------------------ convert

@@ -30,14 +30,18 @@ def model_options(fn):
                   help="Keyword argument for the model factory (repeatable); values are Python literals.")
     @click.option("--trust-pickle", is_flag=True,
                   help="Allow loading a pickled module from .pt/.pth (this runs code from the file).")
+    @click.option("--max-memory", default=None, metavar="SIZE",
+                  help="Memory a real forward may take when shapes cannot be propagated without one (a "
+                       "data-dependent layer), e.g. 4GiB. Default: 80% of the memory available.")
     @functools.wraps(fn)
-    def wrapper(*a, model, input_shape, dtype, args, trust_pickle, **kw):
+    def wrapper(*a, model, input_shape, dtype, args, trust_pickle, max_memory, **kw):
         settings = ModelSettings(
             spec=model,
             input_shapes=[parse_shape(s) for s in _as_list(input_shape)],
             dtype=parse_dtype(dtype) if dtype else None,
             kwargs=parse_kwargs(_as_list(args)),
             trust_pickle=trust_pickle,
+            max_memory=_parse_memory(max_memory),
         )
         return fn(*a, model_settings=settings, **kw)
     return wrapper
@@ -69,6 +73,20 @@ def rules_options(fn):
 
         return fn(*a, rule_config=load_rules(rules, _as_list(overrides)), **kw)
     return wrapper
+
+
+def _parse_memory(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from .units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
+    if value <= 0:
+        raise UsageError(f"--max-memory must be positive, got {text!r}")
+    return value
 
 
 def _as_list(value) -> list:
@@ -145,7 +163,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
     from .report import render_analysis
 
     ms = model_settings
-    analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
+    analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle, ms.max_memory)
     if groups:
         from .report import render_groups
 
@@ -256,7 +274,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     saved_plan = _read_plan(plan_path) if plan_path else None
 
     say(f"analyzing {ms.spec} ...")
-    analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle)
+    analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle, ms.max_memory)
     inputs = analysis.inputs
     calibration = None
     if calibrate_spec:

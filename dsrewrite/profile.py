@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 from typing import Any, Iterator
 
 import torch
@@ -31,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .costs import CostTable, OpCall
 from .errors import InputError
 from .trace import TraceResult, eval_mode
+from .units import format_bytes
 
 aten = torch.ops.aten
 OP_KIND_NAMES = ("conv", "linear", "matmul", "other")
@@ -134,11 +136,14 @@ def classify_conv(groups: int, in_channels: int, out_channels: int, kernel: tupl
 
 
 def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None,
-            costs: CostTable | None = None) -> ModelProfile:
+            costs: CostTable | None = None, max_memory: float | None = None) -> ModelProfile:
     """Propagate shapes and costs through a traced model (see module docstring).
 
     ``costs`` is the cost-handler table to price ops with (default: :class:`~dsrewrite.costs.CostTable`
-    of the defaults).
+    of the defaults). ``max_memory`` (bytes) bounds the memory a real-forward fallback may
+    take (default: :data:`MEMORY_SHARE` of what the machine has available): a fallback the
+    meta pass already shows to need more is refused before it starts, and one that grows past
+    it is stopped between two ops; either way an :class:`~dsrewrite.errors.InputError`.
     """
     costs = costs or CostTable()
     model = traced.root
@@ -152,13 +157,63 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
                 return _profile_once(traced, inputs, dtype, meta=True, notes=notes, costs=costs)
             except _NeedsRealForward as e:
                 notes.append(f"profiled with one real forward: meta propagation failed at {e.where}: {e.reason}")
+                limit = max_memory if max_memory is not None else MEMORY_SHARE * available_memory()
+                if e.known_bytes > limit:
+                    raise InputError(
+                        f"meta propagation failed at {e.where} ({e.reason}), and the real forward that would "
+                        f"replace it needs at least {format_bytes(e.known_bytes)} of activations for input "
+                        f"{_shapes_text(inputs)}, over the {format_bytes(limit)} allowed; use a smaller "
+                        "--input-shape, or raise the limit with --max-memory SIZE") from None
+                return _profile_once(traced, inputs, dtype, meta=False, notes=notes, costs=costs, memory_limit=limit,
+                                     failed_at=e.where)
         return _profile_once(traced, inputs, dtype, meta=False, notes=notes, costs=costs)
 
 
+#: share of the available memory a real-forward fallback may use by default
+MEMORY_SHARE = 0.8
+
+
+def available_memory() -> float:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit (inf if unknown)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return float(min(found)) if found else float("inf")
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _shapes_text(inputs) -> str:
+    return ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+
+
 class _NeedsRealForward(Exception):
-    def __init__(self, where: str, reason: str):
+    def __init__(self, where: str, reason: str, known_bytes: int = 0):
         super().__init__(reason)
         self.where, self.reason = where, reason
+        #: activation memory the meta pass saw before it failed: the least a real forward needs
+        self.known_bytes = known_bytes
 
 
 @contextlib.contextmanager
@@ -199,7 +254,7 @@ def _real_names(model: nn.Module) -> dict[int, str]:
 
 
 def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: list[str],
-                  costs: CostTable) -> ModelProfile:
+                  costs: CostTable, memory_limit: float | None = None, failed_at: str = "") -> ModelProfile:
     model = traced.root
     if meta:
         run_inputs = tuple(_as_meta(x) for x in inputs)
@@ -211,6 +266,8 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
         counter = _Counter(model, tensor_names, meta, traced.untraced, costs)
         counter.input_desc = ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
         counter.input_dims = [x.dim() for x in inputs if isinstance(x, torch.Tensor)]
+        if memory_limit is not None:
+            counter.memory_limit, counter.rss_start, counter.failed_at = memory_limit, _rss_bytes(), failed_at
         with counter.hooks(), counter:
             if traced.graph is not None:
                 outputs = _run_graph(traced.graph, model, run_inputs, counter)
@@ -340,6 +397,10 @@ class _Counter(TorchDispatchMode):
         self.live: dict[fx.Node, int] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.largest_output = 0
+        self.memory_limit: float | None = None  # real-forward fallback: stop when it grows past this
+        self.rss_start = 0
+        self.failed_at = ""
 
     # -- module attribution
     @contextlib.contextmanager
@@ -406,7 +467,8 @@ class _Counter(TorchDispatchMode):
         except Exception as e:
             message = (str(e).strip().splitlines() or [""])[0]
             if self.meta and (isinstance(e, NotImplementedError) or "meta" in message.lower()):
-                raise _NeedsRealForward(where, f"{type(e).__name__}: {message}") from e
+                known = max(self.peak_bytes, self.live_bytes, 2 * self.largest_output)
+                raise _NeedsRealForward(where, f"{type(e).__name__}: {message}", known) from e
             short = [x for x in self.input_dims if x < 4]
             if short and any(w in message for w in ("expected input", "channels", "dim", "D input")):
                 raise InputError(
@@ -426,7 +488,16 @@ class _Counter(TorchDispatchMode):
         elif handler is not None:
             self._record(func, handler, args, kwargs, out)
         if not func.is_view and torch.Tag.inplace not in func.tags:
-            self.activation_bytes += sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            written = sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            self.activation_bytes += written
+            self.largest_output = max(self.largest_output, written)
+        if self.memory_limit is not None and _rss_bytes() - self.rss_start > self.memory_limit:
+            used = _rss_bytes() - self.rss_start
+            raise InputError(
+                f"stopped the real forward (needed because meta propagation failed at {self.failed_at}) at "
+                f"{self._where() or 'the model'}: it had taken {format_bytes(used)} for input {self.input_desc}, "
+                f"over the {format_bytes(self.memory_limit)} allowed; use a smaller --input-shape, or raise the "
+                "limit with --max-memory SIZE")
         return out
 
     def _compute(self, func, args, kwargs):

@@ -31,6 +31,8 @@ class ModelSettings:
     dtype: torch.dtype | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     trust_pickle: bool = False
+    #: bytes a real-forward fallback may use (None: 80% of the memory available)
+    max_memory: float | None = None
 
 
 @dataclasses.dataclass

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
 import dsrewrite
+import dsrewrite.profile
+from dsrewrite.errors import InputError
 from models import (Attention, ConvZoo, Convs1d3d, FunctionalConv, DataDependentShape, NoConv, SharedConv,
                     UntraceableInside, UntraceableRoot, WithFFT)
 
@@ -175,3 +178,72 @@ def test_wrong_input_shape_is_an_input_error():
         dsrewrite.analyze(ConvZoo(), (1, 3, 32, 32))
     with pytest.raises(dsrewrite.DsrewriteError, match="too small"):
         dsrewrite.analyze(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 7)), (1, 3, 4, 4))
+
+
+class EarlyDataDependent(nn.Module):
+    """Fails meta propagation at once (a value-dependent branch on the input), then grows big activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += isinstance(x, torch.Tensor) and not x.is_meta
+        if x.sum().item() != 12345.0:
+            kept = [self.conv(x + i) for i in range(8)]  # 8 × 64 channels, all alive at the end
+            return torch.stack(kept).mean()
+        return x.mean()
+
+
+class LateDataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += isinstance(x, torch.Tensor) and not x.is_meta  # real arithmetic, not tracing or meta
+        x = torch.relu(self.stem(x))
+        return x.mean() if x.mean().item() > -1 else x.sum()
+
+
+def test_real_forward_fallback_is_refused_before_it_starts_when_the_meta_pass_shows_it_too_big():
+    model = LateDataDependent()
+    with pytest.raises(InputError, match=r"needs at least 128 MiB of activations for input 1×3×512×512, over the "
+                                         r"9.54 MiB allowed; use a smaller --input-shape, or raise the limit with "
+                                         r"--max-memory SIZE"):
+        dsrewrite.analyze(model, (1, 3, 512, 512), max_memory=10e6)
+    assert model.calls == 0, "nothing ran for real"
+    analysis = dsrewrite.analyze(model, (1, 3, 64, 64), max_memory=100e6)
+    assert analysis.profile.propagation == "real" and analysis.profile.macs == 64 * 64 * 64 * 27
+
+
+def test_real_forward_fallback_is_stopped_when_it_grows_past_the_limit():
+    model = EarlyDataDependent()
+    # each conv output is 64×256×256×4 = 16 MiB; eight of them stay alive
+    with pytest.raises(InputError, match=r"stopped the real forward .* over the 47.7 MiB allowed"):
+        dsrewrite.analyze(model, (1, 3, 256, 256), max_memory=50e6)
+    assert model.calls == 1
+
+
+def test_cli_max_memory(tmp_path):
+    from click.testing import CliRunner
+
+    from dsrewrite.cli import cli
+
+    (tmp_path / "dd.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.stem = nn.Conv2d(3, 16, 3, padding=1)\n\n"
+        "    def forward(self, x):\n        x = self.stem(x)\n"
+        "        return x.mean() if x.mean().item() > -1 else x.sum()\n")
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "dd.py"), "--input-shape", "1,3,4096,4096"])
+    if dsrewrite.profile.available_memory() * dsrewrite.profile.MEMORY_SHARE < 1 << 30:
+        assert r.exit_code == 2 and "--max-memory" in r.output
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "dd.py"), "--input-shape", "1,3,4096,4096",
+                                 "--max-memory", "512MiB"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "needs at least 2 GiB of activations for input 1×3×4096×4096, over the 512 MiB allowed" in r.output
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "dd.py"), "--max-memory", "lots"])
+    assert r.exit_code == 2 and "--max-memory: expected a size such as 512MiB" in r.output
