@@ -48,6 +48,12 @@ class Analysis:
             self._channels = model_channel_graph(self.trace, self.inputs)
         return self._channels
 
+    def modules(self, depth: int | None = None):
+        """Every module with its subtree's params (trainable/frozen) and MACs (:func:`dsrewrite.modules.module_rows`)."""
+        from .modules import module_rows
+
+        return module_rows(self.trace.root, self.profile.module_macs, depth)
+
     def totals(self) -> dict[str, Any]:
         """Whole-model totals (params, MACs, FLOPs, bytes)."""
         p = self.profile
@@ -76,6 +82,7 @@ class Analysis:
             "totals": self.totals(),
             "by_kind": {k: dataclasses.asdict(v) for k, v in p.by_kind.items()},
             "layers": [c.to_dict() for c in p.convs],
+            "modules": [r.to_dict() for r in self.modules()],
             "untraced": [{"module": name or "(whole model)", "reason": why} for name, why in p.untraced.items()],
             "unsupported_ops": [{"op": op, **info} for op, info in sorted(p.unsupported_ops.items())],
             "trace": {"method": p.trace_method, "propagation": p.propagation},

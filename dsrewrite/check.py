@@ -19,7 +19,7 @@ from . import __version__
 from .errors import AnalysisError, ConfigError, ExitCode, InputError, ModelLoadError
 from .files import write_text_atomic
 from .load import DTYPES
-from .units import format_bytes, format_count, parse_bytes, parse_count, parse_seconds
+from .units import byte_style, format_bytes, format_count, format_seconds, parse_bytes, parse_count, parse_seconds
 
 BASELINE_KIND = "dsrewrite-check-baseline"
 BASELINE_VERSION = 1
@@ -47,19 +47,20 @@ METRICS: dict[str, MetricSpec] = {m.key: m for m in [
 LEVELS = ("error", "warn")
 
 
-def format_value(metric: str, value: float | None) -> str:
-    """A metric's value with its unit: ``'4.09G MACs'``, ``'44.6 MiB'``, ``'12.3 ms'``."""
+def format_value(metric: str, value: float | None, style: str | None = None) -> str:
+    """A metric's value with its unit: ``'4.09G MACs'``, ``'44.6 MiB'`` (``'46.8 MB'`` in the user's SI
+    style), ``'12.3 ms'``, ``'2.66 s'``; never an exponent."""
     if value is None:
         return "-"
     unit = METRICS[metric].unit
     if unit == "count":
         return f"{format_count(value)} {METRICS[metric].label}"
     if unit == "bytes":
-        return format_bytes(value)
-    return f"{value * 1e3:.3g} ms"
+        return format_bytes(value, si=style == "si")
+    return format_seconds(value)
 
 
-def format_delta(metric: str, delta: float) -> str:
+def format_delta(metric: str, delta: float, style: str | None = None) -> str:
     """A signed change with its unit."""
     sign = "+" if delta >= 0 else "-"
     unit = METRICS[metric].unit
@@ -67,8 +68,8 @@ def format_delta(metric: str, delta: float) -> str:
     if unit == "count":
         return f"{sign}{format_count(magnitude)}"
     if unit == "bytes":
-        return f"{sign}{format_bytes(magnitude)}"
-    return f"{sign}{magnitude * 1e3:.3g} ms"
+        return f"{sign}{format_bytes(magnitude, si=style == 'si')}"
+    return f"{sign}{format_seconds(magnitude)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,8 @@ class Limit:
     max: float | None = None
     max_increase: float | None = None  # a fraction: 0.02 for "2%"
     level: str = "error"
+    #: the prefixes the user wrote the limit in ("si": 50MB, "iec": 512MiB), to answer in the same terms
+    style: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +192,8 @@ def _parse_limit(raw: Any, spec: MetricSpec, where: str) -> Limit:
     level = raw.get("level", "error" if spec.deterministic else "warn")
     if level not in LEVELS:
         raise ConfigError(f"{where}: {spec.key}.level must be error or warn, got {level!r}")
-    return Limit(spec.key, maximum, increase, level)
+    style = byte_style(raw["max"]) if "max" in raw and spec.unit == "bytes" else None
+    return Limit(spec.key, maximum, increase, level, style)
 
 
 def _parse_percent(value: Any, where: str) -> float:
@@ -211,7 +215,8 @@ def adhoc_config(spec: str, shapes: list[tuple[int, ...]], dtype: str | None, ar
             continue
         try:
             parsed.append(Limit(metric, METRICS[metric].parse(text), None,
-                                "error" if METRICS[metric].deterministic else "warn"))
+                                "error" if METRICS[metric].deterministic else "warn",
+                                byte_style(text) if METRICS[metric].unit == "bytes" else None))
         except ValueError as e:
             raise ConfigError(f"--max-{metric}: {e}") from None
     if not parsed:
@@ -264,15 +269,18 @@ class Measurement:
     budget: Budget
     values: dict[str, float]
     input_shapes: list[list[int]]
+    #: every parametrized leaf module (conv, linear, norm, embedding, ...): name, type, params, MACs
     layers: list[dict[str, Any]]
     latency_fingerprint: dict[str, Any] | None
     source_file: str | None
     source_line: int | None
+    #: modules down to two levels (stages and blocks), for "which block grew"
+    blocks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_baseline(self) -> dict[str, Any]:
         """This measurement as a baseline entry."""
         return {"model": self.budget.model, "input_shapes": self.input_shapes, "metrics": self.values,
-                "latency_fingerprint": self.latency_fingerprint, "layers": self.layers}
+                "latency_fingerprint": self.latency_fingerprint, "layers": self.layers, "blocks": self.blocks}
 
 
 @dataclasses.dataclass
@@ -288,6 +296,8 @@ class MetricResult:
     #: pass, fail (error level), warn (warn level exceeded), not-comparable (latency elsewhere)
     status: str
     message: str
+    #: the prefixes the limit was written in (:attr:`Limit.style`)
+    style: str | None = None
 
     @property
     def delta(self) -> float | None:
@@ -363,9 +373,12 @@ def measure_budget(budget: Budget, measure_settings=None) -> Measurement:
         timing = measure(analysis.loaded.model, inputs, settings)
         values["latency"] = timing.median
         fingerprint = timing.fingerprint
-    layers = [{"name": c.name, "params": c.params, "macs": c.macs} for c in analysis.convs]
-    return Measurement(budget, values, [list(s) for s in analysis.profile.input_shapes], layers, fingerprint,
-                       analysis.loaded.source_file, analysis.loaded.source_line)
+    from .modules import block_rows, parametrized_layers
+
+    model, macs = analysis.trace.root, analysis.profile.module_macs
+    return Measurement(budget, values, [list(s) for s in analysis.profile.input_shapes],
+                       parametrized_layers(model, macs), fingerprint, analysis.loaded.source_file,
+                       analysis.loaded.source_line, block_rows(model, macs))
 
 
 def run_check(config: CheckConfig, baseline_path: str | None = None, progress=None,
@@ -411,20 +424,23 @@ def _judge(limit: Limit, m: Measurement, entry: dict[str, Any] | None) -> Metric
             comparable = _same_environment(entry.get("latency_fingerprint"), m.latency_fingerprint)
     label = METRICS[metric].label
     problems = []
+    style = limit.style
     if limit.max is not None and value is not None and value > limit.max:
-        over = format_delta(metric, value - limit.max).lstrip("+")
+        over = format_delta(metric, value - limit.max, style).lstrip("+")
+        if METRICS[metric].unit == "count":
+            over += f" {label}"
         change = ""
         if base is not None and comparable and base:
             change = f" ({100 * (value - base) / base:+.1f}% vs baseline)"
         text = f"{label} exceed the limit by {over}{change}"
         if base is not None and comparable and base > limit.max:
-            text += f"; the baseline was already over it ({format_value(metric, base)})"
+            text += f"; the baseline was already over it ({format_value(metric, base, style)})"
         problems.append(text)
     if limit.max_increase is not None and base is not None and comparable and base and value is not None:
         growth = (value - base) / base
         if growth > limit.max_increase + 1e-12:
             problems.append(f"{label} grew {100 * growth:+.1f}% vs baseline "
-                            f"({format_delta(metric, value - base)}), more than the allowed "
+                            f"({format_delta(metric, value - base, style)}), more than the allowed "
                             f"+{100 * limit.max_increase:g}%")
     if problems:
         status = "fail" if limit.level == "error" else "warn"
@@ -434,9 +450,17 @@ def _judge(limit: Limit, m: Measurement, entry: dict[str, Any] | None) -> Metric
                                              "(torch, device, threads or dtype differ); not compared")
     else:
         status = "pass"
-        message = f"{label} {format_value(metric, value)} within budget"
+        message = f"{label} {format_value(metric, value, style)} within budget"
+        if limit.max is not None and value is not None:
+            room = limit.max - value
+            message += (f" (limit {format_value(metric, limit.max, style)}, headroom "
+                        f"{format_delta(metric, room, style).lstrip('+')}"
+                        + (f", {100 * room / limit.max:.1f}%" if limit.max else "") + ")")
+        elif limit.max_increase is not None and base is not None and comparable and base and value is not None:
+            message += (f" ({100 * (value - base) / base:+.1f}% vs baseline, allowed "
+                        f"+{100 * limit.max_increase:g}%)")
     return MetricResult(metric, value, limit.max, limit.max_increase, base if comparable else None, limit.level,
-                        status, message)
+                        status, message, style)
 
 
 def _same_environment(a: dict | None, b: dict | None) -> bool:
@@ -460,6 +484,16 @@ def layer_changes(result: BudgetResult, top: int = 10) -> list[dict[str, Any]]:
     return diff_layers(result.baseline_entry.get("layers", []), result.measurement.layers, top)
 
 
+def block_changes(result: BudgetResult, top: int = 5) -> list[dict[str, Any]]:
+    """``--why``: the stages and blocks (modules two levels deep) that changed most since the baseline.
+
+    Empty when the baseline predates block records (refresh it with ``--update-baseline``).
+    """
+    if result.measurement is None or not result.baseline_entry or "blocks" not in result.baseline_entry:
+        return []
+    return diff_layers(result.baseline_entry["blocks"], result.measurement.blocks, top)
+
+
 def diff_layers(before: list[dict], after: list[dict], top: int = 10) -> list[dict[str, Any]]:
     """Per-layer params/MACs deltas by layer name, largest |ΔMACs| (then |Δparams|) first."""
     old = {layer["name"]: layer for layer in before}
@@ -470,7 +504,8 @@ def diff_layers(before: list[dict], after: list[dict], top: int = 10) -> list[di
         d_params = (b["params"] if b else 0) - (a["params"] if a else 0)
         d_macs = (b["macs"] if b else 0) - (a["macs"] if a else 0)
         if d_params or d_macs or a is None or b is None:
-            rows.append({"name": name, "change": "added" if a is None else "removed" if b is None else "changed",
+            rows.append({"name": name, "type": (b or a).get("type", ""),
+                         "change": "added" if a is None else "removed" if b is None else "changed",
                          "params_before": a["params"] if a else None, "params_after": b["params"] if b else None,
                          "macs_before": a["macs"] if a else None, "macs_after": b["macs"] if b else None,
                          "delta_params": d_params, "delta_macs": d_macs})

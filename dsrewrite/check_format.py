@@ -8,7 +8,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from tabulate import tabulate
 
-from .check import METRICS, REPORT_VERSION, BudgetResult, CheckResult, format_delta, format_value, layer_changes
+from .check import (METRICS, REPORT_VERSION, BudgetResult, CheckResult, block_changes, format_delta, format_value,
+                    layer_changes)
 from .units import format_count
 
 FORMATS = ("text", "json", "markdown", "github", "junit")
@@ -32,13 +33,13 @@ def _change(m) -> str:
     if m.delta is None:
         return "new" if m.baseline is None and m.status != "not-comparable" else "-"
     pct = f" ({m.delta_pct:+.1f}%)" if m.delta_pct is not None else ""
-    return f"{format_delta(m.metric, m.delta)}{pct}"
+    return f"{format_delta(m.metric, m.delta, m.style)}{pct}"
 
 
 def _limit_text(m) -> str:
     parts = []
     if m.limit is not None:
-        parts.append(format_value(m.metric, m.limit))
+        parts.append(format_value(m.metric, m.limit, m.style))
     if m.max_increase is not None:
         parts.append(f"+{100 * m.max_increase:g}% vs baseline")
     return ", ".join(parts)
@@ -71,13 +72,17 @@ def _text(result: CheckResult, why: bool) -> str:
         for m in b.metrics:
             lines.append(f"  {_ICON[m.status]} {m.message}")
             if m.status in ("fail", "warn"):
-                lines.append(f"      limit {_limit_text(m)}   value {format_value(m.metric, m.value)}   "
-                             f"baseline {format_value(m.metric, m.baseline)}   change {_change(m)}")
+                lines.append(f"      limit {_limit_text(m)}   value {format_value(m.metric, m.value, m.style)}   "
+                             f"baseline {format_value(m.metric, m.baseline, m.style)}   change {_change(m)}")
         if b.failed or b.warned:
             if b.budget.message:
                 lines.append(f"      {b.budget.message}")
-            lines.append(f"      To raise a limit, edit {result.config.table} name = {b.budget.name!r} "
-                         f"in {result.config.source}")
+            if result.config.source == "command line":
+                flags = ", ".join(f"--max-{m.metric}" for m in b.metrics if m.status in ("fail", "warn"))
+                lines.append(f"      To raise a limit, change {flags} on the command line")
+            else:
+                lines.append(f"      To raise a limit, edit {result.config.table} name = {b.budget.name!r} "
+                             f"in {result.config.source}")
         if why:
             lines += _why_lines(b)
         lines.append("")
@@ -90,15 +95,34 @@ def _text(result: CheckResult, why: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+WHY_HEADERS = ["layer", "type", "change", "Δ params", "Δ MACs"]
+BLOCK_HEADERS = ["block", "type", "change", "Δ params", "Δ MACs"]
+
+
+def _why_rows(rows: list[dict]) -> list[list]:
+    return [[r["name"], r.get("type", ""), r["change"], _signed(r["delta_params"]), _signed(r["delta_macs"])]
+            for r in rows]
+
+
 def _why_lines(b: BudgetResult) -> list[str]:
     rows = layer_changes(b)
     if not b.baseline_entry:
         return ["      why: no baseline to compare layers with"]
     if not rows:
-        return ["      why: no conv layer changed since the baseline"]
-    table = tabulate([[r["name"], r["change"], _signed(r["delta_params"]), _signed(r["delta_macs"])] for r in rows],
-                     headers=["layer", "", "Δ params", "Δ MACs"], tablefmt="simple", disable_numparse=True)
-    return ["      layers that changed most since the baseline:"] + ["      " + line for line in table.splitlines()]
+        return ["      why: no layer changed since the baseline"]
+    out = []
+    blocks = block_changes(b)
+    if blocks:
+        grew = blocks[0]
+        out.append(f"      {grew['name']} ({grew['type']}) changed most: {_signed(grew['delta_params'])} params, "
+                   f"{_signed(grew['delta_macs'])} MACs")
+        table = tabulate(_why_rows(blocks), headers=BLOCK_HEADERS, tablefmt="simple", disable_numparse=True)
+        out += ["      blocks that changed most since the baseline:"] + ["      " + line for line in table.splitlines()]
+    elif "blocks" not in b.baseline_entry:
+        out.append("      (the baseline has no block records; refresh it with --update-baseline to see blocks)")
+    table = tabulate(_why_rows(rows), headers=WHY_HEADERS, tablefmt="simple", disable_numparse=True)
+    return out + ["      layers that changed most since the baseline:"] + ["      " + line for line in
+                                                                             table.splitlines()]
 
 
 def _signed(v: int) -> str:
@@ -126,6 +150,7 @@ def to_dict(result: CheckResult, why: bool = False) -> dict:
             entry["latency_fingerprint"] = b.measurement.latency_fingerprint
         if why:
             entry["why"] = layer_changes(b)
+            entry["why_blocks"] = block_changes(b)
         budgets.append(entry)
     return {"schema_version": REPORT_VERSION, "kind": "dsrewrite-check", "summary": _headline(result),
             "config": result.config.source, "baseline": result.baseline_path,
@@ -151,7 +176,8 @@ def _markdown(result: CheckResult, why: bool) -> str:
             continue
         for m in b.metrics:
             row = [b.budget.name + (" (new)" if b.state == "added" else ""), METRICS[m.metric].label,
-                   format_value(m.metric, m.value), _limit_text(m), format_value(m.metric, m.baseline), _change(m),
+                   format_value(m.metric, m.value, m.style), _limit_text(m),
+                   format_value(m.metric, m.baseline, m.style), _change(m),
                    {"pass": "✅ pass", "fail": "❌ over limit", "warn": "⚠️ over (warning)",
                     "not-comparable": "➖ not comparable"}[m.status]]
             (flagged if m.status in ("fail", "warn") else passing).append(row)
@@ -167,12 +193,13 @@ def _markdown(result: CheckResult, why: bool) -> str:
     if why:
         for b in result.budgets:
             rows = layer_changes(b)
+            blocks = block_changes(b)
+            if blocks:
+                out += [f"<details><summary>Blocks that changed most in {b.budget.name}</summary>", "",
+                        _md_table(BLOCK_HEADERS, _why_rows(blocks)), "", "</details>", ""]
             if rows:
                 out += [f"<details><summary>Layers that changed most in {b.budget.name}</summary>", "",
-                        _md_table(["layer", "", "Δ params", "Δ MACs"],
-                                  [[r["name"], r["change"], _signed(r["delta_params"]), _signed(r["delta_macs"])]
-                                   for r in rows]),
-                        "", "</details>", ""]
+                        _md_table(WHY_HEADERS, _why_rows(rows)), "", "</details>", ""]
     if result.removed:
         out.append("Removed since the baseline: " + ", ".join(f"`{n}`" for n in result.removed))
     return "\n".join(out).rstrip() + "\n"
@@ -228,8 +255,8 @@ def _junit(result: CheckResult, why: bool) -> str:
             continue
         for m in b.metrics:
             head = f'    <testcase classname={quoteattr("dsrewrite.check." + b.budget.name)} name={quoteattr(m.metric)}>'
-            detail = (f"value {format_value(m.metric, m.value)}; limit {_limit_text(m)}; "
-                      f"baseline {format_value(m.metric, m.baseline)}; change {_change(m)}")
+            detail = (f"value {format_value(m.metric, m.value, m.style)}; limit {_limit_text(m)}; "
+                      f"baseline {format_value(m.metric, m.baseline, m.style)}; change {_change(m)}")
             if m.status == "fail":
                 failures += 1
                 body = f"      <failure message={quoteattr(m.message)}>{escape(detail)}</failure>"

@@ -151,27 +151,52 @@ def cli(ctx: click.Context, debug: bool, config_file: str | None) -> None:
 @click.option("--groups", is_flag=True,
               help="Show the channel groups instead: channels that must keep the same width, and whether "
                    "each group can be resized (convert --align / --width).")
+@click.option("--by", "by", type=click.Choice(("conv", "module")), default="conv", show_default=True,
+              help="conv: one row per conv call and what convert would do; module: every module as a tree with "
+                   "its params (trainable/frozen), MACs and shares.")
+@click.option("--depth", type=int, default=None, metavar="N",
+              help="With --by module: show modules down to N levels (deeper ones are summed into their parents).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages (the report is still printed).")
 def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule_config, show_all: bool,
-            groups: bool) -> None:
-    """Show where a model's cost is, conv by conv, and what convert would do with each.
+            groups: bool, by: str, depth: int | None, quiet: bool) -> None:
+    """Show where a model's cost is, conv by conv (or module by module), and what convert would do.
 
     MODEL is a file (model.py, model.py:NAME), package.module:NAME, torchvision:NAME,
     timm:NAME, or a saved model (.pt/.pth/.pt2).
+
+    \b
+    Examples:
+      dsrewrite analyze examples/resnet.py
+      dsrewrite analyze torchvision:resnet50 --input-shape 8,3,224,224 --all
+      dsrewrite analyze torchvision:resnet50 --by module --depth 2
+      dsrewrite analyze model.py:build --arg width=64 --format json -o report.json
     """
     from .api import analyze_spec
     from .plan import plan_conversion
     from .report import render_analysis
 
     ms = model_settings
+    if depth is not None and depth < 0:
+        raise UsageError(f"--depth must be 0 or more, got {depth}")
+    if depth is not None and by != "module":
+        raise UsageError("--depth applies to --by module")
+    if groups and by == "module":
+        raise UsageError("give --groups or --by module, not both")
     analysis = analyze_spec(ms.spec, ms.input_shapes, ms.dtype, ms.kwargs, ms.trust_pickle, ms.max_memory)
+    if by == "module":
+        from .report import render_modules
+
+        _emit(render_modules(analysis, output_settings.format, depth), output_settings, quiet)
+        return
     if groups:
         from .report import render_groups
 
-        _emit(render_groups(analysis.channel_groups(), output_settings.format, ms.spec, show_all), output_settings)
+        _emit(render_groups(analysis.channel_groups(), output_settings.format, ms.spec, show_all), output_settings,
+              quiet)
         return
     plan = plan_conversion(analysis, rule_config)
     text = render_analysis(analysis, output_settings.format, max_rows=None if show_all else 60, plan=plan)
-    _emit(text, output_settings)
+    _emit(text, output_settings, quiet)
 
 
 @cli.command()
@@ -405,7 +430,7 @@ def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, s
         if folder:
             os.makedirs(folder, exist_ok=True)
         gate.write_baseline(target, measurements)
-        click.echo(f"wrote baseline {target} for {len(measurements)} budget(s)", err=True)
+        say(f"wrote baseline {target} for {len(measurements)} budget(s)")
         return
     result = gate.run_check(config, baseline, say, settings)
     text = render(result, format, why)
@@ -526,11 +551,22 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
 @click.option("--format", "format", type=click.Choice(("text", "markdown", "json")), default="text",  # noqa: A002
               show_default=True)
 @click.option("--top", type=int, default=10, show_default=True, help="How many changed layers to list.")
-def compare(base, head, format, top) -> None:  # noqa: A002
-    """Compare two reports offline: analyze --format json output, check baselines or check JSON."""
+@click.option("--allow-different", is_flag=True,
+              help="Compare reports of different models or input shapes anyway (refused by default), with a warning.")
+def compare(base, head, format, top, allow_different) -> None:  # noqa: A002
+    """Compare two reports offline: analyze --format json output, check baselines or check JSON.
+
+    Every parametrized layer (conv, linear, norm, ...) is lined up by name.
+
+    \b
+    Examples:
+      dsrewrite analyze model.py --format json -o before.json   # on main
+      dsrewrite analyze model.py --format json -o after.json    # on your branch
+      dsrewrite compare before.json after.json --format markdown
+    """
     from .compare import compare_files, render_comparison
 
-    click.echo(render_comparison(compare_files(base, head, top), format), nl=False)
+    click.echo(render_comparison(compare_files(base, head, top, allow_different), format), nl=False)
 
 
 def _read_plan(path: str):
@@ -546,12 +582,13 @@ def _read_plan(path: str):
         raise UsageError(f"--plan {path}: not a JSON plan ({type(e).__name__}: {e})") from None
 
 
-def _emit(text: str, out: OutputSettings) -> None:
+def _emit(text: str, out: OutputSettings, quiet: bool = False) -> None:
     from .files import write_text_atomic
 
     if out.output:
         write_text_atomic(out.output, text)
-        click.echo(f"wrote {out.output}", err=True)
+        if not quiet:
+            click.echo(f"wrote {out.output}", err=True)
     else:
         click.echo(text, nl=False)
 

@@ -115,6 +115,9 @@ class ModelProfile:
     #: ``meta`` (no arithmetic) or ``real`` (fell back to one real forward; see notes).
     propagation: str
     notes: list[str]
+    #: MACs of the ops run directly inside each module (innermost module path; "" for the model itself);
+    #: :func:`dsrewrite.modules.module_rows` rolls them up the module tree
+    module_macs: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -398,6 +401,7 @@ class _Counter(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.largest_output = 0
+        self.module_macs: collections.Counter = collections.Counter()
         self.memory_limit: float | None = None  # real-forward fallback: stop when it grows past this
         self.rss_start = 0
         self.failed_at = ""
@@ -521,6 +525,7 @@ class _Counter(TorchDispatchMode):
         totals = self.by_kind[kind]
         totals.macs += macs
         totals.calls += 1
+        self.module_macs[self._enclosing()[0]] += macs
         if self.node is not None:
             self.node.meta["dsrewrite_macs"] += macs
         if kind in ("conv", "linear", "matmul"):
@@ -631,6 +636,7 @@ class _Counter(TorchDispatchMode):
             trace_method=traced.method,
             propagation=propagation,
             notes=notes,
+            module_macs=dict(self.module_macs),
         )
 
 

@@ -144,6 +144,54 @@ def _totals_block(doc: dict, fmt: str, markdown: bool) -> str:
     ])
 
 
+# ------------------------------------------------------------------------------ modules
+
+MODULE_CSV_COLUMNS = ["name", "type", "depth", "params", "trainable", "frozen", "macs", "params_share", "macs_share",
+                      "leaf"]
+
+
+def render_modules(analysis, fmt: str = "table", depth: int | None = None) -> str:
+    """``analyze --by module``: every module (to ``depth``), its params (trainable/frozen), MACs and shares."""
+    rows = analysis.modules(depth)
+    doc = {"model": analysis.model_name, "input_shapes": [list(s) for s in analysis.profile.input_shapes],
+           "depth": depth, "convention": analysis.to_dict()["convention"], "modules": [r.to_dict() for r in rows]}
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=MODULE_CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in doc["modules"]:
+            writer.writerow(r)
+        return buf.getvalue()
+    md = fmt == "markdown"
+    tfmt = "github" if md else "simple"
+    frozen_any = any(r.frozen for r in rows)
+    table = []
+    for r in rows:
+        tree = "│ " * (r.depth - 1) + "├ " if r.depth else ""  # table formats strip leading spaces
+        label = tree + (r.name or "(model)") + f" ({r.type})"
+        row = [label, format_count(r.params) if r.params else "-", f"{100 * r.params_share:.1f}%" if r.params else "",
+               format_count(r.macs) if r.macs else "-", f"{100 * r.macs_share:.1f}%" if r.macs else ""]
+        if frozen_any:
+            row.insert(3, format_count(r.frozen) if r.frozen else "")
+        table.append(row)
+    headers = ["module", "params", "% params", "MACs", "% MACs"]
+    if frozen_any:
+        headers.insert(3, "frozen params")
+    root = rows[0]
+    shapes = ", ".join(shape_text(s) for s in doc["input_shapes"])
+    head = f"# dsrewrite modules: `{doc['model']}`\n" if md else f"dsrewrite modules: {doc['model']}"
+    out = [head, f"Input {shapes}; {format_count(root.params)} params ({format_count(root.trainable)} trainable, "
+                 f"{format_count(root.frozen)} frozen), {format_count(root.macs)} MACs. "
+                 + (f"Modules to depth {depth}; deeper ones are summed into their parents." if depth is not None
+                    else "Every module; --depth N stops at N levels."), "",
+           tabulate(table, headers=headers, tablefmt=tfmt, disable_numparse=True), "",
+           f"Each row counts its whole subtree; a parameter shared by two modules is counted once. "
+           f"Convention: {doc['convention']}."]
+    return "\n".join(out).rstrip() + "\n"
+
+
 # ------------------------------------------------------------------------------ plans
 
 

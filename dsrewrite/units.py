@@ -22,13 +22,33 @@ def format_count(value: float, digits: int = 3) -> str:
     return _sig(v, digits) if v != int(v) else str(int(v))
 
 
-def format_bytes(value: float, digits: int = 3) -> str:
-    """``46758048 -> '44.6 MiB'``."""
+_SI_BYTES = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")]
+
+
+def format_bytes(value: float, digits: int = 3, si: bool = False) -> str:
+    """``46758048 -> '44.6 MiB'``; with ``si`` (the user wrote MB, GB), ``'46.8 MB'``."""
     v = float(value)
-    for scale, suffix in _IEC:
+    for scale, suffix in (_SI_BYTES if si else _IEC):
         if abs(v) >= scale:
             return f"{_sig(v / scale, digits)} {suffix}"
     return f"{int(v)} B"
+
+
+def format_seconds(value: float, digits: int = 3) -> str:
+    """``2.664 -> '2.66 s'``, ``0.0123 -> '12.3 ms'``, ``4.2e-5 -> '42 µs'``: never an exponent."""
+    v = float(value)
+    for scale, suffix in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if abs(v) >= scale:
+            return f"{_sig(v / scale, digits)} {suffix}"
+    return f"{_sig(v / 1e-9, digits)} ns" if v else "0 s"
+
+
+def byte_style(text) -> str | None:
+    """Which prefixes a user's size used: ``'50MB' -> 'si'``, ``'512MiB' -> 'iec'``, a bare number → None."""
+    m = re.fullmatch(_NUMBER + r"([A-Za-zµ]*)\s*", str(text))
+    if not m or m.group(2) in ("", "b", "B"):
+        return None
+    return "iec" if "i" in m.group(2) else "si"
 
 
 def _sig(v: float, digits: int) -> str:
