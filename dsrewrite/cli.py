@@ -61,10 +61,18 @@ def output_options(formats: tuple[str, ...]):
     return decorate
 
 
+def _preset_names() -> list[str]:
+    """The built-in presets, read from the presets folder (so --help lists every one, and imports no torch)."""
+    import importlib.resources
+
+    return sorted(p.name[:-5] for p in importlib.resources.files("dsrewrite.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def rules_options(fn):
     """``--rules`` and ``--set``, shared by analyze and convert."""
     @click.option("--rules", "rules", default="default", show_default=True, metavar="PRESET|FILE.toml",
-                  help="Rule preset (default, conservative, aggressive, mobile) or a TOML rules file.")
+                  help=f"Rule preset ({', '.join(_preset_names())}) or a TOML rules file.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one rules key, e.g. --set replace.min_in_channels=128 (repeatable).")
     @functools.wraps(fn)
@@ -249,6 +257,13 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
     original weights, and reports params, MACs and output fidelity before and after.
+
+    \b
+    Examples:
+      dsrewrite convert examples/resnet.py --dry-run
+      dsrewrite convert examples/resnet.py -o resnet_ds.pt --measure --report report.html
+      dsrewrite convert examples/resnet.py --rules latency --measure --report report.md
+      dsrewrite convert model.py --calibrate data.py:batches --target-macs 0.33 --export-code out/
     """
     from . import export
     from .api import analyze_spec, convert as convert_model
@@ -390,6 +405,12 @@ def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, s
     With no MODEL, budgets come from [tool.dsrewrite.check] in pyproject.toml (or
     dsrewrite.toml, or --config FILE). Exit codes: 0 within budget, 1 a limit exceeded,
     2 bad config or usage, 3 a model could not be loaded or traced.
+
+    \b
+    Examples:
+      dsrewrite check --update-baseline        # once, on main
+      dsrewrite check --why --format github    # in CI, on every pull request
+      dsrewrite check examples/resnet.py --max-params 12M --max-param-bytes 50MB
     """
     import os
 
@@ -482,6 +503,12 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
     TEACHER is the original model, as for analyze. Under `torchrun --nproc_per_node N`
     the student trains with DistributedDataParallel; give a loader with a
     DistributedSampler (a list of batches is split across ranks), and rank 0 writes.
+
+    \b
+    Examples:
+      dsrewrite finetune small.pt examples/resnet.py --trust-pickle --data data.py:train \\
+          --eval data.py:test -o small_tuned.pt --epochs 2
+      torchrun --nproc_per_node 2 -m dsrewrite.cli finetune ...
     """
     import json
 

@@ -13,6 +13,7 @@ overrides.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import math
 import sys
@@ -175,11 +176,13 @@ def load_rules_dict(doc: dict[str, Any], where: str) -> RuleConfig:
     return dataclasses.replace(config, preset=str(doc.get("preset", "custom")), source=str(doc.get("source", where)))
 
 
-def _preset(name: str, depth: int) -> RuleConfig:
+def _preset(name: str, depth: int, where: str | None = None) -> RuleConfig:
     names = preset_names()
     if name not in names:
-        raise ConfigError(f"unknown rules preset {name!r}; built-in presets: {', '.join(names)} "
-                          "(or give a path to a .toml file)")
+        close = difflib.get_close_matches(name, names, n=1)
+        head = f"{where}: extends = {name!r}: no such preset" if where else f"unknown rules preset {name!r}"
+        raise ConfigError(f"{head}{f' (did you mean {close[0]!r}?)' if close else ''}; built-in presets: "
+                          f"{', '.join(names)}" + ("" if where else " (or give a path to a .toml file)"))
     text = (importlib.resources.files("dsrewrite.presets") / f"{name}.toml").read_text(encoding="utf-8")
     return dataclasses.replace(_from_toml(text, f"preset {name}", depth), preset=name, source=f"preset {name}")
 
@@ -194,7 +197,7 @@ def _from_toml(text: str, where: str, depth: int) -> RuleConfig:
         raise ConfigError(f"{where}: 'extends' chain is too deep")
     if base_name is not None and not isinstance(base_name, str):
         raise ConfigError(f"{where}: 'extends' must name a preset, got {base_name!r}")
-    base = _preset(base_name, depth + 1) if base_name else RuleConfig()
+    base = _preset(base_name, depth + 1, where) if base_name else RuleConfig()
     flat: dict[str, Any] = {}
     for section, table in data.items():
         if not isinstance(table, dict):
@@ -210,7 +213,10 @@ def _apply(config: RuleConfig, values: dict[str, Any], where: str) -> RuleConfig
     changes = {}
     for key, value in values.items():
         if key not in SCHEMA:
-            raise ConfigError(f"{where}: unknown rules key {key!r}; known keys: {', '.join(SCHEMA)}")
+            close = difflib.get_close_matches(key, list(SCHEMA), n=1)
+            hint = (f" (did you mean {close[0]!r}?)" if close
+                    else f"; known keys: {', '.join(SCHEMA)}")
+            raise ConfigError(f"{where}: unknown rules key {key!r}{hint}")
         field, expected = SCHEMA[key]
         changes[field] = _check_type(key, value, expected, where)
     return dataclasses.replace(config, **changes)
