@@ -143,6 +143,14 @@ BAD_INPUTS = {
                            "given has 3: 1,3,224"),
     "output folder missing": (["analyze", EXAMPLE, "-o", "{tmp}/nope/out.txt"], "does not exist"),
     "bad spec": (["analyze", "justaname"], "cannot read model spec"),
+    "extends a misspelt preset": (["analyze", EXAMPLE, "--rules", "{tmp}/extends.toml"],
+                                  "extends.toml: extends = 'defualt': no such preset (did you mean 'default'?)"),
+    "misspelt rules key": (["analyze", EXAMPLE, "--rules", "{tmp}/typo.toml"],
+                           "typo.toml: unknown rules key 'replace.min_in_chanels' (did you mean "
+                           "'replace.min_in_channels'?)"),
+    "misspelt --set key": (["analyze", EXAMPLE, "--set", "block.depth_multipler=2"],
+                           "did you mean 'block.depth_multiplier'?"),
+    "misspelt preset": (["analyze", EXAMPLE, "--rules", "latncy"], "did you mean 'latency'?"),
 }
 
 
@@ -151,6 +159,8 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch):
     write(tmp_path, "broken.py", "def build_model(:\n")
     write(tmp_path, "empty.py", "x = 1\n")
     write(tmp_path, "raises.py", "def build_model():\n    raise ValueError('bad width')\n")
+    write(tmp_path, "extends.toml", 'extends = "defualt"\n')
+    write(tmp_path, "typo.toml", 'extends = "default"\n[replace]\nmin_in_chanels = 3\n')
     torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     args, message = BAD_INPUTS[case]
@@ -287,3 +297,21 @@ def test_analyze_shows_decisions():
     assert r.exit_code == 0
     assert "convert would" in r.output and "kept: downsampling, stride 2×2" in r.output
     assert "Rules: preset conservative" in r.output
+
+
+def test_help_lists_every_preset_every_report_type_and_examples():
+    import importlib.metadata
+    import importlib.resources
+
+    presets = sorted(p.name[:-5] for p in importlib.resources.files("dsrewrite.presets").iterdir()
+                     if p.name.endswith(".toml"))
+    assert len(presets) >= 7
+    for command in ("analyze", "convert", "check", "finetune", "compare"):
+        text = " ".join(run(command, "--help").output.split())
+        assert "Examples:" in text, command
+        if command in ("analyze", "convert"):
+            assert f"Rule preset ({', '.join(presets)})" in text
+    assert ".html (charts), .md, .json or .txt" in " ".join(run("convert", "--help").output.split())
+    assert "-q, --quiet" in run("analyze", "--help").output
+    requires = importlib.metadata.requires("dsrewrite")
+    assert any(r.startswith("numpy") for r in requires), "torch warns 'Failed to initialize NumPy' without it"
