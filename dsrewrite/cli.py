@@ -221,7 +221,11 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--state-dict", type=click.Path(dir_okay=False), help="Save the converted model's state_dict (.pth).")
 @click.option("--export-code", type=click.Path(file_okay=False), metavar="DIR",
               help="Write standalone model.py + weights.pt (loadable without dsrewrite) into DIR.")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Export the converted model to ONNX.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="Export the converted model to ONNX: inputs and outputs named after forward's parameters and "
+                   "its output dict's keys, a dynamic batch axis, checked in onnxruntime when installed.")
+@click.option("--onnx-static", is_flag=True, help="With --onnx: keep the example's batch size fixed in the graph.")
+@click.option("--opset", type=int, default=None, help="With --onnx: the ONNX opset version (default: torch's).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the before/after report to FILE: .html (charts), .md, .json or .txt.")
 @click.option("--measure", is_flag=True, help="Time the original and converted models, and each replaced layer.")
@@ -252,7 +256,7 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            align, width, quiet: bool, plan_path, no_cache: bool) -> None:
+            align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset) -> None:
     """Rewrite heavy standard convs as depthwise-separable blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -289,6 +293,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         raise UsageError(f"--align must be a positive channel divisor such as 8, got {align}")
     if width is not None and not 0 < width <= 1:
         raise UsageError(f"--width is a multiplier between 0 and 1 (e.g. 0.75), got {width}")
+    if (onnx_static or opset is not None) and not onnx_path:
+        raise UsageError("--onnx-static and --opset apply to --onnx FILE")
     if plan_path:
         ctx = click.get_current_context()
         planning = [f"--{n.replace('_', '-')}" for n in ("rules", "overrides", "target_macs", "max_error", "align",
@@ -358,8 +364,12 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         path = export.export_code(result.model, real, export_code, source=ms.spec)
         say(f"wrote {path} and weights.pt (standalone: needs only torch)")
     if onnx_path:
-        export.export_onnx(result.model, real, onnx_path)
-        say(f"wrote {onnx_path}")
+        info = export.export_onnx(result.model, real, onnx_path, dynamic_batch=not onnx_static, opset=opset)
+        checked = info["checked"]
+        say(f"wrote {onnx_path}: inputs {', '.join(info['inputs'])} -> outputs {', '.join(info['outputs'])}, "
+            + ("batch axis dynamic" if info["dynamic_axes"] else "batch size fixed")
+            + (f"; checked in {checked['runtime']} at batch {'/'.join(map(str, checked['batch_sizes']))}"
+               if checked else "; not run (pip install onnxruntime to check it)"))
     if output:
         export.save_model(result.model, output)
         say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")

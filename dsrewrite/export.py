@@ -7,7 +7,6 @@ leaves a half-written output behind.
 from __future__ import annotations
 
 import importlib.util
-import keyword
 import re
 import os
 import sys
@@ -49,20 +48,127 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
 
 
-def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike) -> None:
-    """ONNX export (needs the ``onnx`` package; torch's dynamo exporter also needs ``onnxscript``)."""
+def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike, *, dynamic_batch: bool = True,
+                opset: int | None = None) -> dict:
+    """ONNX export that deploys: named inputs and outputs, a dynamic batch axis, checked in onnxruntime.
+
+    Inputs are named after ``forward``'s parameters, outputs after the keys of a dict output
+    (``logits``, ``boxes``; nested keys joined with ``.``), else ``output`` / ``output_0`` ...
+    With ``dynamic_batch`` (the default) the first axis of every input, and of every output
+    that carries the batch, is named ``batch``. When onnxruntime is installed, the file is run
+    at the example batch size and at one more, and compared with torch, before it is moved into
+    place. Returns what was written: names, dynamic axes, opset, and the check's result.
+    """
     if importlib.util.find_spec("onnx") is None:
         raise UsageError("--onnx needs the onnx package: pip install onnx")
     from .trace import eval_mode
 
+    input_names = _input_names(model, inputs)
+    outputs = run_eval(model, inputs)
+    output_names = _output_names(outputs)
+    batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), None)
+    dynamic = {}
+    if dynamic_batch and batch is not None:
+        dynamic = {n: {0: "batch"} for n, x in zip(input_names, inputs) if isinstance(x, torch.Tensor) and x.dim()}
+        flat = _flat_outputs(outputs)
+        dynamic.update({n: {0: "batch"} for n, t in zip(output_names, flat)
+                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch})
+    tensor_inputs = [n for n, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
+    info = {"inputs": tensor_inputs, "outputs": output_names, "dynamic_axes": dynamic, "opset": opset,
+            "checked": None}
+
     def write(tmp):
         with eval_mode(model), torch.no_grad():
+            kwargs = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic or None)
+            if opset is not None:
+                kwargs["opset_version"] = opset
             try:
-                torch.onnx.export(model, inputs, tmp, dynamo=False)
+                torch.onnx.export(model, inputs, tmp, dynamo=False, **kwargs)
             except TypeError:  # torch without the dynamo switch
-                torch.onnx.export(model, inputs, tmp)
+                torch.onnx.export(model, inputs, tmp, **kwargs)
+            except Exception as e:
+                raise UsageError(f"--onnx: the exporter failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        info["checked"] = _check_onnx(model, inputs, tmp, tensor_inputs, batch if dynamic else None)
 
     atomic_write(path, write)
+    return info
+
+
+def _input_names(model: nn.Module, inputs: tuple) -> list[str]:
+    """``forward``'s parameter names for the positional inputs (``input``, ``input_1`` ... when unknown)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params[:len(inputs)]]
+    names += [f"input_{i}" if i else "input" for i in range(len(names), len(inputs))]
+    return names
+
+
+def _flat_outputs(outputs) -> list:
+    from torch.utils._pytree import tree_flatten
+
+    return tree_flatten(outputs)[0]
+
+
+def _output_names(outputs) -> list[str]:
+    """Names for the flattened outputs: dict keys (nested ones joined with "."), else output / output_i."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    leaves = tree_flatten_with_path(outputs)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    names = []
+    for i, (path, _) in enumerate(leaves):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+        named = any(hasattr(k, "key") or hasattr(k, "name") for k in path)
+        names.append(".".join(keys) if named else f"output_{i}")
+    return names
+
+
+def _check_onnx(model: nn.Module, inputs: tuple, path, names: list[str], batch: int | None) -> dict | None:
+    """Run the exported file in onnxruntime (when installed) and compare with torch; at batch and batch + 1."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sizes = [batch, batch + 1] if batch is not None else [None]
+    worst = 0.0
+    for size in sizes:
+        feed_inputs = tuple(_resize_batch(x, size) for x in inputs)
+        expected = [t for t in _flat_outputs(run_eval(model, feed_inputs)) if isinstance(t, torch.Tensor)]
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(names, [x for x in feed_inputs
+                                                                   if isinstance(x, torch.Tensor)])}
+        try:
+            got = session.run(None, feed)
+        except Exception as e:
+            what = f"at batch {size}" if size is not None else ""
+            raise UsageError(f"--onnx: the exported model fails in onnxruntime {what} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); the forward probably fixes the batch size "
+                             "(e.g. view(1, -1)): use --onnx-static") from None
+        for want, have in zip(expected, got):
+            have = torch.from_numpy(have)
+            if have.shape != want.shape:
+                raise UsageError(f"--onnx: onnxruntime returns shape {tuple(have.shape)} where torch returns "
+                                 f"{tuple(want.shape)} at batch {size}; use --onnx-static")
+            scale = float(want.abs().max()) or 1.0
+            worst = max(worst, float((have - want.float()).abs().max()) / scale)
+    if worst > 1e-3:
+        raise UsageError(f"--onnx: onnxruntime's outputs differ from torch's by {worst:.2g} (relative to the "
+                         "largest output)")
+    return {"runtime": f"onnxruntime {ort.__version__}", "batch_sizes": sizes, "max_relative_difference": worst}
+
+
+def _resize_batch(x, size: int | None):
+    if size is None or not isinstance(x, torch.Tensor) or not x.dim() or x.shape[0] == size:
+        return x
+    reps = -(-size // x.shape[0])
+    return torch.cat([x] * reps)[:size] + 0.01 * torch.randn(size, *x.shape[1:], dtype=x.dtype) \
+        if x.is_floating_point() else torch.cat([x] * reps)[:size]
 
 
 # ------------------------------------------------------------------------- standalone code
@@ -82,12 +188,16 @@ from torch import nn
 
 _LOADER = '''
 
-def load_model(weights=None, map_location="cpu"):
-    """Build the model and load its weights (default: weights.pt beside this file)."""
+def load_model(weights=None, map_location="cpu", train=False):
+    """Build the model and load its weights, in eval mode unless ``train``.
+
+    ``weights`` defaults to weights.pt beside this file; the state_dict written by
+    ``dsrewrite convert --state-dict`` has the same keys and loads as well.
+    """
     model = {cls}()
     path = weights or os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt")
     model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-    return model
+    return model.train(train)
 '''
 
 
@@ -114,30 +224,41 @@ def export_code(model: nn.Module, inputs: tuple, folder: str | os.PathLike, sour
     graph = fx.Graph()
     out = graph.graph_copy(traced.graph, {})
     graph.output(out)
-    names: dict[str, str] = {}
-    init_lines, state = [], {}
+    # The generated class keeps the original module paths (``stem.0``, ``layer1.0.conv1``), so its
+    # state_dict keys are the converted model's own: weights.pt and a --state-dict file share one layout.
+    init_lines, state, made = [], {}, {""}
+
+    def container(path: str) -> str:
+        """Source for the parent module of ``path``, creating empty parent containers on the way."""
+        up = path.rpartition(".")[0]
+        if up and up not in made:
+            container(up)
+            init_lines.append(f"{_at(up.rpartition('.')[0])}.add_module({up.rpartition('.')[2]!r}, nn.Module())")
+            made.add(up)
+        return _at(up)
+
     for node in graph.nodes:
         if node.op not in ("call_module", "get_attr"):
             continue
         original = str(node.target)
-        if original not in names:
-            names[original] = _identifier(original, set(names.values()))
-            flat = names[original]
-            if node.op == "call_module":
-                module = model.get_submodule(original)
-                init_lines.append(f"self.{flat} = {_constructor(original, module)}")
-                state.update({f"{flat}.{k}": v for k, v in module.state_dict().items()})
-            else:
-                value = _fetch(model, original)
-                if not isinstance(value, torch.Tensor):
-                    raise UsageError(f"--export-code: attribute {original} is a {type(value).__name__}, not a tensor")
-                kind = "nn.Parameter" if isinstance(value, nn.Parameter) else None
-                shape, dtype = tuple(value.shape), str(value.dtype)
-                empty = f"torch.empty({shape}, dtype={dtype})"
-                init_lines.append(f"self.{flat} = nn.Parameter({empty})" if kind else
-                                  f"self.register_buffer({flat!r}, {empty})")
-                state[flat] = value.detach()
-        node.target = names[original]
+        if original in made:
+            continue
+        owner = container(original)
+        leaf = original.rpartition(".")[2]
+        made.add(original)
+        if node.op == "call_module":
+            module = model.get_submodule(original)
+            init_lines.append(f"{owner}.add_module({leaf!r}, {_constructor(original, module)})")
+            state.update({f"{original}.{k}": v for k, v in module.state_dict().items()})
+        else:
+            value = _fetch(model, original)
+            if not isinstance(value, torch.Tensor):
+                raise UsageError(f"--export-code: attribute {original} is a {type(value).__name__}, not a tensor")
+            shape, dtype = tuple(value.shape), str(value.dtype)
+            empty = f"torch.empty({shape}, dtype={dtype})"
+            init_lines.append(f"{owner}.register_parameter({leaf!r}, nn.Parameter({empty}))"
+                              if isinstance(value, nn.Parameter) else f"{owner}.register_buffer({leaf!r}, {empty})")
+            state[original] = value.detach()
     code = graph.python_code(root_module="self")
     used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code.src))
     imports = _imports({k: v for k, v in code.globals.items() if k in used})
@@ -166,15 +287,9 @@ def export_code(model: nn.Module, inputs: tuple, folder: str | os.PathLike, sour
     return target / "model.py"
 
 
-def _identifier(target: str, taken: set[str]) -> str:
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in target.replace(".", "_"))
-    if not name or name[0].isdigit() or keyword.iskeyword(name):
-        name = f"m_{name}"
-    base, i = name, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
+def _at(path: str) -> str:
+    """Source that reaches the submodule at ``path`` from ``self``."""
+    return f"self.get_submodule({path!r})" if path else "self"
 
 
 def _constructor(name: str, module: nn.Module) -> str:

@@ -113,3 +113,74 @@ def test_wraps_in_ddp(converted, tmp_path):
         assert all(p.grad is not None for p in ddp.parameters() if p.requires_grad)
     finally:
         dist.destroy_process_group()
+
+
+class TwoInputsDictOut(nn.Module):
+    """Named inputs and a dict output, as detection and multi-task models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, image, mask):
+        features = self.body(image * mask)
+        return {"logits": self.head(features.mean((2, 3))), "features": features}
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        batch = int(x.shape[0])  # a Python int: the exporter bakes the example's batch size into the graph
+        return self.conv(x).reshape(batch, -1)
+
+
+def test_onnx_deploys_with_names_and_a_dynamic_batch(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
+    torch.manual_seed(0)
+    model = TwoInputsDictOut().eval()
+    inputs = (torch.randn(1, 3, 16, 16), torch.ones(1, 1, 16, 16))
+    converted = dsrewrite.convert(model, inputs, "aggressive").model
+    path = tmp_path / "m.onnx"
+    info = export.export_onnx(converted, inputs, path)
+    assert info["checked"]["batch_sizes"] == [1, 2] and info["checked"]["max_relative_difference"] < 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", "mask"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for batch in (1, 4):  # a batch size the export never saw
+        image, mask = torch.randn(batch, 3, 16, 16), (torch.rand(batch, 1, 16, 16) > 0.5).float()
+        want = converted.eval()(image, mask)
+        logits, features = session.run(None, {"image": image.numpy(), "mask": mask.numpy()})
+        assert torch.allclose(torch.from_numpy(logits), want["logits"], atol=1e-4)
+        assert torch.allclose(torch.from_numpy(features), want["features"], atol=1e-4)
+
+
+def test_onnx_static_batch_and_opset(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "fixed.onnx"
+    with pytest.raises(dsrewrite.errors.UsageError, match="use --onnx-static"):
+        export.export_onnx(FixedBatch(), (torch.randn(1, 3, 8, 8),), path)
+    assert not path.exists() and not list(tmp_path.iterdir()), "nothing half-written"
+    info = export.export_onnx(FixedBatch(), (torch.randn(1, 3, 8, 8),), path, dynamic_batch=False, opset=17)
+    assert info["dynamic_axes"] == {} and info["checked"]["batch_sizes"] == [None]
+    assert onnx.load(str(path)).opset_import[0].version == 17
+
+
+def test_export_code_loads_in_eval_mode_with_the_state_dict_layout(converted, tmp_path):
+    path = export.export_code(converted, (torch.randn(*SHAPE),), tmp_path / "code")
+    spec = __import__("importlib.util").util.spec_from_file_location("exported_model", path)
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    standalone = module.load_model()
+    assert not standalone.training, "load_model() is for inference: eval mode"
+    assert module.load_model(train=True).training
+    assert list(standalone.state_dict()) == list(converted.state_dict()), "one key layout"
+    state = tmp_path / "converted.pth"
+    export.save_state_dict(converted, state)
+    module.load_model(str(state))  # the --state-dict file loads as it is
