@@ -217,7 +217,8 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None, metavar="PLAN.json",
               help="Apply this saved plan (from --dry-run --format json -o PLAN.json) exactly, instead of planning.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Save the whole converted module (.pt); with --dry-run, the plan.")
+              help="Save the converted model: .pt (a pickled module: trains, fine-tunes; loading needs its source "
+                   "files) or .pt2 (torch.export: portable, inference only). With --dry-run, the plan.")
 @click.option("--state-dict", type=click.Path(dir_okay=False), help="Save the converted model's state_dict (.pth).")
 @click.option("--export-code", type=click.Path(file_okay=False), metavar="DIR",
               help="Write standalone model.py + weights.pt (loadable without dsrewrite) into DIR.")
@@ -310,6 +311,9 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             export.check_output_path(path, spec_inputs)
     if export_code:
         export.check_output_path(export_code, spec_inputs, "code folder")
+    if output and not dry_run and not output.lower().endswith(export.MODEL_SUFFIXES):
+        raise UsageError(f"-o writes the converted model: .pt (pickled module, trains), .pt2 (torch.export, "
+                         f"portable), got {output}")
     if dry_run and output:
         if not output.lower().endswith((".json", ".md", ".txt")):
             raise UsageError(f"with --dry-run, -o writes the plan (.json, .md or .txt), not a model: {output}")
@@ -371,8 +375,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             + (f"; checked in {checked['runtime']} at batch {'/'.join(map(str, checked['batch_sizes']))}"
                if checked else "; not run (pip install onnxruntime to check it)"))
     if output:
-        export.save_model(result.model, output)
-        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
+        how = export.save_model(result.model, output, real)
+        say(f"wrote {output}: {how}")
     if state_dict:
         export.save_state_dict(result.model, state_dict)
         say(f"wrote {state_dict}")
@@ -546,6 +550,8 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
     for path in (output, state_dict, history_path):
         if path:
             export.check_output_path(path, [student, teacher])
+    if not output.lower().endswith((".pt", ".pth")):
+        raise UsageError(f"finetune -o writes the trained student as a .pt (a pickled, trainable module), got {output}")
 
     with torchrun_group(device) as (rank, world):
         quiet_rank = say if rank == 0 else (lambda msg: None)
@@ -566,8 +572,7 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
         if rank != 0:
             return
         student_model.cpu()
-        export.save_model(student_model, output)
-        say(f"wrote {output} (load with torch.load(path, weights_only=False); dsrewrite must be importable)")
+        say(f"wrote {output}: {export.save_model(student_model, output)}")
         if state_dict:
             export.save_state_dict(student_model, state_dict)
             say(f"wrote {state_dict}")

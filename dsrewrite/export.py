@@ -38,9 +38,64 @@ def check_output_path(path: str | os.PathLike, inputs: list[str] = (), what: str
     return target
 
 
-def save_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """``torch.save`` of the whole module; load it with ``torch.load(path, weights_only=False)``."""
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, inputs: tuple | None = None) -> str:
+    """Save the whole model; returns a sentence saying how to load it.
+
+    ``.pt``/``.pth``: ``torch.save`` of the module (a pickle: it trains and fine-tunes, and
+    loading needs dsrewrite and the modules its classes come from). ``.pt2``: a
+    ``torch.export`` program of the eval-mode forward on ``inputs`` (portable, needs no source,
+    inference only; the batch axis is dynamic when the model allows it).
+    """
+    if str(path).lower().endswith(".pt2"):
+        if inputs is None:
+            raise UsageError(".pt2 needs example inputs to export with")
+        program, dynamic = _export_program(model, inputs)
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+        return (f"a torch.export program (no source needed; inference only; batch "
+                f"{'dynamic' if dynamic else 'fixed'}): torch.export.load(path).module()")
     atomic_write(path, lambda tmp: torch.save(model, tmp))
+    needs = pickle_modules(model)
+    where = "; ".join(f"{name} ({file})" if file else name for name, file in needs.items())
+    return ("a pickled module: torch.load(path, weights_only=False) needs dsrewrite" +
+            (f" and {where} importable (dsrewrite itself finds {', '.join(needs)} beside the file or in the "
+             "current folder)" if needs else "") + "; for a file that needs no source, write .pt2 or --export-code")
+
+
+def pickle_modules(model: nn.Module) -> dict[str, str | None]:
+    """Module name -> source file of every class a pickle of ``model`` refers to, besides torch and dsrewrite."""
+    out: dict[str, str | None] = {}
+    for m in model.modules():
+        name = type(m).__module__
+        if name.split(".")[0] in ("torch", "dsrewrite", "builtins", "torchvision"):
+            continue
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        out[name] = os.path.relpath(file) if file and not os.path.relpath(file).startswith("..") else file
+    return out
+
+
+def _export_program(model: nn.Module, inputs: tuple):
+    """``torch.export`` of the eval-mode model: with a dynamic batch axis when it allows one, else as it is."""
+    from .trace import eval_mode
+
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    with eval_mode(model):
+        if tensors and all(x.dim() for x in tensors):
+            batch = torch.export.Dim("batch", min=1)
+            doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
+            try:
+                shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
+                return torch.export.export(model, doubled, dynamic_shapes=shapes), True
+            except Exception:
+                pass  # the forward fixes the batch size: export it as it is
+        try:
+            return torch.export.export(model, inputs), False
+        except Exception as e:
+            raise UsageError(f"-o .pt2: torch.export cannot export this model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); write .pt instead") from e
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:

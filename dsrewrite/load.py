@@ -425,14 +425,7 @@ def _load_saved(path: Path, trust_pickle: bool, spec: str) -> LoadedModel:
                 f"{path}: holds a pickled module, and loading a pickle runs code from the file; "
                 "re-run with --trust-pickle if you trust its source"
             ) from e
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except ModuleNotFoundError as e2:
-            raise ModelLoadError(
-                f"{path}: the pickle needs the module {e2.name!r}, which is not importable here; run from the "
-                f"folder that holds {e2.name}.py or add it to PYTHONPATH") from e2
-        except Exception as e2:
-            raise ModelLoadError(f"{path}: cannot be loaded ({type(e2).__name__}: {e2})") from e2
+        obj = _load_pickle(path)
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, spec, None, str(path), None, origin="pickle")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -441,6 +434,53 @@ def _load_saved(path: Path, trust_pickle: bool, spec: str) -> LoadedModel:
             "analyze the code that builds it (file.py:factory) instead"
         )
     raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _load_pickle(path: Path):
+    """``torch.load`` of a whole pickled module, finding the modules its classes live in.
+
+    A module saved by ``convert -o`` refers to its classes by module name (``resnet.ResNet``).
+    When that module is not importable (the ``dsrewrite`` script does not put the current
+    folder on ``sys.path``), its file is looked for beside the ``.pt`` and in the current folder,
+    and imported from there.
+    """
+    tried: set[str] = set()
+    while True:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e:
+            name = (e.name or "").split(".")[0]
+            if not name or name in tried:
+                raise ModelLoadError(_missing_module_message(path, e.name)) from e
+            tried.add(name)
+            folder = _find_source(name, [path.resolve().parent, Path.cwd()])
+            if folder is None:
+                raise ModelLoadError(_missing_module_message(path, e.name)) from e
+            sys.path.insert(0, str(folder))
+            try:
+                importlib.import_module(name)
+            except Exception as err:
+                raise ModelLoadError(f"{path}: importing {name} from {folder} for its classes raised "
+                                     f"{type(err).__name__}: {err}") from err
+            finally:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(str(folder))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def _find_source(name: str, folders: list[Path]) -> Path | None:
+    """The first folder holding ``name.py`` or the package ``name/``."""
+    for folder in folders:
+        if (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def _missing_module_message(path: Path, name: str | None) -> str:
+    return (f"{path}: the pickled model's classes live in the module {name!r}, which is neither importable nor "
+            f"found as {name}.py beside {path.name} or in the current folder; put {name}.py there or add its "
+            "folder to PYTHONPATH (a .pt2 from convert -o model.pt2 needs no source)")
 
 
 def _is_torchscript(path: Path) -> bool:

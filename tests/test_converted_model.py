@@ -184,3 +184,34 @@ def test_export_code_loads_in_eval_mode_with_the_state_dict_layout(converted, tm
     state = tmp_path / "converted.pth"
     export.save_state_dict(converted, state)
     module.load_model(str(state))  # the --state-dict file loads as it is
+
+
+def _dsrewrite(cwd, *args):
+    """The command as the console script runs it: the current folder is NOT on sys.path (-I)."""
+    return subprocess.run([sys.executable, "-I", "-c", "from dsrewrite.cli import main; main()", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_saved_models_reload_from_the_folder_and_from_elsewhere(tmp_path):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "fnet.py").write_text((ROOT / "examples" / "resnet.py").read_text())
+    r = _dsrewrite(work, "convert", "fnet.py", "--input-shape", "1,3,32,32", "-o", "out.pt", "--report", "r.md")
+    assert r.returncode == 0, r.stderr
+    assert "needs dsrewrite and fnet (fnet.py) importable" in r.stderr
+    r = _dsrewrite(work, "analyze", "out.pt", "--trust-pickle", "--input-shape", "1,3,32,32")
+    assert r.returncode == 0, r.stderr  # fnet.py is beside the file: found without PYTHONPATH
+    r = _dsrewrite(elsewhere, "analyze", work / "out.pt", "--trust-pickle", "--input-shape", "1,3,32,32")
+    assert r.returncode == 0, r.stderr
+    (elsewhere / "out.pt").write_bytes((work / "out.pt").read_bytes())
+    r = _dsrewrite(elsewhere, "analyze", "out.pt", "--trust-pickle")
+    assert r.returncode == 2 and "classes live in the module 'fnet'" in r.stderr and "PYTHONPATH" in r.stderr
+    # the portable format needs no source at all, and keeps a dynamic batch axis
+    r = _dsrewrite(work, "convert", "fnet.py", "--input-shape", "1,3,32,32", "-o", "out.pt2", "--report", "r.md")
+    assert r.returncode == 0 and "no source needed" in r.stderr and "batch dynamic" in r.stderr, r.stderr
+    (elsewhere / "out.pt2").write_bytes((work / "out.pt2").read_bytes())
+    r = _dsrewrite(elsewhere, "analyze", "out.pt2", "--input-shape", "3,3,32,32")
+    assert r.returncode == 0, r.stderr
+    r = _dsrewrite(work, "convert", "fnet.py", "-o", "out.onnx")
+    assert r.returncode == 2 and ".pt2 (torch.export, portable)" in r.stderr
