@@ -86,7 +86,8 @@ def rules_options(fn):
 def _parse_memory(text: str | None) -> float | None:
     if text is None:
         return None
-    from .units import parse_bytes
+    from .profile import SizeText
+    from .units import byte_style, parse_bytes
 
     try:
         value = parse_bytes(text)
@@ -94,7 +95,7 @@ def _parse_memory(text: str | None) -> float | None:
         raise UsageError(f"--max-memory: {e}") from None
     if value <= 0:
         raise UsageError(f"--max-memory must be positive, got {text!r}")
-    return value
+    return SizeText(value, byte_style(text))
 
 
 def _as_list(value) -> list:

@@ -161,11 +161,12 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
             except _NeedsRealForward as e:
                 notes.append(f"profiled with one real forward: meta propagation failed at {e.where}: {e.reason}")
                 limit = max_memory if max_memory is not None else MEMORY_SHARE * available_memory()
+                si = isinstance(max_memory, SizeText) and max_memory.style == "si"
                 if e.known_bytes > limit:
                     raise InputError(
                         f"meta propagation failed at {e.where} ({e.reason}), and the real forward that would "
-                        f"replace it needs at least {format_bytes(e.known_bytes)} of activations for input "
-                        f"{_shapes_text(inputs)}, over the {format_bytes(limit)} allowed; use a smaller "
+                        f"replace it needs at least {format_bytes(e.known_bytes, si=si)} of activations for input "
+                        f"{_shapes_text(inputs)}, over the {format_bytes(limit, si=si)} allowed; use a smaller "
                         "--input-shape, or raise the limit with --max-memory SIZE") from None
                 return _profile_once(traced, inputs, dtype, meta=False, notes=notes, costs=costs, memory_limit=limit,
                                      failed_at=e.where)
@@ -174,6 +175,18 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
 
 #: share of the available memory a real-forward fallback may use by default
 MEMORY_SHARE = 0.8
+
+
+class SizeText(float):
+    """A byte count that remembers the prefixes the user wrote it with (``style``: "si" for 50MB, "iec" for
+    512MiB), so messages answer in the same terms."""
+
+    style: str | None = None
+
+    def __new__(cls, value: float, style: str | None = None):
+        obj = super().__new__(cls, value)
+        obj.style = style
+        return obj
 
 
 def available_memory() -> float:
@@ -497,11 +510,12 @@ class _Counter(TorchDispatchMode):
             self.largest_output = max(self.largest_output, written)
         if self.memory_limit is not None and _rss_bytes() - self.rss_start > self.memory_limit:
             used = _rss_bytes() - self.rss_start
+            si = getattr(self.memory_limit, "style", None) == "si"
             raise InputError(
                 f"stopped the real forward (needed because meta propagation failed at {self.failed_at}) at "
-                f"{self._where() or 'the model'}: it had taken {format_bytes(used)} for input {self.input_desc}, "
-                f"over the {format_bytes(self.memory_limit)} allowed; use a smaller --input-shape, or raise the "
-                "limit with --max-memory SIZE")
+                f"{self._where() or 'the model'}: it had taken {format_bytes(used, si=si)} for input "
+                f"{self.input_desc}, over the {format_bytes(self.memory_limit, si=si)} allowed; use a smaller "
+                "--input-shape, or raise the limit with --max-memory SIZE")
         return out
 
     def _compute(self, func, args, kwargs):

@@ -442,3 +442,14 @@ def test_cli_finetune_under_torchrun(finetune_files):
     assert doc["world_size"] == 2
     assert doc["epochs"][0]["steps"] == 3, "six batches split across two ranks"
     assert torch.load("tuned.pt", weights_only=False) is not None
+
+
+def test_finetune_threads(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "missing.pt"), "examples/resnet.py", "--data", "x.py:d",
+                                 "-o", str(tmp_path / "o.pt"), "--threads", "1"])
+    assert r.exit_code == 2 and calls == [1], "threads are set before any work"
+    r = CliRunner().invoke(cli, ["finetune", "s.pt", "examples/resnet.py", "--data", "x.py:d", "-o", "o.pt",
+                                 "--threads", "0"])
+    assert r.exit_code == 2 and "--threads must be at least 1" in r.output

@@ -245,5 +245,9 @@ def test_cli_max_memory(tmp_path):
                                  "--max-memory", "512MiB"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert "needs at least 2 GiB of activations for input 1×3×4096×4096, over the 512 MiB allowed" in r.output
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "dd.py"), "--input-shape", "1,3,4096,4096",
+                                 "--max-memory", "500MB"])
+    assert "needs at least 2.15 GB of activations for input 1×3×4096×4096, over the 500 MB allowed" in r.output, \
+        "answered in the user's own units"
     r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "dd.py"), "--max-memory", "lots"])
     assert r.exit_code == 2 and "--max-memory: expected a size such as 512MiB" in r.output
