@@ -185,7 +185,7 @@ def test_overrides_and_files(tmp_path):
     ("[block]\nactivation = 'gelu'\n", "block.activation must be one of relu, relu6, none"),
     ("[block]\ndepth_multiplier = 0\n", "at least 1"),
     ("[keep]\ndownsampling = 1\n", "keep.downsampling must be true or false"),
-    ("extends = 'turbo'\n", "unknown rules preset 'turbo'"),
+    ("extends = 'turbo'\n", "extends = 'turbo': no such preset; built-in presets"),
     ("[keep\n", "not valid TOML"),
     ("speed = 3\n", "unknown key 'speed'"),
 ])
