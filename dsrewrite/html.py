@@ -81,7 +81,7 @@ def render_conversion_html(report, plan) -> str:
     else:
         f = doc["fidelity"]
         cards.append(("output fidelity", f"cos {f['cosine']:.4f}",
-                      f"relative error {f['relative_error']:.3g} on random inputs (a lower bound)", level))
+                      f"relative error {f['relative_error']:.3g} on random inputs: pessimistic, see below", level))
     findings = conversion_findings(doc)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -187,9 +187,9 @@ def _latency_chart(meas) -> str:
     """Median bars with a p10–p90 whisker; the after bar is red when the model got slower."""
     top = max(meas["before"]["p90_s"], meas["after"]["p90_s"], meas["before"]["median_s"],
               meas["after"]["median_s"]) or 1
-    width = 600
+    width = 520
     after_color = AFTER if meas["speedup"] >= 1 else "#d62728"
-    out = [f"<svg width='{width + 300}' height='70' role='img' aria-label='latency before and after'>"]
+    out = [f"<svg width='{width + 380}' height='70' role='img' aria-label='latency before and after'>"]
     for i, (label, t, color) in enumerate([("before", meas["before"], BEFORE), ("after", meas["after"], after_color)]):
         y = 6 + i * 30
         w = width * t["median_s"] / top
