@@ -115,7 +115,9 @@ def test_latency_rule_keeps_layers_that_measured_too_slow():
     assert timer.calls == 16, "every 3×3 conv is a candidate (the stem is 7×7)"
 
 
-def test_layer_timings_are_cached(tmp_path, monkeypatch):
+def fake_layer_timing(monkeypatch, cache_dir) -> list:
+    """Replace real per-layer timing (2 ms → 1 ms) and point the latency cache at ``cache_dir``; returns the
+    list of conv names timed."""
     calls = []
 
     def fake_time_layer(conv, *args, **kwargs):
@@ -123,7 +125,12 @@ def test_layer_timings_are_cached(tmp_path, monkeypatch):
         return LayerTiming(0.002, 0.001)
 
     monkeypatch.setattr(measure_mod, "time_layer", fake_time_layer)
-    monkeypatch.setenv("DSREWRITE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DSREWRITE_CACHE_DIR", str(cache_dir))
+    return calls
+
+
+def test_layer_timings_are_cached(tmp_path, monkeypatch):
+    calls = fake_layer_timing(monkeypatch, tmp_path)
     model = torchvision.models.resnet18()
     dsrewrite.plan_model(model, (1, 3, 64, 64), "latency")
     first = len(calls)
@@ -259,14 +266,7 @@ def test_factories_build_the_same_untrained_weights_every_run():
 
 
 def test_no_cache_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_time_layer(conv, *args, **kwargs):
-        calls.append(conv.name)
-        return LayerTiming(0.002, 0.001)
-
-    monkeypatch.setattr(measure_mod, "time_layer", fake_time_layer)
-    monkeypatch.setenv("DSREWRITE_CACHE_DIR", str(tmp_path))
+    calls = fake_layer_timing(monkeypatch, tmp_path)
     args = ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--rules", "latency", "--dry-run", "-q"]
     assert CliRunner().invoke(cli, args).exit_code == 0
     first = len(calls)
