@@ -1,0 +1,337 @@
+"""Block families beside the depthwise-separable block: other factorizations of one K×K conv.
+
+Each family replaces a standard ``nn.Conv2d`` (groups 1, zero padding) by a chain of
+smaller convs with the same output shape, is initialized from the conv's weights by a
+closed-form factorization that is **exact at full rank**, reports its weight-only error at
+lower ranks, and states its exact params and MACs (:meth:`BlockFamily.costs`, what a
+planner compares). Every block is made of plain ``nn.Conv2d`` layers, so it trains, saves,
+traces (``--export-code``) and exports to ONNX like any other module.
+
+* ``spatial`` — :class:`SpatialSeparableConv2d`: K×1 (C_in → r) then 1×K (r → C_out), from the
+  SVD of W unfolded as a (C_in·K_h) × (K_w·C_out) matrix (Jaderberg et al. 2014, scheme 2).
+* ``bottleneck`` — :class:`Tucker2Conv2d`: 1×1 reduce (C_in → r_in), K×K core (r_in → r_out),
+  1×1 expand (r_out → C_out), from a Tucker-2 decomposition of W over its channel modes (HOSVD,
+  refined by a few HOOI sweeps; Kim et al. 2016).
+* ``pointwise-first`` — :class:`PointwiseFirstConv2d`: 1×1 (C_in → C_out·m) then a K×K conv
+  grouped per output channel (m inputs each; depthwise when m = 1): Xception's order, from
+  per-output-channel SVDs of W.
+
+The depthwise-separable block (``separable``, :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`)
+is the fourth family; :data:`FAMILIES` lists them all by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _check_conv(conv: nn.Conv2d, family: str) -> None:
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.transposed:
+        raise ValueError(f"{family}: expects a standard nn.Conv2d (groups 1, not transposed)")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"{family}: padding mode {conv.padding_mode!r} does not factor exactly; only zeros")
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding of ``conv`` ("same" resolved for stride 1)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        if (dh * (kh - 1)) % 2 or (dw * (kw - 1)) % 2:
+            raise ValueError("padding='same' with an even effective kernel is asymmetric; not supported")
+        return dh * (kh - 1) // 2, dw * (kw - 1) // 2
+    return tuple(conv.padding)
+
+
+def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = float(weight.double().norm())
+    return float((approx.double() - weight.double()).norm()) / norm if norm else 0.0
+
+
+# ------------------------------------------------------------------------------- spatial
+
+
+class SpatialSeparableConv2d(nn.Module):
+    """K_h×1 conv (C_in → ``rank``) then 1×K_w conv (``rank`` → C_out): the same output shape as the K×K conv."""
+
+    family = "spatial"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 rank: int = 1, bias: bool = True):
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        sh, sw = _pair(stride)
+        ph, pw = _pair(padding)
+        dh, dw = _pair(dilation)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.vertical = nn.Conv2d(in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+                                  bias=False)
+        self.horizontal = nn.Conv2d(rank, out_channels, (1, kw), stride=(1, sw), padding=(0, pw),
+                                    dilation=(1, dw), bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.horizontal(self.vertical(x))
+
+    @staticmethod
+    def unfolding(weight: torch.Tensor) -> torch.Tensor:
+        """W [C_out, C_in, K_h, K_w] as the (C_in·K_h) × (K_w·C_out) matrix the family factors (float64)."""
+        c_out, c_in, kh, kw = weight.shape
+        return weight.double().permute(1, 2, 3, 0).reshape(c_in * kh, kw * c_out)
+
+    @classmethod
+    def max_rank(cls, conv: nn.Conv2d) -> int:
+        """The rank at which the factorization is exact."""
+        c_out, c_in, kh, kw = conv.weight.shape
+        return min(c_in * kh, kw * c_out)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int) -> "SpatialSeparableConv2d":
+        """Initialized from ``conv`` by a rank-``rank`` truncated SVD (exact at :meth:`max_rank`)."""
+        _check_conv(conv, cls.family)
+        c_out, c_in, kh, kw = conv.weight.shape
+        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, rank, bias=True)
+        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        u, s, vh = torch.linalg.svd(cls.unfolding(conv.weight.detach()), full_matrices=False)
+        r = min(rank, s.numel())
+        a = torch.zeros(c_in * kh, rank, dtype=torch.float64)
+        b = torch.zeros(rank, kw * c_out, dtype=torch.float64)
+        a[:, :r] = u[:, :r] * s[:r].sqrt()
+        b[:r] = s[:r].sqrt().unsqueeze(1) * vh[:r]
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            block.vertical.weight.copy_(a.T.reshape(rank, c_in, kh, 1).to(dtype))
+            block.horizontal.weight.copy_(b.reshape(rank, kw, c_out).permute(2, 0, 1).reshape(c_out, rank, 1, kw)
+                                          .to(dtype))
+            block.horizontal.bias.copy_(conv.bias.detach() if conv.bias is not None else torch.zeros(c_out, dtype=dtype))
+        return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The K×K weight this block computes."""
+        a = self.vertical.weight.detach().double()[:, :, :, 0]  # [r, C_in, K_h]
+        b = self.horizontal.weight.detach().double()[:, :, 0, :]  # [C_out, r, K_w]
+        return torch.einsum("rci,orj->ocij", a, b)
+
+
+# ---------------------------------------------------------------------------- bottleneck
+
+
+class Tucker2Conv2d(nn.Module):
+    """1×1 reduce (C_in → ``in_rank``), K×K core (``in_rank`` → ``out_rank``), 1×1 expand (→ C_out)."""
+
+    family = "bottleneck"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 in_rank: int = 1, out_rank: int = 1, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_rank, self.out_rank = in_rank, out_rank
+        self.reduce = nn.Conv2d(in_channels, in_rank, 1, bias=False)
+        self.core = nn.Conv2d(in_rank, out_rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                              bias=False)
+        self.expand = nn.Conv2d(out_rank, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.core(self.reduce(x)))
+
+    @classmethod
+    def max_rank(cls, conv: nn.Conv2d) -> tuple[int, int]:
+        """(in_rank, out_rank) at which the decomposition is exact."""
+        return conv.in_channels, conv.out_channels
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, in_rank: int, out_rank: int | None = None,
+                  sweeps: int = 3) -> "Tucker2Conv2d":
+        """Initialized by a Tucker-2 decomposition of ``conv.weight`` over its two channel modes.
+
+        HOSVD gives the factors; ``sweeps`` rounds of HOOI (higher-order orthogonal iteration)
+        refine them, each never worse than the last. Exact when the ranks are the channel counts.
+        """
+        _check_conv(conv, cls.family)
+        out_rank = out_rank if out_rank is not None else in_rank
+        c_out, c_in, kh, kw = conv.weight.shape
+        in_rank, out_rank = min(in_rank, c_in), min(out_rank, c_out)
+        w = conv.weight.detach().double()
+        u_in, u_out = tucker2(w, in_rank, out_rank, sweeps)
+        core = torch.einsum("oikl,oa,ib->abkl", w, u_out, u_in)  # [r_out, r_in, K, K]
+        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, in_rank, out_rank, bias=True)
+        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            block.reduce.weight.copy_(u_in.T.reshape(in_rank, c_in, 1, 1).to(dtype))
+            block.core.weight.copy_(core.to(dtype))
+            block.expand.weight.copy_(u_out.reshape(c_out, out_rank, 1, 1).to(dtype))
+            block.expand.bias.copy_(conv.bias.detach() if conv.bias is not None else torch.zeros(c_out, dtype=dtype))
+        return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The K×K weight this block computes."""
+        return torch.einsum("oa,abkl,bi->oikl", self.expand.weight.detach().double()[:, :, 0, 0],
+                            self.core.weight.detach().double(), self.reduce.weight.detach().double()[:, :, 0, 0])
+
+
+def tucker2(weight: torch.Tensor, in_rank: int, out_rank: int, sweeps: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal factors (U_in [C_in, r_in], U_out [C_out, r_out]) of a Tucker-2 decomposition (HOSVD + HOOI)."""
+    c_out, c_in = weight.shape[:2]
+    w = weight.double()
+
+    def leading(matrix: torch.Tensor, r: int) -> torch.Tensor:
+        # top-r eigenvectors of the (small) Gram matrix: the leading left singular vectors
+        vals, vecs = torch.linalg.eigh(matrix @ matrix.T)
+        return vecs[:, vals.argsort(descending=True)[:r]]
+
+    u_out = leading(w.reshape(c_out, -1), out_rank)
+    u_in = leading(w.transpose(0, 1).reshape(c_in, -1), in_rank)
+    for _ in range(sweeps):
+        projected = torch.einsum("oikl,oa->aikl", w, u_out)  # fix U_out, solve U_in
+        u_in = leading(projected.transpose(0, 1).reshape(c_in, -1), in_rank)
+        projected = torch.einsum("oikl,ib->obkl", w, u_in)
+        u_out = leading(projected.reshape(c_out, -1), out_rank)
+    return u_in, u_out
+
+
+# ------------------------------------------------------------------------ pointwise-first
+
+
+class PointwiseFirstConv2d(nn.Module):
+    """1×1 (C_in → C_out·``multiplier``) then K×K grouped per output channel (``multiplier`` inputs each)."""
+
+    family = "pointwise-first"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 multiplier: int = 1, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels, self.multiplier = in_channels, out_channels, multiplier
+        self.mid_channels = out_channels * multiplier
+        self.pointwise = nn.Conv2d(in_channels, self.mid_channels, 1, bias=False)
+        self.spatial = nn.Conv2d(self.mid_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                 dilation=dilation, groups=out_channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.pointwise(x))
+
+    @classmethod
+    def max_rank(cls, conv: nn.Conv2d) -> int:
+        """The multiplier at which the factorization is exact."""
+        kh, kw = conv.kernel_size
+        return min(conv.in_channels, kh * kw)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, multiplier: int) -> "PointwiseFirstConv2d":
+        """Initialized from per-output-channel truncated SVDs of W[o] (C_in × K²); exact at :meth:`max_rank`."""
+        _check_conv(conv, cls.family)
+        c_out, c_in, kh, kw = conv.weight.shape
+        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, multiplier, bias=True)
+        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        slices = conv.weight.detach().double().reshape(c_out, c_in, kh * kw)
+        u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # u [C_out, C_in, q], s [C_out, q], vh [C_out, q, K²]
+        r = min(multiplier, s.shape[1])
+        root = s[:, :r].sqrt()
+        pointwise = torch.zeros(c_out, multiplier, c_in, dtype=torch.float64)
+        spatial = torch.zeros(c_out, multiplier, kh * kw, dtype=torch.float64)
+        pointwise[:, :r] = (u[:, :, :r] * root.unsqueeze(1)).transpose(1, 2)
+        spatial[:, :r] = vh[:, :r] * root.unsqueeze(-1)
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            block.pointwise.weight.copy_(pointwise.reshape(c_out * multiplier, c_in, 1, 1).to(dtype))
+            block.spatial.weight.copy_(spatial.reshape(c_out, multiplier, kh, kw).to(dtype))
+            block.spatial.bias.copy_(conv.bias.detach() if conv.bias is not None else torch.zeros(c_out, dtype=dtype))
+        return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The K×K weight this block computes."""
+        c_out, m = self.out_channels, self.multiplier
+        p = self.pointwise.weight.detach().double()[:, :, 0, 0].reshape(c_out, m, -1)  # [C_out, m, C_in]
+        d = self.spatial.weight.detach().double()  # [C_out, m, K, K]
+        return torch.einsum("omc,omkl->ockl", p, d)
+
+
+# ------------------------------------------------------------------------------ the families
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFamily:
+    """One way to factor a K×K conv: how to build it at a rank, what it costs, how far from W it starts."""
+
+    name: str
+    #: ``build(conv, rank) -> nn.Module`` initialized from the conv's weights
+    build: Callable[[nn.Conv2d, int], nn.Module]
+    #: ``max_rank(conv) -> int``: the smallest rank at which ``build`` is exact
+    max_rank: Callable[[nn.Conv2d], int]
+    #: ``costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch) -> (params, MACs)``, bias included in params
+    costs: Callable[..., tuple[int, int]]
+
+    def weight_error(self, conv: nn.Conv2d, rank: int) -> float:
+        """‖W − Ŵ‖ / ‖W‖ of the block built at ``rank`` (0 at :attr:`max_rank`)."""
+        block = self.build(conv, rank)
+        dense = block.dense_weight() if hasattr(block, "dense_weight") else _separable_dense(block)
+        return _relative_error(conv.weight.detach(), dense)
+
+
+def _separable_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    k = math.prod(kernel)
+    mid = c_in * rank
+    positions = batch * math.prod(out_hw)
+    return mid * k + mid * c_out + c_out, positions * mid * (k + c_out)
+
+
+def _spatial_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    kh, kw = kernel
+    middle = batch * out_hw[0] * in_hw[1]  # K×1 keeps the input's width
+    return (rank * c_in * kh + c_out * rank * kw + c_out,
+            middle * rank * c_in * kh + batch * math.prod(out_hw) * c_out * rank * kw)
+
+
+def _bottleneck_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    k = math.prod(kernel)
+    positions_in, positions_out = batch * math.prod(in_hw), batch * math.prod(out_hw)
+    return (c_in * rank + rank * rank * k + rank * c_out + c_out,
+            positions_in * c_in * rank + positions_out * (rank * rank * k + rank * c_out))
+
+
+def _pointwise_first_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    k = math.prod(kernel)
+    mid = c_out * rank
+    return (c_in * mid + mid * k + c_out,
+            batch * math.prod(in_hw) * c_in * mid + batch * math.prod(out_hw) * mid * k)
+
+
+def _build_separable(conv: nn.Conv2d, rank: int) -> nn.Module:
+    from .layers import DepthwiseSeparableConv2d
+
+    block = DepthwiseSeparableConv2d.from_conv(conv, rank, bn=False, activation="none")
+    del block.kept_energy
+    return block
+
+
+def _separable_dense(block) -> torch.Tensor:
+    c_in, r = block.in_channels, block.depth_multiplier
+    d = block.depthwise.weight.detach().double().reshape(c_in, r, -1)  # [C_in, r, K²]
+    p = block.pointwise.weight.detach().double()[:, :, 0, 0].reshape(-1, c_in, r)  # [C_out, C_in, r]
+    kh, kw = block.depthwise.kernel_size
+    return torch.einsum("cjk,ocj->ock", d, p).reshape(-1, c_in, kh, kw)
+
+
+def _separable_max_rank(conv: nn.Conv2d) -> int:
+    kh, kw = conv.kernel_size
+    return min(kh * kw, conv.out_channels)
+
+
+FAMILIES: dict[str, BlockFamily] = {f.name: f for f in [
+    BlockFamily("separable", _build_separable, _separable_max_rank, _separable_costs),
+    BlockFamily("pointwise-first", PointwiseFirstConv2d.from_conv, PointwiseFirstConv2d.max_rank,
+            _pointwise_first_costs),
+    BlockFamily("spatial", SpatialSeparableConv2d.from_conv, SpatialSeparableConv2d.max_rank, _spatial_costs),
+    BlockFamily("bottleneck", lambda conv, rank: Tucker2Conv2d.from_conv(conv, rank, rank),
+            lambda conv: max(conv.in_channels, conv.out_channels), _bottleneck_costs),
+]}
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
