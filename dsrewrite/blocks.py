@@ -50,6 +50,14 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def _shell(cls, conv: nn.Conv2d, *ranks: int) -> nn.Module:
+    """An uninitialized ``cls`` block with ``conv``'s geometry, device and dtype (after checking ``conv`` factors)."""
+    _check_conv(conv, cls.family)
+    c_out, c_in, kh, kw = conv.weight.shape
+    block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, *ranks, bias=True)
+    return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
 def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     norm = float(weight.double().norm())
     return float((approx.double() - weight.double()).norm()) / norm if norm else 0.0
@@ -94,10 +102,8 @@ class SpatialSeparableConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int) -> "SpatialSeparableConv2d":
         """Initialized from ``conv`` by a rank-``rank`` truncated SVD (exact at :meth:`max_rank`)."""
-        _check_conv(conv, cls.family)
+        block = _shell(cls, conv, rank)
         c_out, c_in, kh, kw = conv.weight.shape
-        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, rank, bias=True)
-        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
         u, s, vh = torch.linalg.svd(cls.unfolding(conv.weight.detach()), full_matrices=False)
         r = min(rank, s.numel())
         a = torch.zeros(c_in * kh, rank, dtype=torch.float64)
@@ -160,8 +166,7 @@ class Tucker2Conv2d(nn.Module):
         w = conv.weight.detach().double()
         u_in, u_out = tucker2(w, in_rank, out_rank, sweeps)
         core = torch.einsum("oikl,oa,ib->abkl", w, u_out, u_in)  # [r_out, r_in, K, K]
-        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, in_rank, out_rank, bias=True)
-        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        block = _shell(cls, conv, in_rank, out_rank)
         dtype = conv.weight.dtype
         with torch.no_grad():
             block.reduce.weight.copy_(u_in.T.reshape(in_rank, c_in, 1, 1).to(dtype))
@@ -225,10 +230,8 @@ class PointwiseFirstConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, multiplier: int) -> "PointwiseFirstConv2d":
         """Initialized from per-output-channel truncated SVDs of W[o] (C_in × K²); exact at :meth:`max_rank`."""
-        _check_conv(conv, cls.family)
+        block = _shell(cls, conv, multiplier)
         c_out, c_in, kh, kw = conv.weight.shape
-        block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, multiplier, bias=True)
-        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
         slices = conv.weight.detach().double().reshape(c_out, c_in, kh * kw)
         u, s, vh = torch.linalg.svd(slices, full_matrices=False)  # u [C_out, C_in, q], s [C_out, q], vh [C_out, q, K²]
         r = min(multiplier, s.shape[1])
