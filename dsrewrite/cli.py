@@ -15,8 +15,28 @@ import click
 
 from . import __version__
 from .errors import ConfigError, DsrewriteError, ExitCode, UsageError, exit_code_for
-from .load import parse_dtype, parse_kwargs, parse_shape
 from .settings import ModelSettings, OutputSettings, default_map, find_config
+
+# Nothing above imports torch: ``dsrewrite --help`` and ``dsrewrite CMD --help`` answer without
+# loading it. Each command imports what it needs when it runs.
+
+
+def parse_shape(text: str):
+    from .load import parse_shape as parse
+
+    return parse(text)
+
+
+def parse_dtype(text: str):
+    from .load import parse_dtype as parse
+
+    return parse(text)
+
+
+def parse_kwargs(pairs):
+    from .load import parse_kwargs as parse
+
+    return parse(pairs)
 
 
 def model_options(fn):

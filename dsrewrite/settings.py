@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # no torch at import time: the CLI's --help must start fast
+    import torch
 
 if sys.version_info >= (3, 11):
     import tomllib

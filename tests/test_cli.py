@@ -315,3 +315,26 @@ def test_help_lists_every_preset_every_report_type_and_examples():
     assert "-q, --quiet" in run("analyze", "--help").output
     requires = importlib.metadata.requires("dsrewrite")
     assert any(r.startswith("numpy") for r in requires), "torch warns 'Failed to initialize NumPy' without it"
+
+
+def test_help_does_not_import_torch():
+    """``dsrewrite --help`` and ``dsrewrite CMD --help`` answer without loading torch (it takes seconds)."""
+    import subprocess
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom dsrewrite.cli import cli\n"
+            "for args in ([], ['analyze'], ['convert'], ['check'], ['finetune'], ['compare']):\n"
+            "    r = CliRunner().invoke(cli, args + ['--help'])\n"
+            "    assert r.exit_code == 0 and 'Usage:' in r.output, (args, r.output)\n"
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+            "assert not loaded, loaded[:5]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_lazy_public_names():
+    import dsrewrite
+
+    assert callable(dsrewrite.analyze) and dsrewrite.DepthwiseSeparableConv2d.__name__ == "DepthwiseSeparableConv2d"
+    assert dsrewrite.report.render_conversion and set(dsrewrite.__all__) <= set(dir(dsrewrite))
+    with pytest.raises(AttributeError):
+        dsrewrite.no_such_thing
