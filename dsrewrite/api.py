@@ -430,7 +430,6 @@ def time_breakdown(measurement: dict[str, Any], layer_timings: dict) -> dict[str
         "rest_after_s": max(total_after - conv_after, 0.0),
         "replaced_share_before": conv_before / total_before if total_before else None,
         "predicted_speedup": total_before / predicted_after if predicted_after else None,
-        "cached_layers": sum(1 for t in layer_timings.values() if t.cached),
     }
 
 

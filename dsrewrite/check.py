@@ -400,7 +400,7 @@ def run_check(config: CheckConfig, baseline_path: str | None = None, progress=No
         if entry is not None and entry.get("input_shapes") != measurement.input_shapes:
             raise ConfigError(
                 f"{path}: the baseline of budget {budget.name!r} was taken with input "
-                f"{_shapes(entry.get('input_shapes'))}, the budget now uses {_shapes(measurement.input_shapes)}; "
+                f"{shapes_text(entry.get('input_shapes'))}, the budget now uses {shapes_text(measurement.input_shapes)}; "
                 "refresh it with dsrewrite check --update-baseline")
         metrics = [_judge(limit, measurement, entry) for limit in budget.limits]
         results.append(BudgetResult(budget, "ok" if entry is not None or baseline is None else "added", metrics,
@@ -409,7 +409,8 @@ def run_check(config: CheckConfig, baseline_path: str | None = None, progress=No
     return CheckResult(config, results, removed, path, baseline is not None)
 
 
-def _shapes(shapes) -> str:
+def shapes_text(shapes) -> str:
+    """``[[1, 3, 224, 224]] -> '1×3×224×224'``."""
     return ", ".join("×".join(map(str, s)) for s in shapes or []) or "(none)"
 
 

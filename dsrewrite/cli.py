@@ -17,26 +17,10 @@ from . import __version__
 from .errors import ConfigError, DsrewriteError, ExitCode, UsageError, exit_code_for
 from .settings import ModelSettings, OutputSettings, default_map, find_config
 
+from .presets import names as preset_names
+
 # Nothing above imports torch: ``dsrewrite --help`` and ``dsrewrite CMD --help`` answer without
 # loading it. Each command imports what it needs when it runs.
-
-
-def parse_shape(text: str):
-    from .load import parse_shape as parse
-
-    return parse(text)
-
-
-def parse_dtype(text: str):
-    from .load import parse_dtype as parse
-
-    return parse(text)
-
-
-def parse_kwargs(pairs):
-    from .load import parse_kwargs as parse
-
-    return parse(pairs)
 
 
 def model_options(fn):
@@ -55,6 +39,8 @@ def model_options(fn):
                        "data-dependent layer), e.g. 4GiB. Default: 80% of the memory available.")
     @functools.wraps(fn)
     def wrapper(*a, model, input_shape, dtype, args, trust_pickle, max_memory, **kw):
+        from .load import parse_dtype, parse_kwargs, parse_shape
+
         settings = ModelSettings(
             spec=model,
             input_shapes=[parse_shape(s) for s in _as_list(input_shape)],
@@ -81,18 +67,10 @@ def output_options(formats: tuple[str, ...]):
     return decorate
 
 
-def _preset_names() -> list[str]:
-    """The built-in presets, read from the presets folder (so --help lists every one, and imports no torch)."""
-    import importlib.resources
-
-    return sorted(p.name[:-5] for p in importlib.resources.files("dsrewrite.presets").iterdir()
-                  if p.name.endswith(".toml"))
-
-
 def rules_options(fn):
     """``--rules`` and ``--set``, shared by analyze and convert."""
     @click.option("--rules", "rules", default="default", show_default=True, metavar="PRESET|FILE.toml",
-                  help=f"Rule preset ({', '.join(_preset_names())}) or a TOML rules file.")
+                  help=f"Rule preset ({', '.join(preset_names())}) or a TOML rules file.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one rules key, e.g. --set replace.min_in_channels=128 (repeatable).")
     @functools.wraps(fn)
@@ -106,8 +84,7 @@ def rules_options(fn):
 def _parse_memory(text: str | None) -> float | None:
     if text is None:
         return None
-    from .profile import SizeText
-    from .units import byte_style, parse_bytes
+    from .units import SizeText, byte_style, parse_bytes
 
     try:
         value = parse_bytes(text)
@@ -451,6 +428,7 @@ def check(ctx, model, baseline, update_baseline, format, output, why, fail_on, s
 
     from . import check as gate
     from .check_format import render
+    from .load import parse_kwargs, parse_shape
     from .files import write_text_atomic
     from .measure import MeasureSettings
     from .settings import read_tool_table
@@ -550,7 +528,7 @@ def finetune(student, teacher, data_spec, eval_spec, output, state_dict, history
     from . import export
     from .files import write_text_atomic
     from .finetune import command_batches, distill, evaluate, torchrun_group
-    from .load import load_model
+    from .load import load_model, parse_kwargs
 
     say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     for name, value, low in (("--epochs", epochs, 1), ("--max-steps", max_steps, 1)):

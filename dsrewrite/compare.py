@@ -12,7 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .check import BASELINE_KIND, METRICS, diff_layers, format_delta, format_value
+from .check import BASELINE_KIND, METRICS, diff_layers, format_delta, format_value, shapes_text
 from .errors import ConfigError, UsageError
 
 
@@ -67,7 +67,7 @@ def compare_files(base: str, head: str, top: int = 10, allow_different: bool = F
             differences.append(f"{name}: different models ({ma} in {base}, {mb} in {head})")
         sa, sb = a[name].get("input_shapes"), b[name].get("input_shapes")
         if sa and sb and [list(x) for x in sa] != [list(x) for x in sb]:
-            differences.append(f"{name}: different input shapes ({_shapes(sa)} in {base}, {_shapes(sb)} in {head})")
+            differences.append(f"{name}: different input shapes ({shapes_text(sa)} in {base}, {shapes_text(sb)} in {head})")
     if differences and not allow_different:
         raise UsageError(f"not comparable: {differences[0]}" + (f" (and {len(differences) - 1} more)"
                                                                 if len(differences) > 1 else "")
@@ -90,9 +90,6 @@ def compare_files(base: str, head: str, top: int = 10, allow_different: bool = F
         models.append(entry)
     return {"base": base, "head": head, "differences": differences, "models": models}
 
-
-def _shapes(shapes) -> str:
-    return ", ".join("×".join(map(str, s)) for s in shapes)
 
 
 def render_comparison(data: dict[str, Any], fmt: str) -> str:

@@ -7,8 +7,9 @@ leaves a half-written output behind.
 from __future__ import annotations
 
 import importlib.util
-import re
+import inspect
 import os
+import re
 import sys
 import tempfile
 import textwrap
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
 from .errors import UsageError
 from .files import atomic_write
@@ -69,10 +71,10 @@ def pickle_modules(model: nn.Module) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for m in model.modules():
         name = type(m).__module__
-        if name.split(".")[0] in ("torch", "dsrewrite", "builtins", "torchvision"):
-            continue
-        module = sys.modules.get(name)
-        file = getattr(module, "__file__", None)
+        file = getattr(sys.modules.get(name), "__file__", None)
+        installed = file is not None and any(part in Path(file).parts for part in ("site-packages", "dist-packages"))
+        if name.split(".")[0] in ("torch", "dsrewrite", "builtins") or installed:
+            continue  # installed packages (torchvision, timm) load wherever they are installed
         out[name] = os.path.relpath(file) if file and not os.path.relpath(file).startswith("..") else file
     return out
 
@@ -125,7 +127,7 @@ def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike, *, dyn
     dynamic = {}
     if dynamic_batch and batch is not None:
         dynamic = {n: {0: "batch"} for n, x in zip(input_names, inputs) if isinstance(x, torch.Tensor) and x.dim()}
-        flat = _flat_outputs(outputs)
+        flat = tree_flatten(outputs)[0]
         dynamic.update({n: {0: "batch"} for n, t in zip(output_names, flat)
                         if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch})
     tensor_inputs = [n for n, x in zip(input_names, inputs) if isinstance(x, torch.Tensor)]
@@ -151,8 +153,6 @@ def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike, *, dyn
 
 def _input_names(model: nn.Module, inputs: tuple) -> list[str]:
     """``forward``'s parameter names for the positional inputs (``input``, ``input_1`` ... when unknown)."""
-    import inspect
-
     try:
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -163,16 +163,8 @@ def _input_names(model: nn.Module, inputs: tuple) -> list[str]:
     return names
 
 
-def _flat_outputs(outputs) -> list:
-    from torch.utils._pytree import tree_flatten
-
-    return tree_flatten(outputs)[0]
-
-
 def _output_names(outputs) -> list[str]:
     """Names for the flattened outputs: dict keys (nested ones joined with "."), else output / output_i."""
-    from torch.utils._pytree import tree_flatten_with_path
-
     leaves = tree_flatten_with_path(outputs)[0]
     if len(leaves) == 1 and not leaves[0][0]:
         return ["output"]
@@ -195,14 +187,14 @@ def _check_onnx(model: nn.Module, inputs: tuple, path, names: list[str], batch: 
     worst = 0.0
     for size in sizes:
         feed_inputs = tuple(_resize_batch(x, size) for x in inputs)
-        expected = [t for t in _flat_outputs(run_eval(model, feed_inputs)) if isinstance(t, torch.Tensor)]
+        expected = [t for t in tree_flatten(run_eval(model, feed_inputs))[0] if isinstance(t, torch.Tensor)]
         feed = {n: x.detach().cpu().numpy() for n, x in zip(names, [x for x in feed_inputs
                                                                    if isinstance(x, torch.Tensor)])}
         try:
             got = session.run(None, feed)
         except Exception as e:
-            what = f"at batch {size}" if size is not None else ""
-            raise UsageError(f"--onnx: the exported model fails in onnxruntime {what} ({type(e).__name__}: "
+            what = f" at batch {size}" if size is not None else ""
+            raise UsageError(f"--onnx: the exported model fails in onnxruntime{what} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); the forward probably fixes the batch size "
                              "(e.g. view(1, -1)): use --onnx-static") from None
         for want, have in zip(expected, got):
@@ -239,6 +231,7 @@ import os
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 '''
 
 _LOADER = '''
@@ -407,7 +400,6 @@ def _verify(model: nn.Module, folder: Path, inputs: tuple) -> None:
 
 
 def _same(a, b) -> bool:
-    from torch.utils._pytree import tree_flatten
     fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
     return len(fa) == len(fb) and all(
         torch.allclose(x, y, rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))

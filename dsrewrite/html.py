@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 
+from .report import (conversion_findings, duration, fidelity_finding, fidelity_level, realization_level,
+                     speed_level, spread_text, timing_source)
 from .units import format_bytes, format_count
 
 _CSS = """
@@ -41,15 +43,8 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _ms(s) -> str:
-    return "-" if s is None else f"{s * 1e3:.3g} ms"
-
-
 def render_conversion_html(report, plan) -> str:
     """One HTML file: verdicts, summary cards coloured by verdict, charts (MACs, latency, time breakdown), tables."""
-    from .report import (conversion_findings, fidelity_finding, fidelity_level, realization_level, speed_level,
-                         spread_text)
-
     doc = report.to_dict()
     b, a, r = doc["before"], doc["after"], doc["ratios"]
     meas = doc.get("measurement")
@@ -64,7 +59,7 @@ def render_conversion_html(report, plan) -> str:
     ]
     if meas:
         sp = meas["speedup"]
-        cards += [("latency (median, fresh)", f"{_ms(meas['before']['median_s'])} → {_ms(meas['after']['median_s'])}",
+        cards += [("latency (median, fresh)", f"{duration(meas['before']['median_s'])} → {duration(meas['after']['median_s'])}",
                    (f"{sp:.2f}× faster" if sp >= 1 else f"{1 / sp:.2f}× SLOWER") +
                    f"; {spread_text(meas['after'])}", speed_level(sp)),
                   ("realization", f"{meas['realization']:.2f}", "measured ÷ theoretical speedup",
@@ -143,10 +138,10 @@ def _breakdown_chart(meas) -> str:
         wc, wt = width * conv / top, width * total / top
         out.append(f"<text x='60' y='{y + 15}' text-anchor='end'>{label}</text>")
         out.append(f"<rect x='66' y='{y}' width='{wc:.1f}' height='22' fill='{AFTER}'>"
-                   f"<title>replaced convs: {_ms(conv)}</title></rect>")
+                   f"<title>replaced convs: {duration(conv)}</title></rect>")
         out.append(f"<rect x='{66 + wc:.1f}' y='{y}' width='{max(wt - wc, 0):.1f}' height='22' fill='{BEFORE}'>"
-                   f"<title>everything else: {_ms(total - conv)}</title></rect>")
-        out.append(f"<text x='{66 + wt + 6:.1f}' y='{y + 15}'>{_ms(conv)} replaced convs + {_ms(total - conv)} "
+                   f"<title>everything else: {duration(total - conv)}</title></rect>")
+        out.append(f"<text x='{66 + wt + 6:.1f}' y='{y + 15}'>{duration(conv)} replaced convs + {duration(total - conv)} "
                    "rest</text>")
     out.append(f"<text x='66' y='84'>Blue: the replaced convs, each timed alone; grey: everything else. "
                f"Their own speedups predict {bd['predicted_speedup']:.2f}× end to end; measured "
@@ -201,8 +196,8 @@ def _latency_chart(meas) -> str:
         out.append(f"<line x1='{lo:.1f}' x2='{lo:.1f}' y1='{y + 5}' y2='{y + 17}' stroke='#1d2430'/>"
                    f"<line x1='{hi:.1f}' x2='{hi:.1f}' y1='{y + 5}' y2='{y + 17}' stroke='#1d2430'/>")
         noisy = " (noisy)" if t.get("noisy") else ""
-        out.append(f"<text x='{max(66 + w, hi) + 6:.1f}' y='{y + 15}'>{_ms(t['median_s'])} median, p10–p90 "
-                   f"{_ms(t['p10_s'])}–{_ms(t['p90_s'])}{noisy}</text>")
+        out.append(f"<text x='{max(66 + w, hi) + 6:.1f}' y='{y + 15}'>{duration(t['median_s'])} median, p10–p90 "
+                   f"{duration(t['p10_s'])}–{duration(t['p90_s'])}{noisy}</text>")
     out.append("</svg>")
     return "".join(out)
 
@@ -220,8 +215,8 @@ def _layer_latency_chart(layers) -> str:
         out.append(f"<text x='{label_w - 6}' y='{y + 12}' text-anchor='end'>{_e(c['name'])}</text>")
         out.append(f"<rect x='{label_w}' y='{y + 1}' width='{wb:.1f}' height='7' fill='{BEFORE}'/>")
         out.append(f"<rect x='{label_w}' y='{y + 8}' width='{wa:.1f}' height='7' fill='{color}'/>")
-        out.append(f"<text x='{label_w + max(wb, wa) + 4:.1f}' y='{y + 12}'>{_ms(c['measured_original_s'])} → "
-                   f"{_ms(c['measured_replacement_s'])} ({c['measured_speedup']:.2f}×)</text>")
+        out.append(f"<text x='{label_w + max(wb, wa) + 4:.1f}' y='{y + 12}'>{duration(c['measured_original_s'])} → "
+                   f"{duration(c['measured_replacement_s'])} ({c['measured_speedup']:.2f}×)</text>")
     out.append("</svg>")
     return "".join(out)
 
@@ -233,8 +228,6 @@ def _layers_table(layers) -> str:
             "<th>theoretical</th><th>measured</th><th>timing</th><th>kept energy</th></tr>")
     rows = []
     for c in layers:
-        from .report import _timing_source
-
         measured = f"{c['measured_speedup']:.2f}×" if c["measured_speedup"] is not None else "-"
         slow = " bad" if c["measured_speedup"] is not None and c["measured_speedup"] < 1 else ""
         rows.append(
@@ -243,7 +236,7 @@ def _layers_table(layers) -> str:
             f"<td class='n'>{format_count(c['params_before'])} → {format_count(c['params_after'])}</td>"
             f"<td class='n'>{format_count(c['macs_before'])} → {format_count(c['macs_after'])}</td>"
             f"<td class='n'>{c['theoretical_speedup']:.1f}×</td><td class='n{slow}'>{measured}</td>"
-            f"<td>{_e(_timing_source(c.get('timing')))}</td>"
+            f"<td>{_e(timing_source(c.get('timing')))}</td>"
             f"<td class='n'>{100 * c['kept_energy']:.1f}%</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 

@@ -161,7 +161,7 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
             except _NeedsRealForward as e:
                 notes.append(f"profiled with one real forward: meta propagation failed at {e.where}: {e.reason}")
                 limit = max_memory if max_memory is not None else MEMORY_SHARE * available_memory()
-                si = isinstance(max_memory, SizeText) and max_memory.style == "si"
+                si = getattr(max_memory, "style", None) == "si"  # a units.SizeText answers in the user's terms
                 if e.known_bytes > limit:
                     raise InputError(
                         f"meta propagation failed at {e.where} ({e.reason}), and the real forward that would "
@@ -175,18 +175,6 @@ def profile(traced: TraceResult, inputs: tuple, dtype: torch.dtype | None = None
 
 #: share of the available memory a real-forward fallback may use by default
 MEMORY_SHARE = 0.8
-
-
-class SizeText(float):
-    """A byte count that remembers the prefixes the user wrote it with (``style``: "si" for 50MB, "iec" for
-    512MiB), so messages answer in the same terms."""
-
-    style: str | None = None
-
-    def __new__(cls, value: float, style: str | None = None):
-        obj = super().__new__(cls, value)
-        obj.style = style
-        return obj
 
 
 def available_memory() -> float:
@@ -280,7 +268,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
         state = contextlib.nullcontext(_real_names(model))
     with state as tensor_names:
         counter = _Counter(model, tensor_names, meta, traced.untraced, costs)
-        counter.input_desc = ", ".join("×".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        counter.input_desc = _shapes_text(inputs)
         counter.input_dims = [x.dim() for x in inputs if isinstance(x, torch.Tensor)]
         if memory_limit is not None:
             counter.memory_limit, counter.rss_start, counter.failed_at = memory_limit, _rss_bytes(), failed_at
@@ -539,7 +527,8 @@ class _Counter(TorchDispatchMode):
         totals = self.by_kind[kind]
         totals.macs += macs
         totals.calls += 1
-        self.module_macs[self._enclosing()[0]] += macs
+        enclosing = self._enclosing()
+        self.module_macs[enclosing[0]] += macs
         if self.node is not None:
             self.node.meta["dsrewrite_macs"] += macs
         if kind in ("conv", "linear", "matmul"):
@@ -549,7 +538,7 @@ class _Counter(TorchDispatchMode):
         if kind == "conv":
             tensors = [a for a in args[1:3] if isinstance(a, torch.Tensor)]
             self.params_by_kind["conv"].update(n for n in (self.tensor_names.get(id(t)) for t in tensors) if n)
-            self._record_conv(args, out, macs, depth)
+            self._record_conv(args, out, macs, depth, enclosing)
 
     def _linear_module(self) -> nn.Module | None:
         if self.stack and isinstance(self.stack[-1][1], nn.Linear):
@@ -568,10 +557,10 @@ class _Counter(TorchDispatchMode):
                     names.add(name)
         return names
 
-    def _record_conv(self, args, out, macs: int, depth: int) -> None:
+    def _record_conv(self, args, out, macs: int, depth: int, enclosing: tuple[str, str, bool]) -> None:
         weight = args[1]
         weight_name = self.tensor_names.get(id(weight))
-        path, type_name, is_conv = self._enclosing()
+        path, type_name, is_conv = enclosing
         is_module = is_conv and weight_name == (f"{path}.weight" if path else "weight")
         node_name = self.node.name if self.node is not None else None
         if is_module:

@@ -16,7 +16,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .errors import UsageError
-from .units import format_bytes, format_count
+from .units import format_bytes, format_count, format_seconds
 
 FORMATS = ("table", "markdown", "json", "csv")
 CSV_COLUMNS = [
@@ -279,7 +279,7 @@ def realization_level(realization: float | None) -> str:
 
 def spread_text(d: dict) -> str:
     """``p10–p90 770–801 ms`` for a timing dict (median_s, p10_s, p90_s)."""
-    return f"p10–p90 {_ms(d['p10_s'])[:-3]}–{_ms(d['p90_s'])}"
+    return f"p10–p90 {duration(d['p10_s'])}–{duration(d['p90_s'])}"
 
 
 def conversion_findings(doc: dict) -> list[tuple[str, str]]:
@@ -296,14 +296,14 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
         b, a = meas["before"], meas["after"]
         if meas["speedup"] < 1:
             out.append(("bad", f"The converted model is SLOWER: {1 / meas['speedup']:.2f}× the original's latency "
-                               f"({_ms(b['median_s'])} → {_ms(a['median_s'])} median), although it has "
+                               f"({duration(b['median_s'])} → {duration(a['median_s'])} median), although it has "
                                f"{r['macs']:.2f}× fewer MACs." +
                         (" Fewer MACs is not lower latency; plan by measured speed with --rules latency."
                          if by_macs else "")))
         else:
             out.append((speed_level(meas["speedup"]),
-                        f"Measured {meas['speedup']:.2f}× faster end to end ({_ms(b['median_s'])} → "
-                        f"{_ms(a['median_s'])} median, fresh), {r['macs']:.2f}× fewer MACs."))
+                        f"Measured {meas['speedup']:.2f}× faster end to end ({duration(b['median_s'])} → "
+                        f"{duration(a['median_s'])} median, fresh), {r['macs']:.2f}× fewer MACs."))
     elif by_macs and doc["layers"]:
         out.append(("warn", f"Not timed: these replacements were chosen by MACs ({r['macs']:.2f}× fewer), and fewer "
                             "MACs is not lower latency (depthwise convs are memory-bound). --measure times both "
@@ -327,8 +327,8 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
                     f"{meas['theoretical_speedup']:.2f}× fewer MACs.")
             if bd and bd.get("replaced_share_before") is not None:
                 text += (f" The replaced convs took {100 * bd['replaced_share_before']:.0f}% of the original's time "
-                         f"({_ms(bd['replaced_before_s'])} of {_ms(meas['before']['median_s'])}, timed one by one); "
-                         f"the rest ({_ms(bd['rest_before_s'])}: kept layers and non-conv ops) does not shrink, "
+                         f"({duration(bd['replaced_before_s'])} of {duration(meas['before']['median_s'])}, timed one by one); "
+                         f"the rest ({duration(bd['rest_before_s'])}: kept layers and non-conv ops) does not shrink, "
                          f"so their own speedups predict {bd['predicted_speedup']:.2f}× end to end.")
             out.append((level, text))
     timed = [c["timing"] for c in doc["layers"] if c.get("timing")]
@@ -412,8 +412,8 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
     ]
     meas = doc.get("measurement")
     if meas:
-        totals.append(["latency (median, fresh)", f"{_ms(meas['before']['median_s'])} ({spread_text(meas['before'])})",
-                       f"{_ms(meas['after']['median_s'])} ({spread_text(meas['after'])})", f"{meas['speedup']:.2f}×"])
+        totals.append(["latency (median, fresh)", f"{duration(meas['before']['median_s'])} ({spread_text(meas['before'])})",
+                       f"{duration(meas['after']['median_s'])} ({spread_text(meas['after'])})", f"{meas['speedup']:.2f}×"])
     out += [("## " if md else "") + "Totals",
             tabulate(totals, headers=["", "before", "after", "before/after"], tablefmt=tfmt, disable_numparse=True),
             ""]
@@ -430,12 +430,12 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                 f"{100 * meas['after']['spread']:.0f}% of the median).", ""]
         bd = meas.get("breakdown")
         if bd:
-            rows = [["replaced convs (each timed alone)", _ms(bd["replaced_before_s"]), _ms(bd["replaced_after_s"]),
+            rows = [["replaced convs (each timed alone)", duration(bd["replaced_before_s"]), duration(bd["replaced_after_s"]),
                      f"{100 * bd['replaced_share_before']:.0f}%" if bd["replaced_share_before"] is not None else "-"],
-                    ["everything else (kept layers, non-conv ops)", _ms(bd["rest_before_s"]), _ms(bd["rest_after_s"]),
+                    ["everything else (kept layers, non-conv ops)", duration(bd["rest_before_s"]), duration(bd["rest_after_s"]),
                      f"{100 * (1 - bd['replaced_share_before']):.0f}%" if bd["replaced_share_before"] is not None
                      else "-"],
-                    ["end to end", _ms(meas["before"]["median_s"]), _ms(meas["after"]["median_s"]), "100%"]]
+                    ["end to end", duration(meas["before"]["median_s"]), duration(meas["after"]["median_s"]), "100%"]]
             out += [("## " if md else "") + "Where the time goes",
                     tabulate(rows, headers=["", "before", "after", "share of the original"], tablefmt=tfmt,
                              disable_numparse=True),
@@ -470,9 +470,9 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                    f"{format_count(c['macs_before'])} → {format_count(c['macs_after'])}",
                    f"{c['theoretical_speedup']:.1f}×", f"{100 * c['kept_energy']:.1f}%"]
             if measured:
-                row += [f"{_ms(c['measured_original_s'])} → {_ms(c['measured_replacement_s'])}"
+                row += [f"{duration(c['measured_original_s'])} → {duration(c['measured_replacement_s'])}"
                         if c["measured_speedup"] is not None else "-",
-                        _layer_speedup(c, md), _timing_source(c.get("timing"))]
+                        _layer_speedup(c, md), timing_source(c.get("timing"))]
             rows.append(row)
         headers = ["conv", "kernel", "channels", "depth multiplier", "params", "MACs", "theoretical speedup", "kept energy"]
         if measured:
@@ -505,12 +505,13 @@ def _layer_speedup(c: dict, md: bool) -> str:
     return text
 
 
-def _timing_source(t: dict | None) -> str:
+def timing_source(t: dict | None) -> str:
     if not t:
         return "-"
     spread = f", ±{50 * t['spread']:.0f}%" if t.get("spread") is not None else ""
     if t["source"] == "cached":
-        return f"cached {str(t.get('measured_at') or '')[:10]}{spread}".replace("cached ,", "cached,")
+        when = f" {t['measured_at'][:10]}" if t.get("measured_at") else ""
+        return f"cached{when}{spread}"
     return f"fresh{spread}"
 
 
@@ -566,10 +567,9 @@ def render_groups(graph, fmt: str = "table", model_name: str = "", show_all: boo
     return "\n".join(out).rstrip() + "\n"
 
 
-def _ms(seconds) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e3:.3g} ms"
+def duration(seconds) -> str:
+    """A duration in human units (``12.3 ms``, ``2.66 s``; never an exponent), ``-`` when unknown."""
+    return "-" if seconds is None else format_seconds(seconds)
 
 
 def _maybe_bytes(v) -> str:

@@ -138,8 +138,9 @@ _CHOICES = {
 
 def preset_names() -> list[str]:
     """Names of the built-in presets."""
-    return sorted(p.name[:-5] for p in importlib.resources.files("dsrewrite.presets").iterdir()
-                  if p.name.endswith(".toml"))
+    from .presets import names
+
+    return names()
 
 
 def load_rules(spec: str | Path | None = "default", overrides: list[str] | tuple[str, ...] = ()) -> RuleConfig:

@@ -43,6 +43,18 @@ def format_seconds(value: float, digits: int = 3) -> str:
     return f"{_sig(v / 1e-9, digits)} ns" if v else "0 s"
 
 
+class SizeText(float):
+    """A byte count that remembers the prefixes the user wrote it with (``style``: "si" for 50MB, "iec" for
+    512MiB), so messages answer in the same terms."""
+
+    style: str | None = None
+
+    def __new__(cls, value: float, style: str | None = None):
+        obj = super().__new__(cls, value)
+        obj.style = style
+        return obj
+
+
 def byte_style(text) -> str | None:
     """Which prefixes a user's size used: ``'50MB' -> 'si'``, ``'512MiB' -> 'iec'``, a bare number → None."""
     m = re.fullmatch(_NUMBER + r"([A-Za-zµ]*)\s*", str(text))

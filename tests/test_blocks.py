@@ -99,7 +99,7 @@ def test_blocks_are_ordinary_modules(block, tmp_path):
     assert torch.allclose(clone(x), model(x)) and not torch.allclose(model(x), before)
     traced = torch.fx.symbolic_trace(model)
     assert torch.allclose(traced(x), model(x))
-    onnx = pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx", reason="onnx is in the dev extra; install it to test ONNX export")
     path = tmp_path / "b.onnx"
     export.export_onnx(model.eval(), (x,), path)
     onnx.checker.check_model(onnx.load(str(path)))

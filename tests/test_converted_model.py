@@ -162,7 +162,7 @@ def test_onnx_deploys_with_names_and_a_dynamic_batch(tmp_path):
 
 def test_onnx_static_batch_and_opset(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
-    onnx = pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx", reason="onnx is in the dev extra")
     path = tmp_path / "fixed.onnx"
     with pytest.raises(dsrewrite.errors.UsageError, match="use --onnx-static"):
         export.export_onnx(FixedBatch(), (torch.randn(1, 3, 8, 8),), path)

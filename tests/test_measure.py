@@ -224,9 +224,11 @@ def test_reports_say_what_the_measurements_mean(case, monkeypatch):
         for text in starts:
             assert any(lv == level and text in t for lv, t in findings), (level, text, findings)
     bd = doc["measurement"]["breakdown"]
-    assert bd["replaced_calls"] == 13 and bd["cached_layers"] == sum(cached(c) for c in result.before.convs
-                                                                      if c.index in {d.index for d in
-                                                                                     result.plan.replacements})
+    replaced = {d.index for d in result.plan.replacements}
+    assert bd["replaced_calls"] == 13
+    assert [layer["timing"]["source"] == "cached" for layer in doc["layers"]] == \
+        [cached(c) for c in result.before.convs if c.index in replaced and c.module_name in
+         {layer["name"] for layer in doc["layers"]}], "every layer says where its timing came from"
     assert bd["replaced_before_s"] == pytest.approx(0.0065) and bd["rest_before_s"] == pytest.approx(
         doc["measurement"]["before"]["median_s"] - 0.0065)
     text = render_conversion(result.report, result.plan, "table")

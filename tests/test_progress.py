@@ -72,3 +72,18 @@ def test_unknown_length_counts_steps(clock):
         bar.advance()
         bar.advance()
     assert "2 done" in out.getvalue()
+
+
+def test_calibration_reports_inside_each_block(monkeypatch, capsys):
+    """A block's fit can take minutes: off a terminal, its batches and alternations show as lines."""
+    import dsrewrite
+
+    monkeypatch.setattr(progress_mod, "LINE_INTERVAL", 0.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+    converted = dsrewrite.convert(model, (2, 3, 8, 8), "aggressive",
+                                  ["keep.first_convs=0", "replace.min_in_channels=1", "replace.min_macs_share=0",
+                                   "keep.first_depth_fraction=0"]).model
+    dsrewrite.calibrate(converted, model, [torch.randn(4, 3, 8, 8) for _ in range(3)], progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating blocks" in err and "pointwise refit: batch 1/" in err
