@@ -141,7 +141,8 @@ class LayerChange:
     kernel: tuple[int, ...]
     in_channels: int
     out_channels: int
-    depth_multiplier: int
+    #: the separable block's depth multiplier (None for the other families)
+    depth_multiplier: int | None
     params_before: int
     params_after: int
     macs_before: int
@@ -154,6 +155,10 @@ class LayerChange:
     #: where the layer timing came from (:meth:`~dsrewrite.measure.LayerTiming.provenance`): fresh or
     #: cached, when, on which machine, and its spread
     timing: dict[str, Any] | None = None
+    #: the block family (dsrewrite.blocks.FAMILIES), its rank, and how the block reads (``dw×1 → BN → relu → pw``)
+    family: str = "separable"
+    rank: int | None = None
+    block: str = ""
 
     @property
     def theoretical_speedup(self) -> float:
@@ -460,6 +465,9 @@ def _conversion_report(before: Analysis, after: Analysis, plan, kept_energy: dic
             measured_original_s=timing.original_s if timing else decision.measured_original_s,
             measured_replacement_s=timing.replacement_s if timing else decision.measured_replacement_s,
             timing=(timing.provenance() if timing else decision.timing),
+            family=decision.family or "separable",
+            rank=decision.rank or decision.depth_multiplier,
+            block=decision.block_text,
         ))
     notes = []
     if not layers:

@@ -58,7 +58,7 @@ def _shell(cls, conv: nn.Conv2d, *ranks: int) -> nn.Module:
     return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     norm = float(weight.double().norm())
     return float((approx.double() - weight.double()).norm()) / norm if norm else 0.0
 
@@ -70,6 +70,8 @@ class SpatialSeparableConv2d(nn.Module):
     """K_h×1 conv (C_in → ``rank``) then 1×K_w conv (``rank`` → C_out): the same output shape as the K×K conv."""
 
     family = "spatial"
+    #: the conv that calibration refits by least squares (the last: the block is linear in its weights)
+    refit = "horizontal"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  rank: int = 1, bias: bool = True):
@@ -132,6 +134,8 @@ class Tucker2Conv2d(nn.Module):
     """1×1 reduce (C_in → ``in_rank``), K×K core (``in_rank`` → ``out_rank``), 1×1 expand (→ C_out)."""
 
     family = "bottleneck"
+    #: the conv that calibration refits by least squares (the last: the block is linear in its weights)
+    refit = "expand"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  in_rank: int = 1, out_rank: int = 1, bias: bool = True):
@@ -208,6 +212,8 @@ class PointwiseFirstConv2d(nn.Module):
     """1×1 (C_in → C_out·``multiplier``) then K×K grouped per output channel (``multiplier`` inputs each)."""
 
     family = "pointwise-first"
+    #: the conv that calibration refits by least squares (the last: the block is linear in its weights)
+    refit = "spatial"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  multiplier: int = 1, bias: bool = True):
@@ -269,12 +275,19 @@ class BlockFamily:
     max_rank: Callable[[nn.Conv2d], int]
     #: ``costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch) -> (params, MACs)``, bias included in params
     costs: Callable[..., tuple[int, int]]
+    #: ``make(c_in, c_out, kernel, stride, padding, dilation, rank) -> nn.Module``, randomly initialized
+    #: (what timing builds: weights do not change speed)
+    make: Callable[..., nn.Module]
+    #: ``mid(c_in, c_out, rank) -> int``: the widest intermediate channel count the block creates
+    mid: Callable[[int, int, int], int]
+    #: how the block reads in a plan, ``{r}`` the rank: ``"3×1 → r → 1×3"``
+    shape: str
 
     def weight_error(self, conv: nn.Conv2d, rank: int) -> float:
         """‖W − Ŵ‖ / ‖W‖ of the block built at ``rank`` (0 at :attr:`max_rank`)."""
         block = self.build(conv, rank)
         dense = block.dense_weight() if hasattr(block, "dense_weight") else _separable_dense(block)
-        return _relative_error(conv.weight.detach(), dense)
+        return relative_error(conv.weight.detach(), dense)
 
 
 def _separable_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
@@ -326,14 +339,102 @@ def _separable_max_rank(conv: nn.Conv2d) -> int:
     return min(kh * kw, conv.out_channels)
 
 
+def _make_separable(c_in, c_out, kernel, stride, padding, dilation, rank):
+    from .layers import DepthwiseSeparableConv2d
+
+    return DepthwiseSeparableConv2d(c_in, c_out, kernel, stride, padding, dilation, rank, bn=False,
+                                    activation="none", bias=True)
+
+
 FAMILIES: dict[str, BlockFamily] = {f.name: f for f in [
-    BlockFamily("separable", _build_separable, _separable_max_rank, _separable_costs),
+    BlockFamily("separable", _build_separable, _separable_max_rank, _separable_costs, _make_separable,
+                lambda c_in, c_out, r: c_in * r, "dw×{r} → pw"),
     BlockFamily("pointwise-first", PointwiseFirstConv2d.from_conv, PointwiseFirstConv2d.max_rank,
-            _pointwise_first_costs),
-    BlockFamily("spatial", SpatialSeparableConv2d.from_conv, SpatialSeparableConv2d.max_rank, _spatial_costs),
+                _pointwise_first_costs, PointwiseFirstConv2d, lambda c_in, c_out, r: c_out * r, "pw×{r} → dw"),
+    BlockFamily("spatial", SpatialSeparableConv2d.from_conv, SpatialSeparableConv2d.max_rank, _spatial_costs,
+                SpatialSeparableConv2d, lambda c_in, c_out, r: r, "K×1 → {r} → 1×K"),
     BlockFamily("bottleneck", lambda conv, rank: Tucker2Conv2d.from_conv(conv, rank, rank),
-            lambda conv: max(conv.in_channels, conv.out_channels), _bottleneck_costs),
+                lambda conv: max(conv.in_channels, conv.out_channels), _bottleneck_costs,
+                lambda c_in, c_out, k, s, p, d, r: Tucker2Conv2d(c_in, c_out, k, s, p, d, min(r, c_in), min(r, c_out)),
+                lambda c_in, c_out, r: r, "1×1 → {r} → K×K → 1×1"),
 ]}
+
+#: the families' block classes (what calibration looks for in a converted model), separable excluded
+FAMILY_BLOCKS = (SpatialSeparableConv2d, Tucker2Conv2d, PointwiseFirstConv2d)
+
+
+def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[int, ...]) -> int:
+    """The rank at which ``family`` is exact for a conv of this geometry (no module needed)."""
+    kh, kw = kernel
+    return {"separable": min(kh * kw, out_channels), "pointwise-first": min(in_channels, kh * kw),
+            "spatial": min(in_channels * kh, kw * out_channels),
+            "bottleneck": max(in_channels, out_channels)}[family]
+
+
+def block_costs(family: str, rank: int, in_channels: int, out_channels: int, kernel: tuple[int, ...],
+                input_shape: tuple[int, ...], output_shape: tuple[int, ...], bn: bool = False,
+                has_bias: bool = True) -> tuple[int, int]:
+    """(MACs, params) of ``family``'s block at ``rank`` for one conv call (batch from ``output_shape``).
+
+    The separable family counts its optional BN (and a bias only where the conv had one), as
+    :func:`~dsrewrite.layers.theoretical_costs` does; the other families are linear chains
+    whose last conv carries the bias.
+    """
+    if family == "separable":
+        from .layers import theoretical_costs
+
+        positions = output_shape[0] * math.prod(output_shape[2:])
+        return theoretical_costs(in_channels, out_channels, kernel, positions, rank, bn, has_bias)
+    if family == "bottleneck":  # ranks are capped by the channel counts, as the block builds them
+        c_in_rank, c_out_rank = min(rank, in_channels), min(rank, out_channels)
+        k = math.prod(kernel)
+        pin, pout = output_shape[0] * math.prod(input_shape[2:]), output_shape[0] * math.prod(output_shape[2:])
+        params = in_channels * c_in_rank + c_in_rank * c_out_rank * k + c_out_rank * out_channels + out_channels
+        return pin * in_channels * c_in_rank + pout * (c_in_rank * c_out_rank * k + c_out_rank * out_channels), params
+    params, macs = FAMILIES[family].costs(in_channels, out_channels, tuple(kernel), tuple(input_shape[2:]),
+                                          tuple(output_shape[2:]), rank, output_shape[0])
+    return macs, params
+
+
+#: fractions of the dense conv's MACs at which :func:`rank_ladder` places a family's candidate ranks
+LADDER = (0.5, 0.35, 0.25, 0.17, 0.12, 0.08)
+
+
+def rank_ladder(family: str, in_channels: int, out_channels: int, kernel: tuple[int, ...],
+                input_shape: tuple[int, ...], output_shape: tuple[int, ...], divisor: int = 8,
+                max_multiplier: int = 4) -> list[int]:
+    """Candidate ranks of ``family`` for one conv: a few points from half the dense MACs down.
+
+    Multiplier families (separable, pointwise-first) try 1..``max_multiplier`` (below exact);
+    width families (spatial, bottleneck) take, for each fraction in :data:`LADDER`, the
+    largest rank within that share of the dense conv's MACs, rounded down to a multiple of
+    ``divisor`` where it is at least that (aligned channel counts run faster).
+    """
+    top = max_rank_of(family, in_channels, out_channels, kernel)
+    if family in ("separable", "pointwise-first"):
+        return list(range(1, min(top, max_multiplier) + 1))
+    positions = output_shape[0] * math.prod(output_shape[2:])
+    dense = positions * in_channels * out_channels * math.prod(kernel)
+    macs = [block_costs(family, r, in_channels, out_channels, kernel, input_shape, output_shape)[0]
+            for r in range(1, top + 1)]
+    ranks = set()
+    for fraction in LADDER:
+        fits = [r for r, m in zip(range(1, top + 1), macs) if m <= fraction * dense]
+        if not fits:
+            continue
+        r = fits[-1]
+        if divisor > 1 and r >= divisor:
+            r = r // divisor * divisor
+        ranks.add(r)
+    return sorted(ranks)
+
+
+def block_text(family: str, rank: int, bn: bool = False, activation: str = "none") -> str:
+    """How a planned block reads: ``dw×2 → BN → relu → pw``, ``3×1 → 48 → 1×3`` (K written out by the caller)."""
+    if family == "separable":
+        parts = [f"dw×{rank}"] + (["BN"] if bn else []) + ([activation] if activation not in (None, "none") else [])
+        return " → ".join(parts + ["pw"])
+    return FAMILIES[family].shape.format(r=rank)
 
 
 def _pair(v) -> tuple[int, int]:

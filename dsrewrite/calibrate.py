@@ -1,6 +1,9 @@
 """Calibration: refit each replaced block on unlabeled data, without gradients.
 
-For each :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`, in network order:
+For each replaced block, in network order; a
+:class:`~dsrewrite.layers.DepthwiseSeparableConv2d` gets steps 1–4, the other families'
+blocks (:mod:`dsrewrite.blocks`) step 1 and a least-squares refit of their last conv
+(:func:`_refit_last`: the block is linear in its weights; grouped convs solve per group):
 
 1. its inputs are taken from the **converted** model (so the errors of earlier blocks are
    compensated, not accumulated) and the targets are the **original** conv's outputs;
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import operator
 from typing import Any, Iterable
 
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import FAMILY_BLOCKS
 from .layers import DepthwiseSeparableConv2d, decouple, set_linear_range
 from .progress import Progress, heartbeat
 from .trace import eval_mode
@@ -131,9 +136,13 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
             for name in blocks:
                 block = converted.get_submodule(name)
                 conv = original.get_submodule(name)
-                linear = _svd_linear(block, conv)
                 gate = gates.get(name)
                 offset = (lambda x, node=gate.other: offsets(x, node)) if gate and gate.other else None
+                if not isinstance(block, DepthwiseSeparableConv2d):
+                    _refit_last(converted, original, block, conv, data, ridge, gate, offset)
+                    bar.advance(name)
+                    continue
+                linear = _svd_linear(block, conv)
                 if refit_depthwise and _joint_fit_fits(block):
                     fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations,
                                           weights.get(name), gate, offset)
@@ -327,10 +336,10 @@ def _gated(targets: torch.Tensor, prediction: torch.Tensor | None, gate: Gate,
 
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
-    """Names of the separable blocks, in the order the forward runs them."""
+    """Names of the replaced blocks (every family), in the order the forward runs them."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
-               for name, m in model.named_modules() if isinstance(m, DepthwiseSeparableConv2d)]
+               for name, m in model.named_modules() if isinstance(m, (DepthwiseSeparableConv2d,) + FAMILY_BLOCKS)]
     _forward_once(model, sample, handles)
     return list(dict.fromkeys(order))
 
@@ -427,15 +436,6 @@ def _joint_fit_fits(block: DepthwiseSeparableConv2d) -> bool:
     return block.mid_channels * taps <= MAX_JOINT_UNKNOWNS and block.in_channels * taps < MAX_JOINT_UNKNOWNS
 
 
-def _patches(block: DepthwiseSeparableConv2d, x: torch.Tensor) -> torch.Tensor:
-    """The depthwise conv's input patches as rows [positions, C_in·K²] (padding mode honoured)."""
-    dw = block.depthwise
-    mode = "constant" if dw.padding_mode == "zeros" else dw.padding_mode
-    x = F.pad(x, dw._reversed_padding_repeated_twice, mode=mode)
-    cols = F.unfold(x, dw.kernel_size, dilation=dw.dilation, stride=dw.stride)  # [B, C·K², L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
 def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
                  ridge: float, iterations: int, channel_weights: torch.Tensor | None = None,
                  gate: Gate | None = None, offset=None):
@@ -471,7 +471,7 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
             heartbeat(f"joint fit round {round_ + 1}: batch {i + 1}/{len(data)}")
             inp = _capture(converted, block, x, "input")
             y = _capture(original, conv, x, "output")
-            rows = _patches(block, inp).double()
+            rows = _conv_patches(block.depthwise, inp).double()
             if i == 0 and round_ == 0 and rows.shape[0] * len(data) < 4 * mid * taps:
                 return None  # too few positions to pin the filters down: the SVD filters stand
             targets = _flat(y)
@@ -537,6 +537,61 @@ def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv:
         solution = torch.linalg.solve(gram + damp * eye, cross + damp * prior)  # [mid+1, C_out]
     block.pointwise.weight.copy_(solution[:mid].T.reshape(block.pointwise.weight.shape).to(dtype))
     block.pointwise.bias.copy_(solution[mid].to(dtype))
+
+
+def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: list[torch.Tensor], ridge: float,
+                gate: Gate | None = None, offset=None) -> None:
+    """Refit the last conv of a family block (``block.refit``) by least squares, streamed over the batches.
+
+    Its inputs come from the converted model, its targets are the original conv's outputs
+    (behind a ``gate``, ReLU-aware as in :func:`_refit_pointwise`). Every output channel is
+    its own least-squares problem on the patches of its group's input channels (a grouped
+    conv's groups are solved one by one), so only per-group normal equations are kept:
+    (C_in/groups · K² + 1)² each. Ridge pulls toward the weight-only initialization.
+    """
+    last: nn.Conv2d = getattr(block, block.refit)
+    groups, c_out = last.groups, last.out_channels
+    per_in, per_out = last.in_channels // groups, c_out // groups
+    dtype = last.weight.dtype
+    n = per_in * math.prod(last.kernel_size) + 1
+    bias = last.bias.detach().double() if last.bias is not None else torch.zeros(c_out, dtype=torch.float64)
+    # prior per group: [groups, n, per_out] (weights, then the bias row)
+    prior = torch.cat([last.weight.detach().double().reshape(groups, per_out, n - 1).transpose(1, 2),
+                       bias.reshape(groups, 1, per_out)], 1)
+    gram = torch.zeros(groups, n, n, dtype=torch.float64)
+    solution = prior
+    for round_ in range(GATED_ROUNDS if gate is not None else 1):
+        cross = torch.zeros(groups, n, per_out, dtype=torch.float64)
+        for i, x in enumerate(data):
+            heartbeat(f"{block.refit} refit: batch {i + 1}/{len(data)}")
+            rows = _conv_patches(last, _capture(converted, last, x, "input")).double()  # [P, C_in·K²]
+            rows = torch.cat([rows.reshape(rows.shape[0], groups, n - 1),
+                              torch.ones(rows.shape[0], groups, 1, dtype=torch.float64)], 2).transpose(0, 1)
+            targets = _flat(_capture(original, conv, x, "output"))  # [P, C_out]
+            if gate is not None:
+                prediction = torch.bmm(rows, solution).transpose(0, 1).reshape(-1, c_out) if round_ else None
+                targets = _gated(targets, prediction, gate, offset and offset(x))
+            targets = targets.reshape(-1, groups, per_out).transpose(0, 1)  # [groups, P, per_out]
+            if round_ == 0:
+                gram += rows.transpose(1, 2) @ rows
+            cross += rows.transpose(1, 2) @ targets
+        damp = ridge * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(1).clamp_min(1e-12)  # [groups]
+        eye = torch.eye(n, dtype=torch.float64)
+        solution = torch.linalg.solve(gram + damp[:, None, None] * eye, cross + damp[:, None, None] * prior)
+    with torch.no_grad():
+        last.weight.copy_(solution[:, :-1].transpose(1, 2).reshape(last.weight.shape).to(dtype))
+        if last.bias is not None:
+            last.bias.copy_(solution[:, -1].reshape(-1).to(dtype))
+
+
+def _conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv``'s input patches as rows [positions, C_in·K²] in its weight's (channel, tap) order."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    if isinstance(conv.padding, str):
+        raise ValueError("string padding is resolved to numbers when blocks are built")
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # [B, C·K², L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def _conjugate_gradient(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, iterations: int = 30,

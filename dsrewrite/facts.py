@@ -76,20 +76,29 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 
 
 def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cache=None, progress=None) -> Callable:
-    """``timer(conv, depth_multiplier, bn, activation) -> LayerTiming``, through the on-disk cache."""
-    from .measure import LatencyCache, layer_key, time_layer
+    """``timer(conv, rank, bn, activation, family="separable") -> LayerTiming``, through the on-disk cache.
+
+    ``rank`` is the separable block's depth multiplier, or another family's rank. The dense
+    conv of one geometry is timed once per run however many blocks are timed against it.
+    """
+    from .measure import LatencyCache, layer_key, time_dense, time_layer
 
     store = cache if cache is not None else LatencyCache()  # cache=False: no disk cache at all
     this_run: dict[str, Any] = {}  # layers of the same geometry are timed once per run, and count as fresh
+    dense: dict[str, Any] = {}
 
-    def timer(conv, depth_multiplier, bn, activation):
-        key = layer_key(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+    def timer(conv, rank, bn, activation, family="separable"):
+        key = layer_key(conv, rank, bn, activation, settings, config.measure_fold_bn, batch_size, family)
         if key in this_run:
             return this_run[key]
         hit = store.get(key) if store else None
         if hit is not None:
             return hit
-        timing = time_layer(conv, depth_multiplier, bn, activation, settings, config.measure_fold_bn, batch_size)
+        dense_key = layer_key(conv, 0, False, "none", settings, False, batch_size, "dense")
+        if dense_key not in dense:
+            dense[dense_key] = time_dense(conv, settings, batch_size)
+        timing = time_layer(conv, rank, bn, activation, settings, config.measure_fold_bn, batch_size, family,
+                            original=dense[dense_key])
         this_run[key] = timing
         if store:
             store.put(key, timing)
@@ -108,6 +117,8 @@ def time_decisions(analysis, decisions, timer) -> dict:
     out = {}
     with Progress("measuring layers", len(decisions), enabled=not getattr(timer, "quiet", True)) as bar:
         for d in decisions:
-            out[d.index] = timer(convs[d.index], d.depth_multiplier, d.bn, d.activation)
+            family = d.family or "separable"
+            rank = d.depth_multiplier if family == "separable" else d.rank
+            out[d.index] = timer(convs[d.index], rank, d.bn, d.activation, family)
             bar.advance(d.name)
     return out

@@ -224,7 +224,7 @@ def _layer_latency_chart(layers) -> str:
 def _layers_table(layers) -> str:
     if not layers:
         return "<p>Nothing was replaced.</p>"
-    head = ("<tr><th>conv</th><th>kernel</th><th>channels</th><th>rank</th><th>params</th><th>MACs</th>"
+    head = ("<tr><th>conv</th><th>kernel</th><th>channels</th><th>block</th><th>params</th><th>MACs</th>"
             "<th>theoretical</th><th>measured</th><th>timing</th><th>kept energy</th></tr>")
     rows = []
     for c in layers:
@@ -232,7 +232,7 @@ def _layers_table(layers) -> str:
         slow = " bad" if c["measured_speedup"] is not None and c["measured_speedup"] < 1 else ""
         rows.append(
             f"<tr><td>{_e(c['name'])}</td><td>{'×'.join(map(str, c['kernel']))}</td>"
-            f"<td>{c['in_channels']}→{c['out_channels']}</td><td class='n'>{c['depth_multiplier']}</td>"
+            f"<td>{c['in_channels']}→{c['out_channels']}</td><td>{_e(c.get('block') or '')}</td>"
             f"<td class='n'>{format_count(c['params_before'])} → {format_count(c['params_after'])}</td>"
             f"<td class='n'>{format_count(c['macs_before'])} → {format_count(c['macs_after'])}</td>"
             f"<td class='n'>{c['theoretical_speedup']:.1f}×</td><td class='n{slow}'>{measured}</td>"

@@ -243,7 +243,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
 @dataclasses.dataclass
 class LayerTiming:
-    """A conv and its separable replacement, timed on the input shape the conv sees."""
+    """A conv and its replacement block, timed on the input shape the conv sees."""
 
     original_s: float
     replacement_s: float
@@ -251,11 +251,13 @@ class LayerTiming:
     #: when it was measured (ISO 8601, UTC), and where ("cpu/2 threads", the fingerprint's short form)
     measured_at: str | None = None
     environment: str = ""
-    #: the depth multiplier of the block that was timed
+    #: the depth multiplier (rank) of the block that was timed
     depth_multiplier: int | None = None
     #: p10 and p90 of the repeats (seconds), original and replacement; None in old cache entries
     original_p10_p90: tuple[float, float] | None = None
     replacement_p10_p90: tuple[float, float] | None = None
+    #: the family of the block that was timed (dsrewrite.blocks.FAMILIES)
+    family: str = "separable"
 
     @property
     def spread(self) -> float | None:
@@ -274,7 +276,7 @@ class LayerTiming:
         """Where this timing came from, for a plan: fresh or cached, when, where, which block."""
         return {"source": "cached" if self.cached else "fresh", "measured_at": self.measured_at,
                 "environment": self.environment, "depth_multiplier": self.depth_multiplier,
-                "speedup": self.speedup, "spread": self.spread}
+                "family": self.family, "speedup": self.speedup, "spread": self.spread}
 
 
 class LatencyCache:
@@ -314,7 +316,8 @@ class LatencyCache:
         return LayerTiming(e["original_s"], e["replacement_s"], cached=True, measured_at=e.get("measured_at"),
                            environment=e.get("environment", ""), depth_multiplier=e.get("depth_multiplier"),
                            original_p10_p90=_pair(e.get("original_p10_p90")),
-                           replacement_p10_p90=_pair(e.get("replacement_p10_p90")))
+                           replacement_p10_p90=_pair(e.get("replacement_p10_p90")),
+                           family=e.get("family", "separable"))
 
     def put(self, key: str, timing: LayerTiming) -> None:
         """Remember a timing (saved by :meth:`save`)."""
@@ -322,7 +325,7 @@ class LatencyCache:
                              "measured_at": timing.measured_at, "environment": timing.environment,
                              "depth_multiplier": timing.depth_multiplier,
                              "original_p10_p90": timing.original_p10_p90,
-                             "replacement_p10_p90": timing.replacement_p10_p90}
+                             "replacement_p10_p90": timing.replacement_p10_p90, "family": timing.family}
         self.dirty = True
 
     def save(self) -> None:
@@ -344,8 +347,8 @@ class LatencyCache:
 
 
 def layer_key(conv, depth_multiplier: int, bn: bool, activation: str, settings: MeasureSettings,
-              fold: bool, batch_size: int | None) -> str:
-    """Cache key of one per-layer measurement."""
+              fold: bool, batch_size: int | None, family: str = "separable") -> str:
+    """Cache key of one per-layer measurement (``family`` named only when not separable: old keys stay valid)."""
     import json
 
     fp = fingerprint(settings)
@@ -355,36 +358,52 @@ def layer_key(conv, depth_multiplier: int, bn: bool, activation: str, settings: 
     return json.dumps([fp["torch"], fp["device"], fp["device_name"], fp["threads"], fp["dtype"], fp["memory_format"],
                        fold, shape, conv.in_channels, conv.out_channels, list(conv.kernel), list(conv.stride),
                        list(conv.padding), list(conv.dilation), conv.has_bias, depth_multiplier, bn, activation,
-                       settings.repeats, settings.warmup])
+                       settings.repeats, settings.warmup] + ([family] if family != "separable" else []))
 
 
 def time_layer(conv, depth_multiplier: int, bn: bool, activation: str, settings: MeasureSettings,
-               fold: bool = True, batch_size: int | None = None) -> LayerTiming:
-    """Time a standard conv of ``conv``'s geometry and its depthwise-separable replacement.
+               fold: bool = True, batch_size: int | None = None, family: str = "separable",
+               original: Timing | None = None) -> LayerTiming:
+    """Time a standard conv of ``conv``'s geometry and its replacement: ``family``'s block at rank ``depth_multiplier``.
 
-    Weights do not change speed, so both are built fresh; with ``fold`` the inserted BN is
-    folded into the depthwise conv, as inference deployments do.
+    Weights do not change speed, so both are built fresh; with ``fold`` the separable block's
+    inserted BN is folded into the depthwise conv, as inference deployments do. ``original``:
+    the dense conv's timing when it was already taken this run (a planner times many blocks
+    against one conv).
     """
+    from .blocks import FAMILIES
     from .layers import DepthwiseSeparableConv2d
 
     shape = list(conv.input_shape)
     if batch_size:
         shape[0] = batch_size
-    original = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
-                         conv.dilation, bias=conv.has_bias)
-    block = DepthwiseSeparableConv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
-                                     conv.dilation, depth_multiplier, bn and not fold, activation, bias=True)
-    if bn and fold:  # what a folded BN leaves behind: a bias on the depthwise conv
-        block.depthwise.bias = nn.Parameter(torch.zeros(block.mid_channels))
+    if family == "separable":
+        block = DepthwiseSeparableConv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
+                                         conv.dilation, depth_multiplier, bn and not fold, activation, bias=True)
+        if bn and fold:  # what a folded BN leaves behind: a bias on the depthwise conv
+            block.depthwise.bias = nn.Parameter(torch.zeros(block.mid_channels))
+    else:
+        block = FAMILIES[family].make(conv.in_channels, conv.out_channels, tuple(conv.kernel), tuple(conv.stride),
+                                      tuple(conv.padding), tuple(conv.dilation), depth_multiplier)
     x = torch.randn(*shape)
     import datetime
 
-    t_orig = measure(original, (x,), settings)
+    t_orig = original or time_dense(conv, settings, batch_size)
     t_new = measure(block, (x,), settings)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return LayerTiming(t_orig.median, t_new.median, measured_at=when, environment=environment_label(settings),
                        depth_multiplier=depth_multiplier, original_p10_p90=(t_orig.p10, t_orig.p90),
-                       replacement_p10_p90=(t_new.p10, t_new.p90))
+                       replacement_p10_p90=(t_new.p10, t_new.p90), family=family)
+
+
+def time_dense(conv, settings: MeasureSettings, batch_size: int | None = None) -> Timing:
+    """The dense conv of ``conv``'s geometry timed on its input shape (what every candidate is compared with)."""
+    shape = list(conv.input_shape)
+    if batch_size:
+        shape[0] = batch_size
+    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding,
+                      conv.dilation, bias=conv.has_bias)
+    return measure(dense, (torch.randn(*shape),), settings)
 
 
 def _pair(value) -> tuple[float, float] | None:

@@ -21,11 +21,13 @@ from typing import Any
 
 from .errors import InputError
 from .profile import ConvProfile
-from .rules import Draft, Keep, PlanContext, RuleConfig, output_positions, rules_in_order
+from .rules import Draft, Keep, PlanContext, RuleConfig, rules_in_order
 
 #: ``format`` and ``schema_version`` of a saved plan (``convert --dry-run --format json``).
 PLAN_FORMAT = "dsrewrite-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: versions :func:`load_plan` reads (1: before block families; every replacement is separable)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -52,6 +54,14 @@ class Decision:
     params_after: int | None = None
     bn: bool | None = None
     activation: str | None = None
+    #: the replacement's block family (dsrewrite.blocks.FAMILIES) and rank (the depth multiplier for separable)
+    family: str | None = None
+    rank: int | None = None
+    #: the conv call's input shape (what the block's costs and timings depend on)
+    input_shape: tuple[int, ...] = ()
+    #: every block the target-driven planner weighed for this layer: [{family, rank, macs, time_s, error}],
+    #: the dense conv as family "keep"; the chosen one has "chosen": true
+    candidates: list[dict] | None = None
     #: measured latency of the conv and of its replacement on this machine (latency-aware plans).
     measured_original_s: float | None = None
     measured_replacement_s: float | None = None
@@ -68,6 +78,18 @@ class Decision:
         return self.measured_original_s / self.measured_replacement_s
 
     @property
+    def block_text(self) -> str:
+        """How the block reads (``dw×2 → BN → relu → pw``, ``3×1 → 48 → 1×3``); empty for a kept conv."""
+        if not self.replaced:
+            return ""
+        from .blocks import block_text
+
+        k = "×".join(map(str, self.kernel))
+        text = block_text(self.family or "separable", self.rank or self.depth_multiplier or 1, bool(self.bn),
+                          self.activation or "none")
+        return text.replace("K×K", k).replace("K×1", f"{self.kernel[0]}×1").replace("1×K", f"1×{self.kernel[-1]}")
+
+    @property
     def replaced(self) -> bool:
         """Whether this call site is replaced."""
         return self.action == "replace"
@@ -76,6 +98,7 @@ class Decision:
         """JSON-ready dict."""
         d = dataclasses.asdict(self)
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        out["block"] = self.block_text
         if self.candidate_errors is not None:
             out["candidate_errors"] = {str(k): v for k, v in self.candidate_errors.items()}
         return out
@@ -221,8 +244,8 @@ def candidate_decisions(analysis, config: RuleConfig) -> list[Decision]:
 def _site(conv: ConvProfile) -> dict[str, Any]:
     return dict(index=conv.index, name=conv.name, module_name=conv.module_name, kernel=conv.kernel,
                 stride=conv.stride, in_channels=conv.in_channels, out_channels=conv.out_channels,
-                output_shape=conv.output_shape, macs_before=conv.macs, params_before=conv.params,
-                has_bias=conv.has_bias)
+                output_shape=conv.output_shape, input_shape=tuple(conv.input_shape), macs_before=conv.macs,
+                params_before=conv.params, has_bias=conv.has_bias)
 
 
 def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:
@@ -240,10 +263,27 @@ def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:
     if not draft.chosen:
         return Decision(action="keep", rule=rules[-1].name if rules else "none",
                         reason="kept: no rule chose to replace it", **base)
-    dm = draft.depth_multiplier
-    return Decision(action="replace", rule="ReplaceHeavyConv", reason=draft.reason + "".join(draft.remarks),
-                    depth_multiplier=dm, mid_channels=conv.in_channels * dm, macs_after=draft.macs_after,
-                    params_after=draft.params_after, bn=draft.bn, activation=draft.activation, **base)
+    return replacement(base, draft.family, draft.rank or draft.depth_multiplier, draft.bn, draft.activation,
+                       draft.macs_after, draft.params_after, rule="ReplaceHeavyConv",
+                       reason=draft.reason + "".join(draft.remarks))
+
+
+def replacement(base: dict, family: str, rank: int, bn: bool, activation: str, macs: int, params: int, *,
+                rule: str, reason: str, **extra) -> Decision:
+    """A replace decision for call site ``base`` (:func:`_site`) with ``family``'s block at ``rank``.
+
+    ``family`` "auto" (no planner ran) is the separable block. Only separable blocks carry a
+    depth multiplier, BN and activation; the other families are linear chains.
+    """
+    from .blocks import FAMILIES
+
+    family = "separable" if family == "auto" else family
+    separable = family == "separable"
+    return Decision(action="replace", rule=rule, reason=reason, family=family, rank=rank,
+                    depth_multiplier=rank if separable else None,
+                    mid_channels=FAMILIES[family].mid(base["in_channels"], base["out_channels"], rank),
+                    macs_after=macs, params_after=params, bn=bn if separable else False,
+                    activation=activation if separable else "none", **base, **extra)
 
 
 def _consistent_per_module(decisions: list[Decision]) -> list[Decision]:
@@ -270,7 +310,7 @@ def _consistent_per_module(decisions: list[Decision]) -> list[Decision]:
 def kept(d: Decision, rule: str, reason: str) -> Decision:
     """``d`` turned into a keep decision (its block and costs cleared)."""
     return dataclasses.replace(d, action="keep", rule=rule, reason=reason, depth_multiplier=None, mid_channels=None,
-                               macs_after=None, params_after=None, bn=None, activation=None)
+                               macs_after=None, params_after=None, bn=None, activation=None, family=None, rank=None)
 
 
 def weight_reads(analysis) -> dict[str, list[str]]:
@@ -300,14 +340,15 @@ def load_plan(doc: Any, analysis, where: str = "plan") -> ConversionPlan:
     edited by hand gets a reason that says so. Raises :class:`PlanMismatch` (exit 2)
     naming the first problem.
     """
-    from .layers import ACTIVATIONS, theoretical_costs
+    from .blocks import FAMILIES, block_costs, max_rank_of
+    from .layers import ACTIVATIONS
     from .rules import RULES, load_rules_dict
 
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise PlanMismatch(f"{where}: not a dsrewrite plan (write one with convert --dry-run --format json -o FILE)")
-    if doc.get("schema_version") != PLAN_VERSION:
+    if doc.get("schema_version") not in READABLE_VERSIONS:
         raise PlanMismatch(f"{where}: plan schema_version {doc.get('schema_version')!r}; this dsrewrite reads "
-                           f"version {PLAN_VERSION}")
+                           f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     shapes = [tuple(s) for s in analysis.profile.input_shapes]
     try:
         planned_shapes = [tuple(int(v) for v in s) for s in doc["input_shapes"]]
@@ -335,7 +376,8 @@ def load_plan(doc: Any, analysis, where: str = "plan") -> ConversionPlan:
         base.update(measured_original_s=row.get("measured_original_s"),
                     measured_replacement_s=row.get("measured_replacement_s"), timing=row.get("timing"),
                     candidate_errors={int(k): float(v) for k, v in errors.items()} if isinstance(errors, dict)
-                    else None)
+                    else None,
+                    candidates=row.get("candidates") if isinstance(row.get("candidates"), list) else None)
         action = row.get("action")
         reason = str(row.get("reason") or "")
         if action == "keep":
@@ -351,22 +393,35 @@ def load_plan(doc: Any, analysis, where: str = "plan") -> ConversionPlan:
             if isinstance(verdict, Keep):
                 raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}) replaces a conv that cannot be "
                                    f"replaced ({verdict.reason})")
-        dm, bn, act = row.get("depth_multiplier"), row.get("bn"), row.get("activation")
-        if isinstance(dm, bool) or not isinstance(dm, int) or dm < 1:
-            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): depth_multiplier must be a positive "
-                               f"integer, got {dm!r}")
-        if not isinstance(bn, bool):
-            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): bn must be true or false, got {bn!r}")
-        if act not in ACTIVATIONS:
-            raise PlanMismatch(f"{where}: decision {conv.index} ({conv.name}): activation must be one of "
-                               f"{', '.join(ACTIVATIONS)}, got {act!r}")
-        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, conv.kernel, output_positions(conv),
-                                         dm, bn, conv.has_bias)
+        family = row.get("family") or "separable"
+        here = f"{where}: decision {conv.index} ({conv.name})"
+        if family not in FAMILIES:
+            raise PlanMismatch(f"{here}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        if family == "separable":
+            # a separable block's rank is its depth multiplier: that key is the one read
+            rank = row["depth_multiplier"] if row.get("depth_multiplier") is not None else row.get("rank")
+            bn, act = row.get("bn"), row.get("activation")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise PlanMismatch(f"{here}: depth_multiplier must be a positive integer, got {rank!r}")
+            if not isinstance(bn, bool):
+                raise PlanMismatch(f"{here}: bn must be true or false, got {bn!r}")
+            if act not in ACTIVATIONS:
+                raise PlanMismatch(f"{here}: activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+        else:
+            rank, bn, act = row.get("rank"), False, "none"
+            top = max_rank_of(family, conv.in_channels, conv.out_channels, conv.kernel)
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+                raise PlanMismatch(f"{here}: a {family} block's rank must be an integer from 1 to {top} (exact), "
+                                   f"got {rank!r}")
+            if row.get("bn") or row.get("activation") not in (None, "none"):
+                raise PlanMismatch(f"{here}: a {family} block is a linear chain; bn and activation apply to "
+                                   "separable blocks only")
+        macs, params = block_costs(family, rank, conv.in_channels, conv.out_channels, conv.kernel,
+                                   conv.input_shape, conv.output_shape, bn, conv.has_bias)
         if not reason.startswith("replaced"):
             reason = "replaced: as the plan file says (edited by hand)"
-        decisions.append(Decision(
-            action="replace", rule=str(row.get("rule") or "PlanFile"), reason=reason, depth_multiplier=dm,
-            mid_channels=conv.in_channels * dm, macs_after=macs, params_after=params, bn=bn, activation=act, **base))
+        decisions.append(replacement(base, family, rank, bn, act, macs, params,
+                                     rule=str(row.get("rule") or "PlanFile"), reason=reason))
     _check_modules_agree(decisions, where)
     plan = ConversionPlan(analysis.model_name, config, decisions, shapes, analysis.profile.macs,
                           rank_choice=doc.get("rank_choice"), environment=str(doc.get("environment") or ""),
@@ -400,8 +455,8 @@ def _check_modules_agree(decisions: list[Decision], where: str) -> None:
         if d.module_name is None:
             continue
         seen = first.setdefault(d.module_name, d)
-        if (seen.action, seen.depth_multiplier, seen.bn, seen.activation) != \
-                (d.action, d.depth_multiplier, d.bn, d.activation):
+        if (seen.action, seen.family, seen.rank, seen.bn, seen.activation) != \
+                (d.action, d.family, d.rank, d.bn, d.activation):
             raise PlanMismatch(f"{where}: module {d.module_name} is called at several sites ({seen.name}, {d.name}) "
                                "and the plan treats them differently; one module gets one block")
 

@@ -145,7 +145,7 @@ def choose_ranks(plan: ConversionPlan, errors: dict[str, dict[int, float]], tota
             k = "×".join(map(str, d.kernel))
             hw = "×".join(map(str, d.output_shape[2:]))
             decisions.append(dataclasses.replace(
-                d, depth_multiplier=rank, mid_channels=d.in_channels * rank, macs_after=macs, params_after=params,
+                d, depth_multiplier=rank, rank=rank, mid_channels=d.in_channels * rank, macs_after=macs, params_after=params,
                 rule="ChooseDepthMultiplier", candidate_errors=dict(errors[d.module_name]),
                 reason=f"replaced: {k} {d.in_channels}→{d.out_channels} at {hw}, {d.macs_before / macs:.1f}× fewer "
                        f"MACs; depth multiplier {rank} ({quality}) {why}"))

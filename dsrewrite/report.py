@@ -244,12 +244,8 @@ def render_plan(plan, fmt: str = "table") -> str:
 
 
 def _block_text(d: dict) -> str:
-    """``dw×2 → BN → relu → pw`` for a replacement, empty for a kept conv."""
-    if d["action"] != "replace":
-        return ""
-    parts = [f"dw×{d['depth_multiplier']}"] + (["BN"] if d["bn"] else []) + \
-        ([d["activation"]] if d["activation"] != "none" else []) + ["pw"]
-    return " → ".join(parts)
+    """``dw×2 → BN → relu → pw`` / ``1×1 → 48 → 3×3 → 1×1`` for a replacement, empty for a kept conv."""
+    return d.get("block") or ""
 
 
 # -------------------------------------------------------------------------- conversions
@@ -466,7 +462,7 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
         rows = []
         for c in doc["layers"]:
             row = [c["name"], "×".join(map(str, c["kernel"])), f"{c['in_channels']}→{c['out_channels']}",
-                   c["depth_multiplier"], f"{format_count(c['params_before'])} → {format_count(c['params_after'])}",
+                   c.get("block") or "", f"{format_count(c['params_before'])} → {format_count(c['params_after'])}",
                    f"{format_count(c['macs_before'])} → {format_count(c['macs_after'])}",
                    f"{c['theoretical_speedup']:.1f}×", f"{100 * c['kept_energy']:.1f}%"]
             if measured:
@@ -474,7 +470,7 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                         if c["measured_speedup"] is not None else "-",
                         _layer_speedup(c, md), timing_source(c.get("timing"))]
             rows.append(row)
-        headers = ["conv", "kernel", "channels", "depth multiplier", "params", "MACs", "theoretical speedup", "kept energy"]
+        headers = ["conv", "kernel", "channels", "block", "params", "MACs", "theoretical speedup", "kept energy"]
         if measured:
             headers += ["measured latency (median)", "measured speedup", "timing"]
         out += [("## " if md else "") + "Replaced layers",

@@ -2,9 +2,10 @@
 
 In a fixed order, and nothing but what the plan says:
 
-1. each replaced conv module is swapped, under its own qualified name, for a
-   :class:`~dsrewrite.layers.DepthwiseSeparableConv2d` of the planned depth multiplier,
-   BN and activation, initialized from its weights. The traced graph calls modules by
+1. each replaced conv module is swapped, under its own qualified name, for its planned
+   block: a :class:`~dsrewrite.layers.DepthwiseSeparableConv2d` of the planned depth
+   multiplier, BN and activation, or another family's block (:mod:`dsrewrite.blocks`) at
+   the planned rank, initialized from its weights. The traced graph calls modules by
    those names (``call_module`` targets), so swapping the module rewrites every call site
    at once, and it works the same for models torch.fx cannot trace;
 2. with calibration data, every block is refit on it (:func:`dsrewrite.calibrate`);
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .blocks import FAMILIES, relative_error
 from .errors import InputError
 from .layers import DepthwiseSeparableConv2d
 from .plan import ConversionPlan
@@ -95,11 +97,15 @@ def _swap_blocks(model: nn.Module, plan: ConversionPlan, inputs: tuple) -> Rewri
         conv = new.get_submodule(name)
         if not isinstance(conv, nn.Conv2d):
             raise InputError(f"cannot replace {name}: it is a {type(conv).__name__}, not an nn.Conv2d")
-        block = DepthwiseSeparableConv2d.from_conv(conv, decision.depth_multiplier, decision.bn,
-                                                   decision.activation, samples.get(name))
+        if (decision.family or "separable") == "separable":
+            block = DepthwiseSeparableConv2d.from_conv(conv, decision.depth_multiplier, decision.bn,
+                                                       decision.activation, samples.get(name))
+            energy[name] = block.kept_energy
+            del block.kept_energy
+        else:  # the other families are linear chains: kept energy is 1 − (relative weight error)²
+            block = FAMILIES[decision.family].build(conv, decision.rank)
+            energy[name] = 1.0 - relative_error(conv.weight.detach(), block.dense_weight()) ** 2
         block.train(conv.training)
-        energy[name] = block.kept_energy
-        del block.kept_energy
         _set_submodule(new, name, block)
     return RewriteResult(new, energy)
 

@@ -58,6 +58,15 @@ class RuleConfig:
     bn: bool = True
     #: [block.activation] activation after the depthwise conv: relu, relu6 or none.
     activation: str = "relu"
+    #: [block.family] the block a replaced conv becomes: separable, pointwise-first, spatial,
+    #: bottleneck (dsrewrite.blocks), or auto (the planner picks per layer; needs a target).
+    family: str = "separable"
+    #: [block.rank] rank of the non-separable families (0: the largest rank with at least
+    #: replace.min_mac_reduction× fewer MACs); separable uses block.depth_multiplier.
+    rank: int = 0
+    #: [block.layer_family] per-layer families: {"layer4.*" = "bottleneck"} (module-name globs,
+    #: first match wins; "keep" keeps the layer standard).
+    layer_family: tuple[tuple[str, str], ...] = ()
     #: [align.divisor] channel counts the rewrite creates are multiples of this (0 or 1: off).
     align_divisor: int = 8
     #: [align.groups] also round every resizable channel group of the whole model up to a
@@ -67,6 +76,9 @@ class RuleConfig:
     align_width: float = 0.0
     #: [replace.min_measured_speedup] only if the block measured at least this much faster here (0: off).
     min_measured_speedup: float = 0.0
+    #: [plan.target_latency] plan for this fraction of the original's measured latency (0: off;
+    #: --target-latency overrides it).
+    target_latency: float = 0.0
     #: [measure.device] where to time: auto, cpu, cuda, cuda:N, mps.
     measure_device: str = "auto"
     #: [measure.threads] CPU threads while timing (0: torch's default).
@@ -97,11 +109,22 @@ class RuleConfig:
     def to_dict(self) -> dict[str, Any]:
         """TOML-shaped dict (``{"keep": {...}, ...}``) plus the preset name and source."""
         out: dict[str, Any] = {"preset": self.preset, "source": self.source}
-        for key, (field, _) in SCHEMA.items():
+        for key, (field, kind) in SCHEMA.items():
             section, name = key.split(".")
             value = getattr(self, field)
+            if kind == "patterns":
+                value = dict(value)
             out.setdefault(section, {})[name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    def family_of(self, module_name: str | None) -> str:
+        """The block family for a conv module: the first matching ``block.layer_family`` glob, else ``block.family``."""
+        import fnmatch
+
+        for pattern, family in self.layer_family:
+            if module_name is not None and fnmatch.fnmatchcase(module_name, pattern):
+                return family
+        return self.family
 
 
 #: TOML key -> (RuleConfig field, expected type). One table for files and --set alike.
@@ -116,6 +139,10 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "block.depth_multiplier": ("depth_multiplier", int),
     "block.bn": ("bn", bool),
     "block.activation": ("activation", str),
+    "block.family": ("family", str),
+    "block.rank": ("rank", int),
+    "block.layer_family": ("layer_family", "patterns"),
+    "plan.target_latency": ("target_latency", float),
     "align.divisor": ("align_divisor", int),
     "align.groups": ("align_groups", bool),
     "align.width": ("align_width", float),
@@ -129,8 +156,11 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "measure.warmup": ("measure_warmup", int),
     "plan.rules": ("rules", "rules"),
 }
+#: block families by name (dsrewrite.blocks.FAMILIES; listed here so that rules load without torch work)
+FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck")
 _CHOICES = {
     "block.activation": ("relu", "relu6", "none"),
+    "block.family": FAMILY_NAMES + ("auto",),
     "measure.dtype": ("float32", "bfloat16", "float16"),
     "measure.memory_format": ("contiguous", "channels_last"),
 }
@@ -238,6 +268,9 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise bad
+        if key == "plan.target_latency" and value > 1:
+            raise ConfigError(f"{where}: plan.target_latency is a fraction of the original's latency between 0 and 1 "
+                              f"(0: off), got {value!r}")
         if key == "align.width" and value > 1:
             raise ConfigError(f"{where}: align.width is a multiplier between 0 and 1 (0: off), got {value!r}")
         return float(value)
@@ -248,6 +281,18 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
                                                   for v in value):
             raise bad
         return tuple(value)
+    if expected == "patterns":
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+            value = dict(value)  # a saved plan's rules round-trip
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise bad
+        for pattern, family in value.items():
+            if family not in FAMILY_NAMES + ("keep",):
+                close = difflib.get_close_matches(family, FAMILY_NAMES, n=1)
+                raise ConfigError(f"{where}: {key}: {pattern!r} = {family!r} is no block family"
+                                  f"{f' (did you mean {close[0]!r}?)' if close else ''}; families: "
+                                  f"{', '.join(FAMILY_NAMES)}, or keep")
+        return tuple(value.items())
     if expected == "rules":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad
@@ -269,6 +314,7 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
 def _type_word(t: type) -> str:
     return {bool: "true or false", int: "a non-negative integer", float: "a non-negative number",
             list: "a list of kernel sizes such as [3, 5]", str: "a string",
+            "patterns": "a table of module-name globs to families such as {\"layer4.*\" = \"bottleneck\"}",
             "rules": "a list of rule names such as [\"KeepStem\", \"ReplaceHeavyConv\"]"}[t]
 
 
@@ -317,6 +363,10 @@ class Draft:
     depth_multiplier: int
     bn: bool
     activation: str
+    #: the block family (dsrewrite.blocks.FAMILIES, or "auto": a target-driven planner picks)
+    family: str = "separable"
+    #: rank of a non-separable family (0: chosen from replace.min_mac_reduction)
+    rank: int = 0
     macs_after: int | None = None
     params_after: int | None = None
     #: the reason to replace ("replaced: ..."), set by the rule that chose to
@@ -442,6 +492,8 @@ class AlignChannels(Rule):
 
     def decide(self, conv, ctx, draft):
         c = ctx.config
+        if c.family_of(conv.module_name) not in ("separable", "auto"):
+            return draft  # the other families' ranks are aligned where they are chosen
         dm = self.depth_multiplier(conv.in_channels, draft.depth_multiplier, c.align_divisor)
         if dm == draft.depth_multiplier:
             return draft
@@ -464,7 +516,7 @@ class ReplaceHeavyConv(Rule):
     preserves_computation = False
 
     def decide(self, conv, ctx, draft):
-        from .layers import theoretical_costs
+        from .blocks import block_costs
 
         c = ctx.config
         k = conv.kernel
@@ -475,14 +527,43 @@ class ReplaceHeavyConv(Rule):
         share = ctx.macs_share(conv)
         if share < c.min_macs_share:
             return Keep(f"kept: {100 * share:.2f}% of model MACs < replace.min_macs_share {100 * c.min_macs_share:g}%")
-        macs, params = theoretical_costs(conv.in_channels, conv.out_channels, k, output_positions(conv),
-                                         draft.depth_multiplier, draft.bn, conv.has_bias)
+        family = c.family_of(conv.module_name)
+        if family == "keep":
+            return Keep("kept: block.layer_family says keep")
+        if family in ("separable", "auto"):  # auto is costed as separable until a planner picks
+            rank = draft.depth_multiplier
+            macs, params = block_costs("separable", rank, conv.in_channels, conv.out_channels, k, conv.input_shape,
+                                       conv.output_shape, draft.bn, conv.has_bias)
+        else:
+            rank = draft.rank or self.rank_for(family, conv, c.min_mac_reduction, c.align_divisor)
+            if rank is None:
+                return Keep(f"kept: no {family} rank gives replace.min_mac_reduction {c.min_mac_reduction:g}× "
+                            "fewer MACs")
+            macs, params = block_costs(family, rank, conv.in_channels, conv.out_channels, k, conv.input_shape,
+                                       conv.output_shape)
         reduction = conv.macs / macs if macs else float("inf")
         if reduction < c.min_mac_reduction:
             return Keep(f"kept: only {reduction:.1f}× fewer MACs < replace.min_mac_reduction {c.min_mac_reduction:g}×")
         hw = "×".join(map(str, conv.output_shape[2:]))
         reason = f"replaced: {k[0]}×{k[1]} {conv.in_channels}→{conv.out_channels} at {hw}, {reduction:.1f}× fewer MACs"
-        return dataclasses.replace(draft, macs_after=macs, params_after=params, reason=reason)
+        if family not in ("separable", "auto"):
+            return dataclasses.replace(draft, family=family, rank=rank, bn=False, activation="none",
+                                       macs_after=macs, params_after=params, reason=reason + f" ({family} rank {rank})")
+        return dataclasses.replace(draft, family=family, macs_after=macs, params_after=params, reason=reason)
+
+    @staticmethod
+    def rank_for(family: str, conv: ConvProfile, reduction: float, divisor: int) -> int | None:
+        """The largest rank of ``family`` with at least ``reduction``× fewer MACs than ``conv`` (aligned), or None."""
+        from .blocks import block_costs, max_rank_of
+
+        top = max_rank_of(family, conv.in_channels, conv.out_channels, conv.kernel)
+        budget = conv.macs / max(reduction, 1.0)
+        fits = [r for r in range(1, top) if block_costs(family, r, conv.in_channels, conv.out_channels, conv.kernel,
+                                                        conv.input_shape, conv.output_shape)[0] <= budget]
+        if not fits:
+            return None
+        r = fits[-1]
+        return r // divisor * divisor if divisor > 1 and r >= divisor else r
 
 
 class MinMeasuredSpeedup(Rule):

@@ -94,7 +94,7 @@ def test_fold_bn_is_exact_and_respects_shared_convs():
 
 def fake_timer(speedups):
     """Per-layer timer: the replacement runs ``speedups(conv)`` times faster; counts its calls."""
-    def timer(conv, depth_multiplier, bn, activation):
+    def timer(conv, depth_multiplier, bn, activation, family="separable"):
         timer.calls += 1
         return LayerTiming(0.004, 0.004 / speedups(conv))
     timer.calls = 0
@@ -125,6 +125,7 @@ def fake_layer_timing(monkeypatch, cache_dir) -> list:
         return LayerTiming(0.002, 0.001)
 
     monkeypatch.setattr(measure_mod, "time_layer", fake_time_layer)
+    monkeypatch.setattr(measure_mod, "time_dense", lambda *args, **kwargs: None)
     monkeypatch.setenv("DSREWRITE_CACHE_DIR", str(cache_dir))
     return calls
 
@@ -176,7 +177,7 @@ def test_cli_measure_writes_a_self_contained_html_report(monkeypatch, tmp_path):
 
 def provenance_timer(speedup_of, cached_of):
     """Per-layer timer with provenance: ``cached_of(conv)`` marks a timing as read from the cache."""
-    def timer(conv, depth_multiplier, bn, activation):
+    def timer(conv, depth_multiplier, bn, activation, family="separable"):
         return LayerTiming(0.0005, 0.0005 / speedup_of(conv), cached=cached_of(conv),
                            measured_at="2026-11-20T08:00:00+00:00" if cached_of(conv) else "2026-11-25T09:00:00+00:00",
                            environment="cpu/2 threads", depth_multiplier=depth_multiplier,

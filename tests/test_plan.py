@@ -107,7 +107,7 @@ def test_dry_run_plan_is_the_plan_applied(name, preset, variant):
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
 
 
-def _fake_timer(conv, depth_multiplier, bn, activation):
+def _fake_timer(conv, depth_multiplier, bn, activation, family="separable"):
     from dsrewrite.measure import LayerTiming
 
     # wider layers "measure" faster as blocks: deterministic, and some pass 1.1× and some do not
@@ -257,7 +257,7 @@ def test_plan_is_pure_and_latency_facts_are_recorded():
     config = load_rules("latency")
     calls = []
 
-    def timer(conv, dm, bn, act):
+    def timer(conv, dm, bn, act, family="separable"):
         calls.append(conv.name)
         return _fake_timer(conv, dm, bn, act)
 
