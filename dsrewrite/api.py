@@ -257,13 +257,14 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
                analysis: Analysis | None = None, calibration=None, target_macs: float | None = None,
                max_error: float | None = None, align: int | None = None, width: float | None = None,
                measure_settings=None, batch_size: int | None = None, layer_timer=None, cache=None,
-               progress=None) -> ConversionPlan:
+               progress=None, target_latency: float | None = None) -> ConversionPlan:
     """The whole conversion plan (:class:`~dsrewrite.plan.ConversionPlan`); the model is not changed.
 
     Takes the same planning arguments as :func:`convert`, gathers the facts they need
     (:func:`dsrewrite.facts.gather_facts`: timings for a latency-aware rule set, candidate
-    errors for a MAC target or error bound, the channel graph for alignment or width) and
-    decides (:func:`dsrewrite.plan.plan_conversion`). ``convert`` applies exactly this plan.
+    errors for a MAC target or error bound, candidate blocks timed for a latency target, the
+    channel graph for alignment or width) and decides (:func:`dsrewrite.plan.plan_conversion`).
+    ``convert`` applies exactly this plan.
     """
     from .facts import gather_facts
     from .plan import plan_conversion
@@ -272,9 +273,12 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
     if analysis is None:
         analysis = analyze(model, example_inputs, name=name)
     batches = _batches(calibration)
+    if sum(x is not None for x in (target_latency, target_macs, max_error)) > 1:
+        raise ValueError("give at most one of target_latency, target_macs and max_error")
     facts = gather_facts(model, analysis, config, timer=layer_timer, calibration=batches, target_macs=target_macs,
                          max_error=max_error, align=align, width=width, settings=measure_settings,
-                         batch_size=batch_size, cache=cache, progress=progress)
+                         batch_size=batch_size, cache=cache, progress=progress, target_latency=target_latency,
+                         inputs=_inputs_from(example_inputs, None) if example_inputs is not None else None)
     return plan_conversion(analysis, config, facts, target_macs=target_macs, max_error=max_error, align=align,
                            width=width)
 
@@ -307,6 +311,7 @@ def convert(
     max_error: float | None = None,
     align: int | None = None,
     width: float | None = None,
+    target_latency: float | None = None,
 ) -> ConversionResult:
     """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
@@ -328,7 +333,10 @@ def convert(
     replaced block on that data (:func:`dsrewrite.calibrate`). ``target_macs`` (a fraction of
     the original MACs) or ``max_error`` chooses each layer's depth multiplier
     (:mod:`dsrewrite.rank`), judged from the calibration data when given, else from the
-    weights' kept energy.
+    weights' kept energy. ``target_latency`` (a fraction of the original's latency measured
+    here, or rule key ``plan.target_latency``) chooses each layer's block — family × rank, or
+    keep — from candidates timed on this machine (:mod:`dsrewrite.choose`); so do the MAC and
+    error targets when ``block.family`` is not separable.
 
     ``align`` (a divisor, or rule keys ``align.groups`` + ``align.divisor``) rounds every
     resizable channel group up to a multiple of it, exactly; ``width`` (α, or ``align.width``)
@@ -347,7 +355,9 @@ def convert(
     config = plan.config if plan is not None else _rule_config(rules, overrides)
     settings = measure_settings or config.measure_settings()
     timer = None
-    if measure or config.min_measured_speedup > 0:
+    latency_target = target_latency is not None or (config.target_latency > 0 and target_macs is None
+                                                    and max_error is None)
+    if measure or config.min_measured_speedup > 0 or (plan is None and latency_target):
         from .facts import layer_timer as make_timer
 
         timer = layer_timer or make_timer(config, settings, batch_size, cache, progress)
@@ -355,7 +365,7 @@ def convert(
     if plan is None:
         plan = plan_model(model, inputs, config, analysis=before, calibration=batches, target_macs=target_macs,
                           max_error=max_error, align=align, width=width, measure_settings=settings,
-                          batch_size=batch_size, layer_timer=timer, progress=progress)
+                          batch_size=batch_size, layer_timer=timer, progress=progress, target_latency=target_latency)
     rewritten = apply_plan(model, plan, real, batches, progress)
     say("analyzing the converted model and checking output fidelity ...")
     after = analyze(rewritten.model, inputs, name=before.model_name)
@@ -369,7 +379,8 @@ def convert(
     report.calibration = rewritten.calibration
     report.channels = plan.resize.to_dict() if plan.resize is not None else None
     report.fidelity_inputs = "random" if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs) else "example"
-    report.chosen_by = "measured latency" if config.min_measured_speedup > 0 else "MACs"
+    report.chosen_by = "measured latency" if config.min_measured_speedup > 0 or (
+        plan.rank_choice or {}).get("target_latency") else "MACs"
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")
@@ -388,21 +399,16 @@ def _rule_config(rules: Any, overrides):
 def measure_end_to_end(original: nn.Module, converted: nn.Module, inputs: tuple, settings, fold: bool,
                        batch_size: int | None, theoretical: float) -> dict[str, Any]:
     """Median latency of both models on the same inputs, side by side, and what it means."""
-    import copy
+    from .measure import fingerprint, time_model
 
-    from .measure import fingerprint, fold_bn, measure
-
-    if batch_size:
-        inputs = tuple(x.expand(batch_size, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() else x
-                       for x in inputs)
-    prepare = fold_bn if fold else (lambda m: copy.deepcopy(m).eval())
-    before = measure(prepare(original), inputs, settings)
-    after = measure(prepare(converted), inputs, settings)
+    before = time_model(original, inputs, settings, fold, batch_size)
+    after = time_model(converted, inputs, settings, fold, batch_size)
     speedup = before.median / after.median if after.median else float("inf")
     return {
         "settings": dataclasses.asdict(settings),
         "fold_bn": fold,
-        "batch_size": batch_size or (inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else None),
+        "batch_size": batch_size or next((x.shape[0] for x in inputs[:1] if isinstance(x, torch.Tensor) and x.dim()),
+                                         None),
         "fingerprint": fingerprint(settings),
         "before": before.to_dict(),
         "after": after.to_dict(),

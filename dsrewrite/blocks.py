@@ -37,7 +37,7 @@ def _check_conv(conv: nn.Conv2d, family: str) -> None:
         raise ValueError(f"{family}: padding mode {conv.padding_mode!r} does not factor exactly; only zeros")
 
 
-def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """Numeric padding of ``conv`` ("same" resolved for stride 1)."""
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -54,7 +54,7 @@ def _shell(cls, conv: nn.Conv2d, *ranks: int) -> nn.Module:
     """An uninitialized ``cls`` block with ``conv``'s geometry, device and dtype (after checking ``conv`` factors)."""
     _check_conv(conv, cls.family)
     c_out, c_in, kh, kw = conv.weight.shape
-    block = cls(c_in, c_out, (kh, kw), conv.stride, _padding(conv), conv.dilation, *ranks, bias=True)
+    block = cls(c_in, c_out, (kh, kw), conv.stride, numeric_padding(conv), conv.dilation, *ranks, bias=True)
     return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
@@ -427,6 +427,39 @@ def rank_ladder(family: str, in_channels: int, out_channels: int, kernel: tuple[
             r = r // divisor * divisor
         ranks.add(r)
     return sorted(ranks)
+
+
+def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[int, float]:
+    """``{rank: ‖W − Ŵ‖² / ‖W‖²}`` of ``family``'s weight-only initialization at each rank.
+
+    The squared relative error is 1 − kept energy for the SVD-based families, so errors
+    of different families (and of :mod:`dsrewrite.rank`) compare and add up alike. One
+    decomposition answers every rank where the family allows (separable, pointwise-first,
+    spatial); the bottleneck family runs its HOOI per rank (its error is 1 − ‖core‖²/‖W‖²
+    since the factors are orthonormal).
+    """
+    from .layers import channel_slices, kept_energy
+
+    w = weight.detach().double()
+    total = float(w.square().sum())
+    if total == 0:
+        return {r: 0.0 for r in ranks}
+    c_out, c_in = w.shape[:2]
+    if family == "separable":
+        s = torch.linalg.svdvals(channel_slices(w))
+        return {r: max(1.0 - kept_energy(s, r), 0.0) for r in ranks}
+    if family == "pointwise-first":  # per output channel, the C_in × K² slice
+        s = torch.linalg.svdvals(w.reshape(c_out, c_in, -1))
+        return {r: max(1.0 - kept_energy(s, r), 0.0) for r in ranks}
+    if family == "spatial":
+        s = torch.linalg.svdvals(SpatialSeparableConv2d.unfolding(w)).square()
+        return {r: max(float(s[r:].sum()) / total, 0.0) for r in ranks}
+    out = {}
+    for r in ranks:
+        u_in, u_out = tucker2(w, min(r, c_in), min(r, c_out))
+        core = torch.einsum("oikl,oa,ib->abkl", w, u_out, u_in)
+        out[r] = max(1.0 - float(core.square().sum()) / total, 0.0)
+    return out
 
 
 def block_text(family: str, rank: int, bn: bool = False, activation: str = "none") -> str:

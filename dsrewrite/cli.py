@@ -246,6 +246,10 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
               help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
 @click.option("--max-error", type=float, default=None, metavar="E",
               help="Choose each layer's smallest rank whose error is at most E.")
+@click.option("--target-latency", type=float, default=None, metavar="FRACTION",
+              help="Choose each layer's block (family × rank, or keep) for at most this fraction of the original's "
+                   "latency measured here (e.g. 0.5; with --batch-size, --memory-format, --device), checked by "
+                   "timing the planned model end to end (plan.target_latency).")
 @click.option("--align", type=int, default=None, metavar="N",
               help="Round every resizable channel group up to a multiple of N with zero channels (exact).")
 @click.option("--width", type=float, default=None, metavar="ALPHA",
@@ -255,11 +259,13 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset) -> None:
-    """Rewrite heavy standard convs as depthwise-separable blocks.
+            align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset, target_latency) -> None:
+    """Rewrite heavy standard convs as depthwise-separable (or other factorized) blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
     original weights, and reports params, MACs and output fidelity before and after.
+    With --target-latency the block of each layer (separable, pointwise-first, spatial,
+    bottleneck at a rank, or keep) is chosen from timings on this machine.
 
     \b
     Examples:
@@ -267,6 +273,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
       dsrewrite convert examples/resnet.py -o resnet_ds.pt --measure --report report.html
       dsrewrite convert examples/resnet.py --rules latency --measure --report report.md
       dsrewrite convert model.py --calibrate data.py:batches --target-macs 0.33 --export-code out/
+      dsrewrite convert model.py --rules auto --target-latency 0.5 --batch-size 64 --measure
     """
     from . import export
     from .api import analyze_spec, convert as convert_model
@@ -282,8 +289,13 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     rule_config = dataclasses.replace(rule_config, **{k: v for k, v in measure_flags.items() if v is not None})
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if target_macs is not None and max_error is not None:
-        raise UsageError("give --target-macs or --max-error, not both")
+    targets = [f"--{n}" for n, v in (("target-latency", target_latency), ("target-macs", target_macs),
+                                      ("max-error", max_error)) if v is not None]
+    if len(targets) > 1:
+        raise UsageError(f"give one target, not {' and '.join(targets)}")
+    if target_latency is not None and not 0 < target_latency < 1:
+        raise UsageError(f"--target-latency is a fraction of the original's measured latency between 0 and 1, "
+                         f"got {target_latency}")
     if target_macs is not None and not 0 < target_macs < 1:
         raise UsageError(f"--target-macs is a fraction of the original MACs between 0 and 1, got {target_macs}")
     if max_error is not None and max_error < 0:
@@ -297,7 +309,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     if plan_path:
         ctx = click.get_current_context()
         planning = [f"--{n.replace('_', '-')}" for n in ("rules", "overrides", "target_macs", "max_error", "align",
-                                                          "width")
+                                                          "width", "target_latency")
                     if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if planning:
             raise UsageError(f"--plan applies a saved plan, which already holds the rules and choices; drop "
@@ -334,6 +346,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         except (TypeError, ValueError) as e:
             raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
     planning = dict(calibration=calibration, target_macs=target_macs, max_error=max_error, align=align, width=width,
+                    target_latency=target_latency,
                     batch_size=batch_size, progress=None if quiet else say, cache=False if no_cache else None)
     plan = None
     if saved_plan is not None:

@@ -9,6 +9,9 @@ in the analysis is collected here, where side effects belong:
 * **candidate errors** of every depth multiplier for each replaceable module, for
   ``--target-macs`` / ``--max-error`` — from the weights (kept SVD energy) or, with
   calibration data, from one pass over the data;
+* for a **latency target** (``--target-latency``) or a block family other than separable,
+  every candidate block of each replaceable layer with its error and (latency target) its
+  timing, and the original model timed end to end (:mod:`dsrewrite.choose`);
 * the **channel graph** (and, for a width change, each channel's importance) for
   ``--align`` / ``--width``.
 """
@@ -40,23 +43,65 @@ class PlanFacts:
     channels: Any = None
     #: group id -> one importance score per channel (width changes)
     importance: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    #: conv module -> its :class:`~dsrewrite.choose.Candidate` blocks, keep first (block choice)
+    blocks: dict[str, list] = dataclasses.field(default_factory=dict)
+    #: the original model timed end to end (:class:`~dsrewrite.measure.Timing`; latency targets)
+    original_latency: Any = None
+    #: the latency target the facts were gathered for (a fraction), or None
+    target_latency: float | None = None
+    #: ``plan_timer(plan) -> (original_s, planned_s)``: both models timed side by side (latency targets)
+    plan_timer: Any = None
+    batch_size: int | None = None
 
 
 def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
                  calibration: list | None = None, target_macs: float | None = None, max_error: float | None = None,
                  align: int | None = None, width: float | None = None, settings=None, batch_size: int | None = None,
-                 cache=None, progress: Callable[[str], None] | None = None) -> PlanFacts:
-    """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings."""
+                 cache=None, progress: Callable[[str], None] | None = None, target_latency: float | None = None,
+                 inputs: tuple | None = None) -> PlanFacts:
+    """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings.
+
+    ``inputs``: example inputs (meta tensors are filled with seeded samples) for timing the
+    whole model, which a latency target needs.
+    """
+    from .choose import uses_blocks
     from .measure import environment_label
 
     say = progress or (lambda message: None)
     facts = PlanFacts()
-    if config.min_measured_speedup > 0:
+    if target_latency is None and target_macs is None and max_error is None:  # an explicit target wins
+        target_latency = config.target_latency or None
+    blockwise = uses_blocks(config, target_latency, target_macs, max_error)
+    if blockwise:
+        from .choose import gather_candidates
+
+        timer_ = None
+        if target_latency is not None:
+            from .measure import time_model
+            from .rewrite import real_inputs
+
+            settings = settings or config.measure_settings()
+            timer_ = timer or layer_timer(config, settings, batch_size, cache, progress)
+            if inputs is None:
+                import torch
+
+                inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
+            say("timing the original model end to end ...")
+            real = real_inputs(inputs)
+            facts.original_latency = time_model(model, real, settings, config.measure_fold_bn, batch_size)
+            facts.plan_timer = plan_timer(model, real, settings, config.measure_fold_bn, batch_size, say)
+            facts.environment = environment_label(settings)
+            facts.target_latency, facts.batch_size = target_latency, batch_size
+        else:
+            say("judging each candidate block ...")
+        facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
+                                         progress is not None)
+    elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)
         facts.timings = time_decisions(analysis, candidate_decisions(analysis, config), timer)
         facts.environment = environment_label(settings)
-    if target_macs is not None or max_error is not None:
+    if (target_macs is not None or max_error is not None) and not blockwise:
         from .rank import data_errors, energy_errors
 
         say("judging each candidate depth multiplier ...")
@@ -73,6 +118,22 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
             facts.importance = {g.id: group_importance(model, facts.channels, g.id).tolist()
                                 for g in facts.channels.resizable}
     return facts
+
+
+def plan_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,
+               say: Callable[[str], None]) -> Callable:
+    """``timer(plan) -> (original_s, planned_s)``: the original and the plan's model (:func:`~dsrewrite.rewrite.skeleton`)
+    timed end to end, side by side, as the conversion's own measurement does."""
+    from .measure import time_model
+    from .rewrite import skeleton
+
+    def timer(plan):
+        say(f"timing the planned model ({len(plan.modules_to_replace)} block(s)) against the original ...")
+        planned = skeleton(model, plan)
+        return (time_model(model, inputs, settings, fold, batch_size).median,
+                time_model(planned, inputs, settings, fold, batch_size).median)
+
+    return timer
 
 
 def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cache=None, progress=None) -> Callable:

@@ -406,6 +406,16 @@ def time_dense(conv, settings: MeasureSettings, batch_size: int | None = None) -
     return measure(dense, (torch.randn(*shape),), settings)
 
 
+def time_model(model: nn.Module, inputs: tuple, settings: MeasureSettings, fold: bool = True,
+               batch_size: int | None = None) -> Timing:
+    """A whole model timed end to end on ``inputs`` (repeated along the batch to ``batch_size``), BN folded
+    when ``fold``; the model itself is not touched."""
+    if batch_size:
+        inputs = tuple(x.expand(batch_size, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() else x
+                       for x in inputs)
+    return measure(fold_bn(model) if fold else copy.deepcopy(model).eval(), inputs, settings)
+
+
 def _pair(value) -> tuple[float, float] | None:
     return (float(value[0]), float(value[1])) if isinstance(value, (list, tuple)) and len(value) == 2 else None
 

@@ -170,8 +170,11 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     """The whole plan for ``analysis``'s model under ``config``, from gathered ``facts``; no side effects.
 
     1. The rules decide per conv call site (:func:`rule_decisions`).
-    2. With ``target_macs`` (a fraction of the original MACs) or ``max_error``, each replaced
-       module's depth multiplier is chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
+    2. With a latency target, or block families beyond separable and ``target_macs`` /
+       ``max_error``, each replaced module's block (family × rank, or keep) is chosen from
+       ``facts.blocks`` (:mod:`dsrewrite.choose`); otherwise, with ``target_macs`` (a fraction
+       of the original MACs) or ``max_error``, each replaced module's depth multiplier is
+       chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
     3. With ``align`` (or rule key ``align.groups``) or ``width`` (or ``align.width``), every
        resizable channel group gets its new width and kept channels (:mod:`dsrewrite.resize`),
        from ``facts.channels`` (and ``facts.importance`` for a width change).
@@ -185,7 +188,25 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     decisions = rule_decisions(analysis, config, facts.timings, facts.environment)
     plan = ConversionPlan(analysis.model_name, config, decisions, [tuple(s) for s in analysis.profile.input_shapes],
                           analysis.profile.macs, environment=facts.environment if facts.timings else "")
-    if target_macs is not None or max_error is not None:
+    if facts.blocks:
+        from .choose import choose_blocks
+
+        latency = facts.target_latency
+        if latency is not None and facts.plan_timer is not None:
+            from .choose import fit_latency
+
+            plan = fit_latency(plan, facts.blocks, latency, facts.original_latency.median, facts.plan_timer,
+                               environment=facts.environment, batch_size=facts.batch_size)
+        else:
+            plan = choose_blocks(plan, facts.blocks, target_latency=latency,
+                                 target_macs=target_macs if latency is None else None,
+                                 max_error=max_error if latency is None else None,
+                                 original_latency_s=facts.original_latency.median if facts.original_latency else None,
+                                 environment=facts.environment, batch_size=facts.batch_size)
+        if facts.original_latency is not None:
+            plan.rank_choice["original_spread"] = facts.original_latency.spread
+            plan.environment = facts.environment
+    elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 
         missing = [n for n in plan.modules_to_replace if n not in facts.errors]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -174,17 +174,31 @@ def _spend_budget(sites: dict[str, list[Decision]], errors: dict[str, dict[int, 
     floor = fixed + sum(cost[name][lowest[name]] for name in names)
     if floor > budget:
         return lowest, f"every replaced layer at its lowest rank leaves {floor / total_macs:.3f}"
-    room = budget - fixed
-    unit = max(room / BUCKETS, 1e-9)
+    options = {name: [(r, errors[name][r], cost[name][r]) for r in sorted(errors[name])] + [(None, 0.0, dense[name])]
+               for name in names}
+    return least_error_within(options, budget - fixed), ""
+
+
+def least_error_within(options: dict[str, list[tuple[Any, float, float]]], budget: float) -> dict[str, Any]:
+    """One option per name, ``(choice, error, cost)``, with the least summed error and summed cost ≤ ``budget``.
+
+    A multiple-choice knapsack solved by dynamic programming over the budget in
+    :data:`BUCKETS` steps (costs rounded up, so the result never exceeds the budget). Costs
+    are MACs or seconds alike. The caller makes sure the cheapest options fit; where they do
+    not, each name gets its cheapest option.
+    """
+    names = list(options)
+    if sum(min(c for _, _, c in options[n]) for n in names) > budget:
+        return {n: min(options[n], key=lambda o: o[2])[0] for n in names}
+    unit = max(budget / BUCKETS, 1e-30)
     inf = float("inf")
     best = torch.zeros(BUCKETS + 1, dtype=torch.float64)  # least summed error within b buckets
     picks: list[torch.Tensor] = []
     for name in names:
-        options = [(r, errors[name][r], cost[name][r]) for r in sorted(errors[name])] + [(None, 0.0, dense[name])]
         layer = torch.full((BUCKETS + 1,), inf, dtype=torch.float64)
         pick = torch.full((BUCKETS + 1,), -1, dtype=torch.long)
-        for i, (_, err, macs) in enumerate(options):
-            need = math.ceil(macs / unit - 1e-9)
+        for i, (_, err, cost) in enumerate(options[name]):
+            need = max(math.ceil(cost / unit - 1e-9), 0)
             if need > BUCKETS:
                 continue
             shifted = torch.full((BUCKETS + 1,), inf, dtype=torch.float64)
@@ -194,14 +208,15 @@ def _spend_budget(sites: dict[str, list[Decision]], errors: dict[str, dict[int, 
             pick = torch.where(better, torch.full_like(pick, i), pick)
         best = layer
         picks.append(pick)
-    chosen: dict[str, int | None] = {}
+    if not math.isfinite(float(best[BUCKETS])):  # rounding up pushed the cheapest set over: take it
+        return {n: min(options[n], key=lambda o: o[2])[0] for n in names}
+    chosen: dict[str, Any] = {}
     b = BUCKETS
     for name, pick in zip(reversed(names), reversed(picks)):
-        options = [(r, cost[name][r]) for r in sorted(errors[name])] + [(None, dense[name])]
-        rank, macs = options[int(pick[b])]
-        chosen[name] = rank
-        b -= math.ceil(macs / unit - 1e-9)
-    return chosen, ""
+        choice, _, cost = options[name][int(pick[b])]
+        chosen[name] = choice
+        b -= max(math.ceil(cost / unit - 1e-9), 0)
+    return chosen
 
 
 def _site_costs(d: Decision, rank: int, plan: ConversionPlan) -> tuple[int, int]:

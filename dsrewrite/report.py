@@ -216,11 +216,7 @@ def render_plan(plan, fmt: str = "table") -> str:
                    "replaced.", ""]
     choice = doc.get("rank_choice")
     if choice:
-        goal = (f"at most {choice['target_macs']:g} of the original MACs" if choice.get("target_macs") is not None
-                else f"error ≤ {choice['max_error']:g} per layer")
-        judged = "output error after refit on the calibration data" if choice["judged_by"] == "data" else \
-            "1 − kept SVD energy (no data)"
-        lines += [f"Depth multipliers chosen for {goal}, judged by {judged}.", ""]
+        lines += [_choice_text(choice), ""]
     timed = [d["timing"] for d in doc["decisions"] if d.get("timing")]
     if timed:
         fresh = sum(t["source"] == "fresh" for t in timed)
@@ -236,11 +232,71 @@ def render_plan(plan, fmt: str = "table") -> str:
         lines += ["", f"Model MACs {format_count(before)} → {format_count(after)} MACs "
                       f"({before / after:.2f}× fewer) from the replacements" +
                       (", before the channel changes below." if doc["channels"] else ".")]
+    candidates = _candidates_section(doc, md, tfmt)
+    if candidates:
+        lines += [""] + candidates
     if plan.resize is not None:
         lines += [""] + _channel_section(plan.resize.to_dict(), md, tfmt)
     for note in doc["notes"]:
         lines.append(f"Note: {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _choice_text(choice: dict) -> str:
+    """One sentence: what the ranks or blocks were chosen for, how they were judged, and (latency) the prediction."""
+    if choice.get("target_latency") is not None:
+        goal = f"at most {choice['target_latency']:g} of the original's measured latency"
+    elif choice.get("target_macs") is not None:
+        goal = f"at most {choice['target_macs']:g} of the original MACs"
+    else:
+        goal = f"error ≤ {choice['max_error']:g} per layer"
+    if choice.get("chooser") == "blocks":
+        families = ", ".join(choice.get("families") or []) or "none"
+        text = (f"Blocks chosen for {goal} from {families} (or keep), judged by the weight error "
+                "‖W − Ŵ‖²/‖W‖² (no data).")
+        if choice.get("measured_fraction") is not None:
+            batch = f", batch {choice['batch_size']}" if choice.get("batch_size") else ""
+            rounds = choice.get("rounds") or []
+            text += (f" Planned model measured end to end against the original, side by side on "
+                     f"{choice['environment']}{batch}: {format_seconds(choice['measured_planned_s'])} vs "
+                     f"{format_seconds(choice['measured_original_s'])} ({choice['measured_fraction']:.2f}×; "
+                     f"per-layer timings predicted {choice['predicted_fraction']:.2f}×); the least-error plan within the "
+                     f"target out of {len(rounds)} planning round(s), which measured "
+                     + ", ".join(f"{r['measured_fraction']:.2f}×" for r in rounds) + ".")
+        elif choice.get("original_latency_s") is not None:
+            text += (f" Original measured end to end: {format_seconds(choice['original_latency_s'])} on "
+                     f"{choice['environment']}; predicted from per-layer timings: "
+                     f"{format_seconds(choice['predicted_latency_s'])} ({choice['predicted_fraction']:.2f}×).")
+        return text
+    judged = "output error after refit on the calibration data" if choice["judged_by"] == "data" else \
+        "1 − kept SVD energy (no data)"
+    return f"Depth multipliers chosen for {goal}, judged by {judged}."
+
+
+def _candidates_section(doc: dict, md: bool, tfmt: str) -> list[str]:
+    """Per planned layer, the candidates on its time/error front, the chosen one marked."""
+    from .rules import candidate_label
+
+    rows = []
+    for d in doc["decisions"]:
+        cands = d.get("candidates")
+        if not cands:
+            continue
+        by_time = all(c.get("time_s") is not None for c in cands)
+        key = (lambda c: (c["time_s"], c["error"])) if by_time else (lambda c: (c["macs"], c["error"]))
+        front = []
+        for c in sorted(cands, key=key):
+            if not front or c["error"] < front[-1]["error"] or c.get("chosen"):
+                front.append(c)
+        text = " · ".join(
+            ("✓ " if c.get("chosen") else "") + candidate_label(c["family"], c["rank"]) +
+            (f" {format_seconds(c['time_s'])}" if by_time else f" {format_count(c['macs'])} MACs") +
+            (f" err {c['error']:.3f}" if c["family"] != "keep" else "") for c in front)
+        rows.append([d["index"], d["name"], text])
+    if not rows:
+        return []
+    return [("## " if md else "") + "Candidates (each layer's time/error front; ✓ chosen)",
+            tabulate(rows, headers=["#", "conv", "candidates"], tablefmt=tfmt, disable_numparse=True), ""]
 
 
 def _block_text(d: dict) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .blocks import FAMILIES, relative_error
+from .blocks import FAMILIES, numeric_padding, relative_error
 from .errors import InputError
 from .layers import DepthwiseSeparableConv2d
 from .plan import ConversionPlan
@@ -108,6 +108,22 @@ def _swap_blocks(model: nn.Module, plan: ConversionPlan, inputs: tuple) -> Rewri
         block.train(conv.training)
         _set_submodule(new, name, block)
     return RewriteResult(new, energy)
+
+
+def skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
+    """A copy of ``model`` with each planned block in place, randomly initialized: what the plan's
+    result runs like, for timing only (weights do not change speed; no factorization is computed)."""
+    new = copy.deepcopy(model)
+    for name, d in plan.modules_to_replace.items():
+        conv = new.get_submodule(name)
+        geometry = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
+                    conv.dilation)
+        if (d.family or "separable") == "separable":
+            block = DepthwiseSeparableConv2d(*geometry, d.depth_multiplier, d.bn, d.activation, bias=True)
+        else:
+            block = FAMILIES[d.family].make(*geometry, d.rank)
+        _set_submodule(new, name, block.to(device=conv.weight.device, dtype=conv.weight.dtype))
+    return new
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -158,6 +158,15 @@ SCHEMA: dict[str, tuple[str, type]] = {
 }
 #: block families by name (dsrewrite.blocks.FAMILIES; listed here so that rules load without torch work)
 FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck")
+
+
+def candidate_label(family: str, rank: int | None) -> str:
+    """How a block candidate reads: ``keep``, ``separable×1`` (multiplier families), ``bottleneck 96`` (widths)."""
+    if family == "keep":
+        return "keep"
+    return f"{family}×{rank}" if family in ("separable", "pointwise-first") else f"{family} {rank}"
+
+
 _CHOICES = {
     "block.activation": ("relu", "relu6", "none"),
     "block.family": FAMILY_NAMES + ("auto",),
