@@ -376,15 +376,16 @@ def block_costs(family: str, rank: int, in_channels: int, out_channels: int, ker
                 has_bias: bool = True) -> tuple[int, int]:
     """(MACs, params) of ``family``'s block at ``rank`` for one conv call (batch from ``output_shape``).
 
-    The separable family counts its optional BN (and a bias only where the conv had one), as
-    :func:`~dsrewrite.layers.theoretical_costs` does; the other families are linear chains
-    whose last conv carries the bias.
+    The separable family counts its optional BN, as :func:`~dsrewrite.layers.theoretical_costs`
+    does; every family's last conv carries a bias (the built blocks always have one: it takes
+    the conv's bias, or the shift an inserted BN passes on), so ``has_bias`` is accepted for
+    the callers' symmetry and does not change the count.
     """
     if family == "separable":
         from .layers import theoretical_costs
 
         positions = output_shape[0] * math.prod(output_shape[2:])
-        return theoretical_costs(in_channels, out_channels, kernel, positions, rank, bn, has_bias)
+        return theoretical_costs(in_channels, out_channels, kernel, positions, rank, bn, True)
     if family == "bottleneck":  # ranks are capped by the channel counts, as the block builds them
         c_in_rank, c_out_rank = min(rank, in_channels), min(rank, out_channels)
         k = math.prod(kernel)
@@ -434,9 +435,10 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
 
     The squared relative error is 1 − kept energy for the SVD-based families, so errors
     of different families (and of :mod:`dsrewrite.rank`) compare and add up alike. One
-    decomposition answers every rank where the family allows (separable, pointwise-first,
-    spatial); the bottleneck family runs its HOOI per rank (its error is 1 − ‖core‖²/‖W‖²
-    since the factors are orthonormal).
+    decomposition answers every rank: the SVDs of the separable, pointwise-first and
+    spatial families, and for the bottleneck family the HOSVD truncation (1 − ‖core‖²/‖W‖²,
+    the factors being orthonormal), which bounds from above the error of the block
+    :class:`Tucker2Conv2d` builds (its HOOI sweeps refine the HOSVD factors).
     """
     from .layers import channel_slices, kept_energy
 
@@ -454,12 +456,14 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
     if family == "spatial":
         s = torch.linalg.svdvals(SpatialSeparableConv2d.unfolding(w)).square()
         return {r: max(float(s[r:].sum()) / total, 0.0) for r in ranks}
-    out = {}
-    for r in ranks:
-        u_in, u_out = tucker2(w, min(r, c_in), min(r, c_out))
-        core = torch.einsum("oikl,oa,ib->abkl", w, u_out, u_in)
-        out[r] = max(1.0 - float(core.square().sum()) / total, 0.0)
-    return out
+    # bottleneck: the HOSVD truncation, every rank from one rotation of W into the leading
+    # singular bases of its channel modes (an upper bound of the HOOI block's error)
+    u_out = torch.linalg.eigh(w.reshape(c_out, -1) @ w.reshape(c_out, -1).T)[1].flip(1)
+    m_in = w.transpose(0, 1).reshape(c_in, -1)
+    u_in = torch.linalg.eigh(m_in @ m_in.T)[1].flip(1)
+    rotated = torch.einsum("oikl,oa,ib->abkl", w, u_out, u_in).square().sum((2, 3))  # [C_out, C_in] energies
+    cumulative = rotated.cumsum(0).cumsum(1)
+    return {r: max(1.0 - float(cumulative[min(r, c_out) - 1, min(r, c_in) - 1]) / total, 0.0) for r in ranks}
 
 
 def block_text(family: str, rank: int, bn: bool = False, activation: str = "none") -> str:

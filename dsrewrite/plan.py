@@ -276,7 +276,7 @@ def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:
         base.update(measured_original_s=timing.original_s, measured_replacement_s=timing.replacement_s,
                     timing=timing.provenance())
     c = ctx.config
-    draft: Draft | Keep = Draft(c.depth_multiplier, c.bn, c.activation)
+    draft: Draft | Keep = Draft(c.depth_multiplier, c.bn, c.activation, rank=c.rank)
     for rule in rules:
         draft = rule.decide(conv, ctx, draft)
         if isinstance(draft, Keep):

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import channel_slices, decouple, kept_energy, theoretical_costs
+from .layers import channel_slices, decouple, kept_energy
 from .plan import ConversionPlan, Decision, kept
-from .rules import AlignChannels, output_positions
+from .rules import AlignChannels
 from .trace import eval_mode
 
 MAX_RANK = 4
@@ -221,8 +221,10 @@ def least_error_within(options: dict[str, list[tuple[Any, float, float]]], budge
 
 def _site_costs(d: Decision, rank: int, plan: ConversionPlan) -> tuple[int, int]:
     """(MACs, params) of one call site's block at ``rank``."""
-    return theoretical_costs(d.in_channels, d.out_channels, d.kernel, output_positions(d), rank, plan.config.bn,
-                             d.has_bias)
+    from .blocks import block_costs
+
+    return block_costs("separable", rank, d.in_channels, d.out_channels, d.kernel, d.input_shape, d.output_shape,
+                       plan.config.bn)
 
 
 def _module_macs(decisions: list[Decision], rank: int, plan: ConversionPlan) -> int:

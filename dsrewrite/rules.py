@@ -62,7 +62,8 @@ class RuleConfig:
     #: bottleneck (dsrewrite.blocks), or auto (the planner picks per layer; needs a target).
     family: str = "separable"
     #: [block.rank] rank of the non-separable families (0: the largest rank with at least
-    #: replace.min_mac_reduction× fewer MACs); separable uses block.depth_multiplier.
+    #: replace.min_mac_reduction× fewer MACs; above the exact rank: the exact rank);
+    #: separable uses block.depth_multiplier.
     rank: int = 0
     #: [block.layer_family] per-layer families: {"layer4.*" = "bottleneck"} (module-name globs,
     #: first match wins; "keep" keeps the layer standard).
@@ -544,7 +545,11 @@ class ReplaceHeavyConv(Rule):
             macs, params = block_costs("separable", rank, conv.in_channels, conv.out_channels, k, conv.input_shape,
                                        conv.output_shape, draft.bn, conv.has_bias)
         else:
-            rank = draft.rank or self.rank_for(family, conv, c.min_mac_reduction, c.align_divisor)
+            from .blocks import max_rank_of
+
+            top = max_rank_of(family, conv.in_channels, conv.out_channels, conv.kernel)
+            rank = min(draft.rank, top) if draft.rank else self.rank_for(family, conv, c.min_mac_reduction,
+                                                                           c.align_divisor)
             if rank is None:
                 return Keep(f"kept: no {family} rank gives replace.min_mac_reduction {c.min_mac_reduction:g}× "
                             "fewer MACs")
@@ -603,9 +608,3 @@ DEFAULT_ORDER: tuple[str, ...] = tuple(RULES)
 def rules_in_order(config: RuleConfig) -> list[Rule]:
     """The rules ``config.rules`` names, in its order."""
     return [RULES[name] for name in config.rules]
-
-
-def output_positions(conv: ConvProfile) -> int:
-    """Output positions of a conv call (batch × spatial), what a per-position cost is multiplied by."""
-    shape = conv.output_shape
-    return shape[0] * math.prod(shape[2:]) if len(shape) >= 3 else math.prod(shape[1:])

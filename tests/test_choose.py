@@ -1,0 +1,255 @@
+"""Block families in plans and the block chooser: per-layer family × rank (or keep) for a MAC or latency target.
+
+Table-driven over real models; timings come from fake timers where a decision must be
+deterministic (the latency search is tested against a model of the measurement), and from
+this machine where the CLI runs end to end.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+import dsrewrite
+from dsrewrite.blocks import FAMILIES, FAMILY_BLOCKS, block_costs, family_errors, rank_ladder
+from dsrewrite.choose import TOLERANCE, Candidate, choose_blocks, fit_latency, front
+from dsrewrite.cli import cli
+from dsrewrite.errors import ConfigError
+from dsrewrite.layers import DepthwiseSeparableConv2d
+from dsrewrite.measure import LayerTiming
+from dsrewrite.plan import PlanMismatch, load_plan
+
+SHAPE = (1, 3, 64, 64)
+CLASSES = {"separable": DepthwiseSeparableConv2d, **{cls.family: cls for cls in FAMILY_BLOCKS}}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_is_planned_applied_and_reloaded_exactly(resnet, family):
+    result = dsrewrite.convert(resnet, SHAPE, "default", [f"block.family={family}"])
+    plan = result.plan
+    assert plan.replacements and all(d.family == family for d in plan.replacements)
+    for name, d in plan.modules_to_replace.items():
+        block = result.model.get_submodule(name)
+        assert type(block) is CLASSES[family]
+        assert sum(p.numel() for p in block.parameters()) == d.params_after, name
+    doc = json.loads(json.dumps(plan.to_dict()))
+    assert doc["schema_version"] == 2 and all(d["block"] for d in doc["decisions"] if d["action"] == "replace")
+    again = load_plan(doc, result.before)
+    assert [(d.action, d.family, d.rank, d.macs_after) for d in again.decisions] == \
+        [(d.action, d.family, d.rank, d.macs_after) for d in plan.decisions]
+    reapplied = dsrewrite.convert(resnet, SHAPE, plan=again)
+    for a, b in zip(result.model.state_dict().items(), reapplied.model.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), "the saved plan applies to the same model"
+    assert result.report.after["macs"] == plan.macs_after, "the planned MACs are the analyzer's count"
+
+
+@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first"])
+def test_full_rank_blocks_are_exact_through_convert(resnet, family):
+    result = dsrewrite.convert(resnet, SHAPE, "default",
+                               [f"block.family={family}", "block.rank=100000", "replace.min_mac_reduction=0"])
+    assert len(result.plan.replacements) == 13
+    assert result.report.fidelity["relative_error"] < 1e-5
+    assert all(layer.kept_energy > 1 - 1e-9 for layer in result.report.layers)
+
+
+@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first"])
+def test_calibration_refits_family_blocks(resnet, family):
+    torch.manual_seed(1)
+    data = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    result = dsrewrite.convert(resnet, (1, 3, 32, 32), "default", [f"block.family={family}"], calibration=data)
+    cal = result.report.calibration
+    assert cal["blocks"] == len(result.plan.modules_to_replace)
+    assert cal["after"]["relative_error"] < 0.6 * cal["before"]["relative_error"]
+
+
+def test_layer_family_patterns_and_keep(resnet):
+    plan = dsrewrite.plan_model(resnet, SHAPE, "default", ["block.layer_family={'layer4.*' = 'bottleneck', "
+                                                           "'layer3.1.*' = 'keep'}"])
+    by_name = {d.name: d for d in plan.decisions}
+    assert by_name["layer4.1.conv2"].family == "bottleneck"
+    assert by_name["layer3.0.conv2"].family == "separable"
+    assert not by_name["layer3.1.conv1"].replaced and "layer_family says keep" in by_name["layer3.1.conv1"].reason
+
+
+@pytest.mark.parametrize("value,message", [
+    ("block.family=tucker", "block.family"),
+    ("block.layer_family={'layer4.*' = 'botleneck'}", "did you mean 'bottleneck'"),
+    ("plan.target_latency=2", "between 0 and 1"),
+])
+def test_bad_family_settings_get_one_clear_error(value, message):
+    with pytest.raises(ConfigError, match=message):
+        dsrewrite.plan_model(torchvision.models.resnet18(), SHAPE, "default", [value])
+
+
+def test_auto_without_a_target_is_a_config_error(resnet):
+    with pytest.raises(ConfigError, match="target"):
+        dsrewrite.plan_model(resnet, SHAPE, "default", ["block.family=auto"])
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_auto_is_never_worse_than_any_single_family_at_the_same_mac_target(resnet, target):
+    totals = {}
+    for family in ["auto", *FAMILIES]:
+        plan = dsrewrite.plan_model(resnet, SHAPE, "auto", [f"block.family={family}"], target_macs=target)
+        assert plan.macs_after <= target * plan.macs_before * 1.0001 or plan.notes
+        if family == "separable":  # separable alone keeps the depth-multiplier chooser (dsrewrite.rank): same error
+            assert plan.rank_choice.get("chooser") is None
+            totals[family] = sum(d.candidate_errors[d.depth_multiplier] if d.replaced else 0.0
+                                 for d in _first_sites(plan) if d.candidate_errors)
+        else:
+            assert plan.rank_choice["chooser"] == "blocks"
+            totals[family] = plan.rank_choice["error"]
+    assert all(totals["auto"] <= e + 1e-9 for e in totals.values()), totals
+
+
+def _first_sites(plan):
+    seen = {}
+    for d in plan.decisions:
+        seen.setdefault(d.module_name, d)
+    return list(seen.values())
+
+
+def test_candidates_cover_every_family_with_exact_costs_and_weight_errors(resnet):
+    plan = dsrewrite.plan_model(resnet, SHAPE, "auto", target_macs=0.5)
+    d = next(d for d in plan.decisions if d.name == "layer3.1.conv1")
+    families = {c["family"] for c in d.candidates}
+    assert families == {"keep", *FAMILIES}
+    conv = resnet.get_submodule("layer3.1.conv1")
+    for c in d.candidates:
+        if c["family"] == "keep":
+            assert c["macs"] == d.macs_before and c["error"] == 0
+            continue
+        macs, _ = block_costs(c["family"], c["rank"], 256, 256, (3, 3), d.input_shape, d.output_shape,
+                              c["family"] == "separable", False)
+        assert c["macs"] == macs < d.macs_before
+        assert c["error"] == pytest.approx(family_errors(conv.weight, c["family"], [c["rank"]])[c["rank"]])
+    assert sum(c["chosen"] for c in d.candidates) == 1
+
+
+def test_rank_ladder_stays_under_the_dense_macs_and_aligns():
+    for family in ("spatial", "bottleneck"):
+        ranks = rank_ladder(family, 256, 256, (3, 3), (1, 256, 14, 14), (1, 256, 14, 14))
+        assert ranks and all(r % 8 == 0 for r in ranks if r >= 8)
+        dense = 14 * 14 * 256 * 256 * 9
+        assert all(block_costs(family, r, 256, 256, (3, 3), (1, 256, 14, 14), (1, 256, 14, 14))[0] <= 0.5 * dense
+                   for r in ranks)
+
+
+# ------------------------------------------------------------------- the latency search
+
+
+def _candidates(n_layers=6):
+    """Layers with a keep (4 ms) and three blocks trading time for error."""
+    return {f"l{i}": [Candidate("keep", None, 100, 10, 0.0, 0.004, 0.004),
+                      Candidate("spatial", 64, 50, 5, 0.2, 0.003, 0.004),
+                      Candidate("spatial", 32, 30, 3, 0.4, 0.002, 0.004),
+                      Candidate("bottleneck", 16, 10, 1, 0.7, 0.001, 0.004)] for i in range(n_layers)}
+
+
+def _plan_for(candidates, resnet):
+    """A real plan whose first replaced modules stand for the synthetic layers."""
+    plan = dsrewrite.plan_model(resnet, SHAPE, "default")
+    names = list(plan.modules_to_replace)[:len(candidates)]
+    return plan, dict(zip(names, candidates.values()))
+
+
+def test_latency_search_meets_the_target_the_measurement_sets(resnet):
+    plan, cands = _plan_for(_candidates(), resnet)
+    rest = 0.002
+
+    def time_plan(p):  # the layers save only 60% of what they promise, in context
+        saved = sum(cands[d.module_name][0].time_s - next(c.time_s for c in cands[d.module_name]
+                                                           if (c.family, c.rank) == (d.family, d.rank))
+                    for d in p.modules_to_replace.values() if d.module_name in cands)
+        original = rest + 6 * 0.004
+        return original, original - 0.6 * saved
+
+    chosen = fit_latency(plan, cands, 0.75, rest + 6 * 0.004, time_plan)
+    choice = chosen.rank_choice
+    assert choice["reachable"] and choice["measured_fraction"] <= 0.75 * (1 + TOLERANCE)
+    assert len(choice["rounds"]) > 1, "the first layer-sum plan measures too slow and the budget is searched"
+    assert choice["rounds"][0]["measured_fraction"] > 0.75 * (1 + TOLERANCE)
+    assert all(d.candidates and d.rule == "ChooseBlock" for d in chosen.decisions if d.module_name in cands)
+
+
+def test_latency_search_says_when_the_target_is_out_of_reach(resnet):
+    plan, cands = _plan_for(_candidates(2), resnet)
+    chosen = fit_latency(plan, cands, 0.3, 0.1, lambda p: (0.1, 0.09))
+    assert not chosen.rank_choice["reachable"]
+    assert any("not reached" in n for n in chosen.notes)
+
+
+def test_front_and_reasons_name_the_neighbours(resnet):
+    plan, cands = _plan_for(_candidates(1), resnet)
+    name = next(iter(cands))
+    chosen = choose_blocks(plan, cands, target_latency=0.96, original_latency_s=0.02)
+    d = chosen.modules_to_replace[name]
+    assert (d.family, d.rank) == ("spatial", 64)
+    assert "more accurate keep" in d.reason and "faster spatial 32" in d.reason
+    assert [c.label for c in front(cands[name], True)] == ["bottleneck 16", "spatial 32", "spatial 64", "keep"]
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def in_repo(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target-latency", "1.5"], "between 0 and 1"),
+    (["--target-latency", "0.5", "--target-macs", "0.5"], "one target"),
+    (["--set", "block.family=auto"], "target"),
+])
+def test_cli_rejects_bad_targets(in_repo, args, message):
+    r = run("convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--dry-run", *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_cli_latency_plan_is_the_plan_applied(in_repo, tmp_path):
+    plan_path = tmp_path / "plan.json"
+    r = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--rules", "auto", "--target-latency",
+            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=128", "--dry-run", "--format",
+            "json", "-o", plan_path, "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(plan_path.read_text())
+    choice = doc["rank_choice"]
+    assert choice["target_latency"] == 0.7 and choice["rounds"] and choice["measured_fraction"] > 0
+    rows = [d for d in doc["decisions"] if d.get("candidates")]
+    assert rows and all(sum(c["chosen"] for c in d["candidates"]) == 1 for d in rows)
+    out = tmp_path / "model.pt"
+    r = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--plan", plan_path, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    model = torch.load(out, weights_only=False)
+    for d in doc["decisions"]:
+        if d["action"] == "replace":
+            assert type(model.get_submodule(d["module_name"])) is CLASSES[d["family"]]
+    text = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--plan", plan_path, "--dry-run")
+    assert "Candidates" in text.output and "measured end to end against the original" in text.output
+
+
+def test_saved_plan_with_a_bad_family_rank_is_refused(resnet):
+    plan = dsrewrite.plan_model(resnet, SHAPE, "default", ["block.family=spatial"])
+    doc = json.loads(json.dumps(plan.to_dict()))
+    row = next(d for d in doc["decisions"] if d["action"] == "replace")
+    row["rank"] = 10 ** 6
+    with pytest.raises(PlanMismatch, match="rank must be an integer"):
+        load_plan(doc, dsrewrite.analyze(resnet, SHAPE))
+    row["rank"], row["family"] = 8, "tucker"
+    with pytest.raises(PlanMismatch, match="family must be one of"):
+        load_plan(doc, dsrewrite.analyze(resnet, SHAPE))
