@@ -257,7 +257,7 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
                analysis: Analysis | None = None, calibration=None, target_macs: float | None = None,
                max_error: float | None = None, align: int | None = None, width: float | None = None,
                measure_settings=None, batch_size: int | None = None, layer_timer=None, cache=None,
-               progress=None, target_latency: float | None = None) -> ConversionPlan:
+               progress=None, target_latency: float | None = None, plan_timer=None) -> ConversionPlan:
     """The whole conversion plan (:class:`~dsrewrite.plan.ConversionPlan`); the model is not changed.
 
     Takes the same planning arguments as :func:`convert`, gathers the facts they need
@@ -278,7 +278,8 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
     facts = gather_facts(model, analysis, config, timer=layer_timer, calibration=batches, target_macs=target_macs,
                          max_error=max_error, align=align, width=width, settings=measure_settings,
                          batch_size=batch_size, cache=cache, progress=progress, target_latency=target_latency,
-                         inputs=_inputs_from(example_inputs, None) if example_inputs is not None else None)
+                         inputs=_inputs_from(example_inputs, None) if example_inputs is not None else None,
+                         plan_timer=plan_timer)
     return plan_conversion(analysis, config, facts, target_macs=target_macs, max_error=max_error, align=align,
                            width=width)
 
@@ -312,6 +313,7 @@ def convert(
     align: int | None = None,
     width: float | None = None,
     target_latency: float | None = None,
+    plan_timer=None,
 ) -> ConversionResult:
     """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
@@ -336,7 +338,9 @@ def convert(
     weights' kept energy. ``target_latency`` (a fraction of the original's latency measured
     here, or rule key ``plan.target_latency``) chooses each layer's block — family × rank, or
     keep — from candidates timed on this machine (:mod:`dsrewrite.choose`); so do the MAC and
-    error targets when ``block.family`` is not separable.
+    error targets when ``block.family`` is not separable. ``plan_timer(plan) -> (original_s,
+    planned_s)`` (``plan`` None: the original alone) replaces the end-to-end check of a latency plan (timing the original and the
+    planned model side by side; tests use a fake one, a user may time on the target device).
 
     ``align`` (a divisor, or rule keys ``align.groups`` + ``align.divisor``) rounds every
     resizable channel group up to a multiple of it, exactly; ``width`` (α, or ``align.width``)
@@ -365,7 +369,8 @@ def convert(
     if plan is None:
         plan = plan_model(model, inputs, config, analysis=before, calibration=batches, target_macs=target_macs,
                           max_error=max_error, align=align, width=width, measure_settings=settings,
-                          batch_size=batch_size, layer_timer=timer, progress=progress, target_latency=target_latency)
+                          batch_size=batch_size, layer_timer=timer, progress=progress, target_latency=target_latency,
+                          plan_timer=plan_timer)
     rewritten = apply_plan(model, plan, real, batches, progress)
     say("analyzing the converted model and checking output fidelity ...")
     after = analyze(rewritten.model, inputs, name=before.model_name)

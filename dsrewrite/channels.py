@@ -101,6 +101,8 @@ class ChannelGraph:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: qualified names of the model's depthwise-separable blocks (see :meth:`key`)
     blocks: frozenset = frozenset()
+    #: the other families' blocks: qualified name -> (first conv, last conv) (see :meth:`key`)
+    chains: dict = dataclasses.field(default_factory=dict)
 
     def group(self, group_id: int) -> ChannelGroup:
         """The group with this id."""
@@ -114,6 +116,10 @@ class ChannelGraph:
         ``B.out``, and the inserted BN and the pointwise inputs follow the input channels too,
         so they add nothing. A group of a model and the same group after some of its convs
         were replaced therefore have the same key.
+
+        The other families' blocks (:mod:`dsrewrite.blocks`) are chains of plain convs: their
+        first conv's inputs are ``B.in``, their last conv's outputs ``B.out``, and the channels
+        between (the rank) belong to the block alone.
         """
         labels = set()
         for label in group.members:
@@ -123,6 +129,13 @@ class ChannelGraph:
                 if part == "depthwise":
                     labels.add(f"{parent}.in")
                 elif part == "pointwise" and role == "out":
+                    labels.add(f"{parent}.out")
+                continue
+            if parent in self.chains:
+                first, last = self.chains[parent]
+                if part == first and role == "in":
+                    labels.add(f"{parent}.in")
+                elif part == last and role == "out":
                     labels.add(f"{parent}.out")
                 continue
             labels.add(label)
@@ -143,6 +156,10 @@ class ChannelGraph:
 # ----------------------------------------------------------------------------- op tables
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: block families made of a chain of plain convs: family -> (first conv, last conv) attribute names.
+#: pointwise-first is not here: its grouped K×K conv ties its C_out·m inputs to its outputs,
+#: which a resize would have to follow (planning refuses a resize with that family).
+CHAIN_ENDS = {"spatial": ("vertical", "horizontal"), "bottleneck": ("reduce", "expand")}
 _NORM_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -186,13 +203,16 @@ def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> Channel
     module's channels are one frozen group each. Modules with parameters that no graph
     calls are listed in ``notes`` and frozen where known, since nothing says what they consume.
     """
+    from .blocks import FAMILY_BLOCKS
     from .layers import DepthwiseSeparableConv2d
 
     builder = _Builder(traced.root)
     blocks = frozenset(n for n, m in traced.root.named_modules() if isinstance(m, DepthwiseSeparableConv2d))
+    chains = {n: CHAIN_ENDS[m.family] for n, m in traced.root.named_modules()
+              if isinstance(m, FAMILY_BLOCKS) and m.family in CHAIN_ENDS}
     if traced.graph is None:
         builder.freeze_all_modules("the model could not be traced")
-        return dataclasses.replace(builder.finish(), blocks=blocks)
+        return dataclasses.replace(builder.finish(), blocks=blocks, chains=chains)
     for result in [traced, *extra]:
         for node in result.graph.nodes:
             builder.visit(node)
@@ -201,7 +221,7 @@ def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> Channel
     for result in extra:
         missing &= set(uncalled_modules(result))
     builder.freeze_uncalled(sorted(missing))
-    return dataclasses.replace(builder.finish(), blocks=blocks)
+    return dataclasses.replace(builder.finish(), blocks=blocks, chains=chains)
 
 
 def model_channel_graph(traced: TraceResult, inputs: tuple) -> ChannelGraph:

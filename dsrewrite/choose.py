@@ -84,12 +84,19 @@ def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: f
     return target_latency is not None or (targeted and bool(families - {"separable", "keep"}))
 
 
-def families_for(config: RuleConfig, module_name: str | None) -> tuple[str, ...]:
-    """The families a module's candidates come from: every family under auto, else the one named."""
+#: families a channel resize (--align / --width) can follow through (dsrewrite.channels.CHAIN_ENDS, and separable)
+RESIZABLE_FAMILIES = ("separable", "spatial", "bottleneck")
+
+
+def families_for(config: RuleConfig, module_name: str | None, resize: bool = False) -> tuple[str, ...]:
+    """The families a module's candidates come from: every family under auto (those a planned
+    channel ``resize`` can follow), else the one named."""
     family = config.family_of(module_name)
     if family == "keep":
         return ()
-    return FAMILY_NAMES if family == "auto" else (family,)
+    if family == "auto":
+        return RESIZABLE_FAMILIES if resize else FAMILY_NAMES
+    return (family,)
 
 
 def candidate_ranks_of(family: str, site: Decision, config: RuleConfig) -> list[int]:
@@ -104,12 +111,14 @@ def candidate_ranks_of(family: str, site: Decision, config: RuleConfig) -> list[
 
 
 def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config: RuleConfig,
-                      timer: Callable | None = None, progress: bool = False) -> dict[str, list[Candidate]]:
+                      timer: Callable | None = None, progress: bool = False,
+                      resize: bool = False) -> dict[str, list[Candidate]]:
     """``module -> [keep, block candidates...]`` for the modules of ``sites`` (replace decisions).
 
     With a ``timer`` (``timer(conv, rank, bn, activation, family) -> LayerTiming``) every
     candidate is timed on every call site of its module; without one, candidates carry MACs
-    and errors only. Candidates with no fewer MACs than the dense conv are left out.
+    and errors only. Candidates with no fewer MACs than the dense conv are left out; with a
+    channel ``resize`` planned, so are the families it cannot follow.
     """
     from .blocks import block_costs, family_errors
     from .progress import Progress
@@ -121,7 +130,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     plans: dict[str, list[tuple[str, int]]] = {}
     for name, ds in by_module.items():
         first = ds[0]
-        plans[name] = [(f, r) for f in families_for(config, name) for r in candidate_ranks_of(f, first, config)]
+        plans[name] = [(f, r) for f in families_for(config, name, resize) for r in candidate_ranks_of(f, first, config)]
     out: dict[str, list[Candidate]] = {}
     total = sum(len(v) for v in plans.values()) if timer is not None else 0
     with Progress("timing candidate blocks", total, enabled=progress and timer is not None) as bar:

@@ -58,11 +58,12 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                  calibration: list | None = None, target_macs: float | None = None, max_error: float | None = None,
                  align: int | None = None, width: float | None = None, settings=None, batch_size: int | None = None,
                  cache=None, progress: Callable[[str], None] | None = None, target_latency: float | None = None,
-                 inputs: tuple | None = None) -> PlanFacts:
+                 inputs: tuple | None = None, plan_timer: Callable | None = None) -> PlanFacts:
     """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings.
 
     ``inputs``: example inputs (meta tensors are filled with seeded samples) for timing the
-    whole model, which a latency target needs.
+    whole model, which a latency target needs; ``plan_timer`` replaces that end-to-end timing
+    (:func:`end_to_end_timer`'s signature: ``plan_timer(None)`` gives the original's latency).
     """
     from .choose import uses_blocks
     from .measure import environment_label
@@ -82,20 +83,28 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 
             settings = settings or config.measure_settings()
             timer_ = timer or layer_timer(config, settings, batch_size, cache, progress)
-            if inputs is None:
-                import torch
+            if plan_timer is None:
+                if inputs is None:
+                    import torch
 
-                inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
-            say("timing the original model end to end ...")
-            real = real_inputs(inputs)
-            facts.original_latency = time_model(model, real, settings, config.measure_fold_bn, batch_size)
-            facts.plan_timer = plan_timer(model, real, settings, config.measure_fold_bn, batch_size, say)
+                    inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
+                say("timing the original model end to end ...")
+                real = real_inputs(inputs)
+                facts.original_latency = time_model(model, real, settings, config.measure_fold_bn, batch_size)
+                facts.plan_timer = end_to_end_timer(model, real, settings, config.measure_fold_bn, batch_size, say)
+            else:
+                from .measure import Timing
+
+                seconds = plan_timer(None)[0]  # None: the original alone
+                facts.original_latency = Timing(seconds, seconds, seconds, seconds, 1, {})
+                facts.plan_timer = plan_timer
             facts.environment = environment_label(settings)
             facts.target_latency, facts.batch_size = target_latency, batch_size
         else:
             say("judging each candidate block ...")
+        resize = align is not None or config.align_groups or width is not None or config.align_width > 0
         facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
-                                         progress is not None)
+                                         progress is not None, resize)
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)
@@ -120,14 +129,17 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
     return facts
 
 
-def plan_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,
-               say: Callable[[str], None]) -> Callable:
+def end_to_end_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,
+                     say: Callable[[str], None]) -> Callable:
     """``timer(plan) -> (original_s, planned_s)``: the original and the plan's model (:func:`~dsrewrite.rewrite.skeleton`)
-    timed end to end, side by side, as the conversion's own measurement does."""
+    timed end to end, side by side, as the conversion's own measurement does (``plan`` None: the original
+    alone, ``planned_s`` None)."""
     from .measure import time_model
     from .rewrite import skeleton
 
     def timer(plan):
+        if plan is None:
+            return time_model(model, inputs, settings, fold, batch_size).median, None
         say(f"timing the planned model ({len(plan.modules_to_replace)} block(s)) against the original ...")
         planned = skeleton(model, plan)
         return (time_model(model, inputs, settings, fold, batch_size).median,

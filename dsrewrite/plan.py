@@ -221,6 +221,13 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
 
         if facts.channels is None:
             raise ValueError("no channel graph: gather facts with the resize settings first (dsrewrite.facts)")
+        from .choose import RESIZABLE_FAMILIES
+        from .errors import ConfigError
+
+        odd = next((d for d in plan.replacements if d.family not in RESIZABLE_FAMILIES), None)
+        if odd is not None:
+            raise ConfigError(f"a channel resize (--align, --width, align.*) cannot follow a {odd.family} block yet "
+                              f"({odd.name}): use block.family {', '.join(RESIZABLE_FAMILIES)} or auto")
         plan.resize = plan_resize(None, facts.channels, max(divisor, 1), width, importance=facts.importance)
     return plan
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .channels import ChannelGraph, Member
+from .blocks import FAMILY_BLOCKS
+from .channels import CHAIN_ENDS, ChannelGraph, Member
 from .layers import DepthwiseSeparableConv2d, make_divisible
 
 
@@ -249,6 +250,9 @@ def apply_resize(model: nn.Module, channels: ChannelGraph, plan: ResizePlan) -> 
                 module.mid_channels = module.depthwise.out_channels
                 module.out_channels = module.pointwise.out_channels
                 module.depth_multiplier = module.mid_channels // module.in_channels
+            elif isinstance(module, FAMILY_BLOCKS) and module.family in CHAIN_ENDS:
+                first, last = (getattr(module, n) for n in CHAIN_ENDS[module.family])
+                module.in_channels, module.out_channels = first.in_channels, last.out_channels
     return model
 
 

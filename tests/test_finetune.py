@@ -311,7 +311,7 @@ def test_cli_calibrate_and_target(tmp_path):
     assert doc["after"]["macs"] <= 0.4 * doc["before"]["macs"]
     for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
                         (["--calibrate", f"{data}:missing"], "defines no 'missing'"),
-                        (["--target-macs", "0.5", "--max-error", "0.1"], "not both"),
+                        (["--target-macs", "0.5", "--max-error", "0.1"], "one target"),
                         (["--target-macs", "3"], "between 0 and 1")]:
         r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", *args, "-q"])
         assert r.exit_code == 2 and words in r.output, (args, r.output)
