@@ -87,8 +87,10 @@ def main(argv=None) -> int:
         choice = plan.rank_choice
         measured = latency["auto"] / latency["original"]
         on_target = measured <= args.target * 1.05
+        checked = choice.get("measured_fraction")
         rows.append([name, f"{1e3 * latency['original']:.1f}", f"{choice['predicted_fraction']:.2f}",
-                     f"{choice['measured_fraction']:.2f} ({len(choice['rounds'])})", f"{measured:.2f}",
+                     f"{checked:.2f} ({len(choice['rounds'])})" if checked is not None else "- (nothing to replace)",
+                     f"{measured:.2f}",
                      "yes" if choice["reachable"] else "**no**",
                      ("yes" if on_target else "**no**") if choice["reachable"] else "n/a",
                      f"{len(plan.modules_to_replace)}", f"{plan.macs_after / plan.macs_before:.2f}",
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         count = collections.Counter(d.family for d in plan.modules_to_replace.values())
         families.append([name, ", ".join(f"{f} {n}" for f, n in count.most_common()) or "none"])
         say(f"{name}: target {args.target:g}: predicted {choice['predicted_fraction']:.2f}, checked "
-            f"{choice['measured_fraction']:.2f}, measured {measured:.2f}; separable {sep_speed:.2f}× vs auto at its "
+            f"{checked}, measured {measured:.2f}; separable {sep_speed:.2f}× vs auto at its "
             f"MACs {auto_speed:.2f}×")
 
     text = render(rows, checks, families, args)

@@ -204,6 +204,8 @@ class ConversionReport:
     fidelity_inputs: str = "random"
     #: what chose the replacements: "measured latency" (a latency-aware rule set) or "MACs"
     chosen_by: str = "MACs"
+    #: the latency target's plan facts (``plan.rank_choice``: target, prediction, end-to-end check), or None
+    latency_target: dict[str, Any] | None = None
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -226,6 +228,7 @@ class ConversionReport:
             "fidelity": self.fidelity,
             "fidelity_inputs": self.fidelity_inputs,
             "chosen_by": self.chosen_by,
+            "latency_target": self.latency_target,
             "measurement": self.measurement,
             "calibration": self.calibration,
             "channels": self.channels,
@@ -384,8 +387,9 @@ def convert(
     report.calibration = rewritten.calibration
     report.channels = plan.resize.to_dict() if plan.resize is not None else None
     report.fidelity_inputs = "random" if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs) else "example"
-    report.chosen_by = "measured latency" if config.min_measured_speedup > 0 or (
-        plan.rank_choice or {}).get("target_latency") else "MACs"
+    latency_plan = (plan.rank_choice or {}).get("target_latency") is not None
+    report.chosen_by = "measured latency" if config.min_measured_speedup > 0 or latency_plan else "MACs"
+    report.latency_target = dict(plan.rank_choice) if latency_plan else None
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")

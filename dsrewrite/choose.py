@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .plan import ConversionPlan, Decision, kept, replacement
+from .plan import ConversionPlan, Decision, kept, replacement, site_of
 from .rules import FAMILY_NAMES, RuleConfig, candidate_label
 from .units import format_seconds
 
@@ -45,9 +45,8 @@ class Candidate:
     params: int
     #: squared relative weight error (0 for keep)
     error: float
-    #: measured seconds summed over the call sites, and the dense conv's on the same shapes (latency plans)
+    #: measured seconds summed over the call sites (latency plans)
     time_s: float | None = None
-    dense_s: float | None = None
     #: provenance of the first site's timing (fresh or cached, where)
     timing: dict | None = None
 
@@ -140,7 +139,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
             dense_s = None
             if timer is not None:
                 dense_s = sum(timer(convs[d.index], 1, False, "none", "separable").original_s for d in ds)
-            options = [Candidate("keep", None, dense_macs, ds[0].params_before, 0.0, dense_s, dense_s)]
+            options = [Candidate("keep", None, dense_macs, ds[0].params_before, 0.0, dense_s)]
             errors: dict[str, dict[int, float]] = {}
             for family, rank in plans[name]:
                 bn = config.bn if family == "separable" else False
@@ -159,8 +158,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
                     time_s = sum(t.replacement_s for t in timings)
                     timing = timings[0].provenance()
                     bar.advance(f"{name} {family} {rank}")
-                options.append(Candidate(family, rank, macs, costs[0][1], errors[family][rank], time_s, dense_s,
-                                         timing))
+                options.append(Candidate(family, rank, macs, costs[0][1], errors[family][rank], time_s, timing))
             out[name] = options
     return out
 
@@ -242,6 +240,10 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
     that measured at most :data:`TOLERANCE` above the target, else the fastest measured.
     Every round is recorded in ``rank_choice["rounds"]``.
     """
+    if not candidates:  # nothing the rules would replace: no plan can be faster
+        plan = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
+                             environment=environment, batch_size=batch_size)
+        return dataclasses.replace(plan, rank_choice=dict(plan.rank_choice, reachable=False, rounds=[]))
     budget, tried, seen = target_latency, [], {}
     for _ in range(rounds):
         candidate = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
@@ -332,12 +334,5 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
              f"({keep.time_s / winner.time_s:.2f}×)" if by_time and winner.time_s else "")
     reason = (f"replaced: {k} {d.in_channels}→{d.out_channels} at {hw}, {d.macs_before / macs:.1f}× fewer MACs; "
               f"{winner.label}{speed}, error {winner.error:.3f}, for {goal}{extra}")
-    return replacement(_base(d), winner.family, winner.rank, bn, activation, macs, params, rule="ChooseBlock",
+    return replacement(site_of(d), winner.family, winner.rank, bn, activation, macs, params, rule="ChooseBlock",
                        reason=reason, candidates=listed, **timing)
-
-
-def _base(d: Decision) -> dict:
-    """The call-site fields of a decision (what :func:`~dsrewrite.plan.replacement` builds on)."""
-    fields = ("index", "name", "module_name", "kernel", "stride", "in_channels", "out_channels", "output_shape",
-              "input_shape", "macs_before", "params_before", "has_bias")
-    return {f: getattr(d, f) for f in fields}

@@ -132,18 +132,17 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 def end_to_end_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,
                      say: Callable[[str], None]) -> Callable:
     """``timer(plan) -> (original_s, planned_s)``: the original and the plan's model (:func:`~dsrewrite.rewrite.skeleton`)
-    timed end to end, side by side, as the conversion's own measurement does (``plan`` None: the original
-    alone, ``planned_s`` None)."""
-    from .measure import time_model
+    timed end to end, side by side in interleaved rounds (``plan`` None: the original alone, ``planned_s``
+    None)."""
+    from .measure import time_model, time_side_by_side
     from .rewrite import skeleton
 
     def timer(plan):
         if plan is None:
             return time_model(model, inputs, settings, fold, batch_size).median, None
         say(f"timing the planned model ({len(plan.modules_to_replace)} block(s)) against the original ...")
-        planned = skeleton(model, plan)
-        return (time_model(model, inputs, settings, fold, batch_size).median,
-                time_model(planned, inputs, settings, fold, batch_size).median)
+        before, after = time_side_by_side([model, skeleton(model, plan)], inputs, settings, fold, batch_size)
+        return before, after
 
     return timer
 

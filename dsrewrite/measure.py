@@ -416,6 +416,23 @@ def time_model(model: nn.Module, inputs: tuple, settings: MeasureSettings, fold:
     return measure(fold_bn(model) if fold else copy.deepcopy(model).eval(), inputs, settings)
 
 
+def time_side_by_side(models: list[nn.Module], inputs: tuple, settings: MeasureSettings, fold: bool = True,
+                      batch_size: int | None = None, rounds: int = 3) -> list[float]:
+    """Median seconds per call of each model, timed in interleaved rounds (drift on a shared machine
+    hits them alike): each round times every model with a third of ``settings.repeats``."""
+    if batch_size:
+        inputs = tuple(x.expand(batch_size, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() else x
+                       for x in inputs)
+    prepared = [prepare(fold_bn(m) if fold else copy.deepcopy(m).eval(), inputs, settings) for m in models]
+    per_round = dataclasses.replace(settings, repeats=max(settings.repeats // rounds, 3),
+                                    warmup=max(settings.warmup // rounds, 1))
+    samples: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, (model, args) in enumerate(prepared):
+            samples[i].append(measure(model, args, per_round, prepared=True).median)
+    return [statistics.median(v) for v in samples]
+
+
 def _pair(value) -> tuple[float, float] | None:
     return (float(value[0]), float(value[1])) if isinstance(value, (list, tuple)) and len(value) == 2 else None
 

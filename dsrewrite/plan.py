@@ -188,7 +188,7 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     decisions = rule_decisions(analysis, config, facts.timings, facts.environment)
     plan = ConversionPlan(analysis.model_name, config, decisions, [tuple(s) for s in analysis.profile.input_shapes],
                           analysis.profile.macs, environment=facts.environment if facts.timings else "")
-    if facts.blocks:
+    if facts.blocks or facts.target_latency is not None:
         from .choose import choose_blocks
 
         latency = facts.target_latency
@@ -269,11 +269,20 @@ def candidate_decisions(analysis, config: RuleConfig) -> list[Decision]:
     return [d for d in rule_decisions(analysis, dataclasses.replace(config, min_measured_speedup=0.0)) if d.replaced]
 
 
+#: the fields of a decision that describe its call site (what :func:`replacement` builds on)
+SITE_FIELDS = ("index", "name", "module_name", "kernel", "stride", "in_channels", "out_channels", "output_shape",
+               "input_shape", "macs_before", "params_before", "has_bias")
+
+
 def _site(conv: ConvProfile) -> dict[str, Any]:
-    return dict(index=conv.index, name=conv.name, module_name=conv.module_name, kernel=conv.kernel,
-                stride=conv.stride, in_channels=conv.in_channels, out_channels=conv.out_channels,
-                output_shape=conv.output_shape, input_shape=tuple(conv.input_shape), macs_before=conv.macs,
-                params_before=conv.params, has_bias=conv.has_bias)
+    return dict(zip(SITE_FIELDS, (conv.index, conv.name, conv.module_name, conv.kernel, conv.stride, conv.in_channels,
+                                  conv.out_channels, conv.output_shape, tuple(conv.input_shape), conv.macs,
+                                  conv.params, conv.has_bias)))
+
+
+def site_of(d: Decision) -> dict[str, Any]:
+    """The call-site fields of a decision, as :func:`_site` gives them for a conv."""
+    return {f: getattr(d, f) for f in SITE_FIELDS}
 
 
 def _decide(conv: ConvProfile, ctx: PlanContext, rules) -> Decision:

@@ -360,6 +360,21 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
         out.append(("warn", f"Not timed: these replacements were chosen by MACs ({r['macs']:.2f}× fewer), and fewer "
                             "MACs is not lower latency (depthwise convs are memory-bound). --measure times both "
                             "models; --rules latency keeps only replacements that measure faster."))
+    target = doc.get("latency_target")
+    if target and target.get("measured_fraction") is not None:
+        goal, check = target["target_latency"], target["measured_fraction"]
+        text = (f"Latency target {goal:g}× of the original: the planner's end-to-end check measured {check:.2f}× "
+                f"(planned model with random-weight blocks, side by side on {target['environment']}; per-layer "
+                f"timings predicted {target['predicted_fraction']:.2f}×)")
+        if meas:
+            now = 1 / meas["speedup"] if meas["speedup"] else float("inf")
+            hit = now <= goal * 1.05
+            out.append(("good" if hit else "bad", text + f"; measured now: {now:.2f}×" +
+                        ("." if hit else ", above the target by more than 5%.")))
+        else:
+            out.append(("info" if target.get("reachable") else "bad",
+                        text + ("." if target.get("reachable") else ": the target was out of reach.") +
+                        " --measure times the result."))
     slower = [c for c in doc["layers"] if c["measured_speedup"] is not None and c["measured_speedup"] < 1]
     if slower:
         names = ", ".join(c["name"] for c in slower[:4]) + (f" (+{len(slower) - 4} more)" if len(slower) > 4 else "")
