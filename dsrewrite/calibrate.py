@@ -564,17 +564,19 @@ def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: li
         cross = torch.zeros(groups, n, per_out, dtype=torch.float64)
         for i, x in enumerate(data):
             heartbeat(f"{block.refit} refit: batch {i + 1}/{len(data)}")
-            rows = _conv_patches(last, _capture(converted, last, x, "input")).double()  # [P, C_in·K²]
-            rows = torch.cat([rows.reshape(rows.shape[0], groups, n - 1),
-                              torch.ones(rows.shape[0], groups, 1, dtype=torch.float64)], 2).transpose(0, 1)
+            inp = _capture(converted, last, x, "input")
             targets = _flat(_capture(original, conv, x, "output"))  # [P, C_out]
             if gate is not None:
-                prediction = torch.bmm(rows, solution).transpose(0, 1).reshape(-1, c_out) if round_ else None
+                prediction = None
+                if round_:
+                    prediction = torch.cat([torch.bmm(rows, solution[lo:hi]).transpose(0, 1).reshape(
+                        -1, (hi - lo) * per_out) for lo, hi, rows in _group_rows(last, inp, n)], 1)
                 targets = _gated(targets, prediction, gate, offset and offset(x))
             targets = targets.reshape(-1, groups, per_out).transpose(0, 1)  # [groups, P, per_out]
-            if round_ == 0:
-                gram += rows.transpose(1, 2) @ rows
-            cross += rows.transpose(1, 2) @ targets
+            for lo, hi, rows in _group_rows(last, inp, n):  # [groups in chunk, P, n]
+                if round_ == 0:
+                    gram[lo:hi] += rows.transpose(1, 2) @ rows
+                cross[lo:hi] += rows.transpose(1, 2) @ targets[lo:hi]
         damp = ridge * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(1).clamp_min(1e-12)  # [groups]
         eye = torch.eye(n, dtype=torch.float64)
         solution = torch.linalg.solve(gram + damp[:, None, None] * eye, cross + damp[:, None, None] * prior)
@@ -582,6 +584,24 @@ def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: li
         last.weight.copy_(solution[:, :-1].transpose(1, 2).reshape(last.weight.shape).to(dtype))
         if last.bias is not None:
             last.bias.copy_(solution[:, -1].reshape(-1).to(dtype))
+
+
+#: float64 patch values materialized at once by :func:`_group_rows` (128 MiB)
+PATCH_BUDGET = 2 ** 24
+
+
+def _group_rows(conv: nn.Conv2d, x: torch.Tensor, n: int):
+    """``(first group, last group + 1, rows)`` chunks of a (grouped) conv's input patches, rows
+    ``[groups in chunk, positions, C_in/groups·K² + 1]`` in float64 with a trailing 1, few enough
+    groups at a time to stay within :data:`PATCH_BUDGET` values."""
+    groups, per_in = conv.groups, conv.in_channels // conv.groups
+    positions = _conv_patches(conv, x[:, :per_in]).shape[0]
+    step = max(1, min(groups, PATCH_BUDGET // max(positions * n, 1)))
+    for lo in range(0, groups, step):
+        hi = min(lo + step, groups)
+        cols = _conv_patches(conv, x[:, lo * per_in:hi * per_in]).double()
+        rows = cols.reshape(positions, hi - lo, n - 1).transpose(0, 1)
+        yield lo, hi, torch.cat([rows, torch.ones(hi - lo, positions, 1, dtype=torch.float64)], 2)
 
 
 def _conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

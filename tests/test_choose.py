@@ -24,6 +24,7 @@ from dsrewrite.measure import LayerTiming
 from dsrewrite.plan import PlanMismatch, load_plan
 
 SHAPE = (1, 3, 64, 64)
+SMALL = (1, 1, 28, 28)
 CLASSES = {"separable": DepthwiseSeparableConv2d, **{cls.family: cls for cls in FAMILY_BLOCKS}}
 
 
@@ -33,9 +34,24 @@ def resnet():
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
+@pytest.fixture(scope="module")
+def small():
+    """The ResNet-style Fashion-MNIST net of the examples (width 32): residual adds, strides, a 1×1 shortcut."""
+    sys.path.insert(0, "examples")
+    try:
+        from fashion_cnns import ResNetStyle
+    finally:
+        sys.path.remove("examples")
+    torch.manual_seed(0)
+    model = ResNetStyle(32).eval()
+    with torch.no_grad():  # trained-looking BN statistics, so calibration sees realistic scales
+        model(torch.randn(64, *SMALL[1:]))
+    return model
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_each_family_is_planned_applied_and_reloaded_exactly(resnet, family):
-    result = dsrewrite.convert(resnet, SHAPE, "default", [f"block.family={family}"])
+def test_each_family_is_planned_applied_and_reloaded_exactly(small, family):
+    result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0"])
     plan = result.plan
     assert plan.replacements and all(d.family == family for d in plan.replacements)
     for name, d in plan.modules_to_replace.items():
@@ -47,26 +63,27 @@ def test_each_family_is_planned_applied_and_reloaded_exactly(resnet, family):
     again = load_plan(doc, result.before)
     assert [(d.action, d.family, d.rank, d.macs_after) for d in again.decisions] == \
         [(d.action, d.family, d.rank, d.macs_after) for d in plan.decisions]
-    reapplied = dsrewrite.convert(resnet, SHAPE, plan=again)
+    reapplied = dsrewrite.convert(small, SMALL, plan=again)
     for a, b in zip(result.model.state_dict().items(), reapplied.model.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), "the saved plan applies to the same model"
     assert result.report.after["macs"] == plan.macs_after, "the planned MACs are the analyzer's count"
 
 
 @pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first"])
-def test_full_rank_blocks_are_exact_through_convert(resnet, family):
-    result = dsrewrite.convert(resnet, SHAPE, "default",
-                               [f"block.family={family}", "block.rank=100000", "replace.min_mac_reduction=0"])
-    assert len(result.plan.replacements) == 13
+def test_full_rank_blocks_are_exact_through_convert(small, family):
+    result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0",
+                                                      "block.rank=100000", "replace.min_mac_reduction=0"])
+    assert len(result.plan.replacements) == 10
     assert result.report.fidelity["relative_error"] < 1e-5
     assert all(layer.kept_energy > 1 - 1e-9 for layer in result.report.layers)
 
 
-@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first"])
-def test_calibration_refits_family_blocks(resnet, family):
+@pytest.mark.parametrize("family,rank", [("spatial", 0), ("bottleneck", 0), ("pointwise-first", 2)])
+def test_calibration_refits_family_blocks(small, family, rank):
     torch.manual_seed(1)
-    data = [torch.randn(8, 3, 32, 32) for _ in range(3)]
-    result = dsrewrite.convert(resnet, (1, 3, 32, 32), "default", [f"block.family={family}"], calibration=data)
+    data = [torch.randn(16, *SMALL[1:]) for _ in range(3)]
+    result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0",
+                                                      f"block.rank={rank}"], calibration=data)
     cal = result.report.calibration
     assert cal["blocks"] == len(result.plan.modules_to_replace)
     assert cal["after"]["relative_error"] < 0.6 * cal["before"]["relative_error"]
@@ -96,7 +113,7 @@ def test_auto_without_a_target_is_a_config_error(resnet):
         dsrewrite.plan_model(resnet, SHAPE, "default", ["block.family=auto"])
 
 
-@pytest.mark.parametrize("target", [0.5, 0.3])
+@pytest.mark.parametrize("target", [0.4])
 def test_auto_is_never_worse_than_any_single_family_at_the_same_mac_target(resnet, target):
     totals = {}
     for family in ["auto", *FAMILIES]:
