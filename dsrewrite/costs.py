@@ -98,6 +98,29 @@ def sdpa_macs(call: OpCall) -> float:
     return batch * length * source * (embed + v.shape[-1])
 
 
+def deform_conv2d_macs(call: OpCall) -> float:
+    """``torchvision::deform_conv2d(input, weight, offset, mask, bias, ...)``: counted as the conv it generalizes.
+
+    Each output element takes C_in/groups × K_h × K_w MACs (batch × weight.numel × output
+    positions, as :func:`convolution_macs`), as fvcore and ptflops count it; the bilinear
+    sampling at the offsets and the modulation mask are elementwise work, not MACs.
+    """
+    x, w = call.args[0], call.args[1]
+    out = call.out[0] if isinstance(call.out, (tuple, list)) else call.out
+    return x.shape[0] * _numel(w.shape) * _numel(out.shape[2:])
+
+
+#: Ops outside aten, by schema name (their namespace exists only once their library is imported).
+NAMED_HANDLERS: dict[str, tuple[CostHandler | None, str]] = {
+    "torchvision::deform_conv2d": (deform_conv2d_macs, "conv"),
+    # detection post-processing: comparisons and gathers, no MACs by this convention
+    "torchvision::nms": (None, "other"),
+    "torchvision::roi_align": (None, "other"),
+    "torchvision::roi_pool": (None, "other"),
+    "torchvision::ps_roi_align": (None, "other"),
+    "torchvision::ps_roi_pool": (None, "other"),
+}
+
 #: Which op kind each MAC-bearing op belongs to; matrix products under an ``nn.Linear``
 #: (or ``F.linear``) are reported as ``linear`` by the profiler.
 OP_KINDS: dict[Any, str] = {}
@@ -126,6 +149,9 @@ class CostTable:
         packet = func.overloadpacket
         if packet in self.handlers:
             return True, self.handlers[packet]
+        named = NAMED_HANDLERS.get(func._schema.name)
+        if named is not None:
+            return True, named[0]
         if is_cost_free(func):
             return True, None
         # An in-place variant (hardswish_) costs what its functional op (hardswish) costs.
@@ -138,7 +164,8 @@ class CostTable:
 
     def op_kind(self, func) -> str:
         """The op-kind column (conv / matmul / other) of a MAC-bearing op."""
-        return self.kinds.get(func.overloadpacket, "other")
+        named = NAMED_HANDLERS.get(func._schema.name)
+        return self.kinds.get(func.overloadpacket, named[1] if named else "other")
 
 
 def _put(handlers: dict, kinds: dict, op, handler, kind: str) -> None:

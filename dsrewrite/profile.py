@@ -538,7 +538,8 @@ class _Counter(TorchDispatchMode):
         if kind == "conv":
             tensors = [a for a in args[1:3] if isinstance(a, torch.Tensor)]
             self.params_by_kind["conv"].update(n for n in (self.tensor_names.get(id(t)) for t in tensors) if n)
-            self._record_conv(args, out, macs, depth, enclosing)
+            if func.namespace == "aten":  # a conv row (what plans act on); deform_conv2d is counted, not planned
+                self._record_conv(args, out, macs, depth, enclosing)
 
     def _linear_module(self) -> nn.Module | None:
         if self.stack and isinstance(self.stack[-1][1], nn.Linear):

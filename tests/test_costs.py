@@ -49,3 +49,27 @@ def test_handler(func, args, expected):
 def test_unknown_op_is_not_known():
     known, handler = handler_for(aten._fft_r2c.default)
     assert not known and handler is None
+
+
+def test_deformable_conv_is_counted_as_the_conv_it_generalizes():
+    """torchvision's deform_conv2d: batch × weight × output positions MACs, in the conv column, and no conv row."""
+    torchvision = pytest.importorskip("torchvision", reason="deform_conv2d is a torchvision op")
+    from torch import nn
+
+    import dsrewrite
+
+    class Deformable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.offsets = nn.Conv2d(16, 18, 3, padding=1)
+            self.deform = torchvision.ops.DeformConv2d(16, 32, 3, padding=1, groups=2)
+
+        def forward(self, x):
+            return self.deform(x, self.offsets(x))
+
+    profile = dsrewrite.analyze(Deformable(), (2, 16, 20, 20)).profile
+    offsets, deform = 2 * 400 * 18 * 16 * 9, 2 * 400 * 32 * 8 * 9
+    assert profile.unsupported_ops == {}
+    assert profile.macs == offsets + deform
+    assert profile.by_kind["conv"].macs == offsets + deform
+    assert [c.name for c in profile.convs] == ["offsets"], "only aten convs are planned"
