@@ -193,9 +193,9 @@ def test_latency_search_meets_the_target_the_measurement_sets(resnet):
 
     chosen = fit_latency(plan, cands, 0.75, rest + 6 * 0.004, time_plan)
     choice = chosen.rank_choice
-    assert choice["reachable"] and choice["measured_fraction"] <= 0.75 * (1 + TOLERANCE)
+    assert choice["reachable"] and 0.75 * (1 - 2 * TOLERANCE) <= choice["measured_fraction"] <= 0.75
     assert len(choice["rounds"]) > 1, "the first layer-sum plan measures too slow and the budget is searched"
-    assert choice["rounds"][0]["measured_fraction"] > 0.75 * (1 + TOLERANCE)
+    assert choice["rounds"][0]["measured_fraction"] > 0.75
     assert all(d.candidates and d.rule == "ChooseBlock" for d in chosen.decisions if d.module_name in cands)
 
 
