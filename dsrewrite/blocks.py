@@ -372,14 +372,12 @@ def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[
 
 
 def block_costs(family: str, rank: int, in_channels: int, out_channels: int, kernel: tuple[int, ...],
-                input_shape: tuple[int, ...], output_shape: tuple[int, ...], bn: bool = False,
-                has_bias: bool = True) -> tuple[int, int]:
+                input_shape: tuple[int, ...], output_shape: tuple[int, ...], bn: bool = False) -> tuple[int, int]:
     """(MACs, params) of ``family``'s block at ``rank`` for one conv call (batch from ``output_shape``).
 
     The separable family counts its optional BN, as :func:`~dsrewrite.layers.theoretical_costs`
     does; every family's last conv carries a bias (the built blocks always have one: it takes
-    the conv's bias, or the shift an inserted BN passes on), so ``has_bias`` is accepted for
-    the callers' symmetry and does not change the count.
+    the conv's bias, or the shift an inserted BN passes on), whether or not the conv had one.
     """
     if family == "separable":
         from .layers import theoretical_costs

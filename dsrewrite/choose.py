@@ -55,10 +55,10 @@ class Candidate:
         """``keep``, ``separable×1``, ``bottleneck 96``."""
         return candidate_label(self.family, self.rank)
 
-    def to_dict(self, chosen: bool = False) -> dict[str, Any]:
-        """JSON-ready, as a plan's decision lists it."""
+    def to_dict(self, chosen: bool = False, on_front: bool = False) -> dict[str, Any]:
+        """JSON-ready, as a plan's decision lists it (``front``: no other candidate is both cheaper and more accurate)."""
         return {"family": self.family, "rank": self.rank, "macs": self.macs, "params": self.params,
-                "error": self.error, "time_s": self.time_s, "chosen": chosen}
+                "error": self.error, "time_s": self.time_s, "chosen": chosen, "front": on_front}
 
     def text(self) -> str:
         """``bottleneck 96: 0.41 ms, error 0.12``."""
@@ -145,7 +145,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
                 bn = config.bn if family == "separable" else False
                 activation = config.activation if family == "separable" else "none"
                 costs = [block_costs(family, rank, d.in_channels, d.out_channels, d.kernel, d.input_shape,
-                                     d.output_shape, bn, d.has_bias) for d in ds]
+                                     d.output_shape, bn) for d in ds]
                 macs = sum(m for m, _ in costs)
                 if macs >= dense_macs:
                     bar.advance(name)
@@ -316,8 +316,8 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
             config: RuleConfig) -> Decision:
     from .blocks import block_costs
 
-    listed = [c.to_dict(chosen=c is winner) for c in options]
     pareto = front(options, by_time)
+    listed = [c.to_dict(chosen=c is winner, on_front=any(c is p for p in pareto)) for c in options]
     i = next((k for k, c in enumerate(pareto) if c is winner), None)
     faster = pareto[i - 1] if i else None
     better = pareto[i + 1] if i is not None and i + 1 < len(pareto) else None
@@ -334,7 +334,7 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
     separable = winner.family == "separable"
     bn, activation = (config.bn, config.activation) if separable else (False, "none")
     macs, params = block_costs(winner.family, winner.rank, d.in_channels, d.out_channels, d.kernel, d.input_shape,
-                               d.output_shape, bn, d.has_bias)
+                               d.output_shape, bn)
     k = "×".join(map(str, d.kernel))
     hw = "×".join(map(str, d.output_shape[2:]))
     speed = (f", {format_seconds(winner.time_s)} vs {format_seconds(keep.time_s)} dense "

@@ -454,7 +454,7 @@ def load_plan(doc: Any, analysis, where: str = "plan") -> ConversionPlan:
                 raise PlanMismatch(f"{here}: a {family} block is a linear chain; bn and activation apply to "
                                    "separable blocks only")
         macs, params = block_costs(family, rank, conv.in_channels, conv.out_channels, conv.kernel,
-                                   conv.input_shape, conv.output_shape, bn, conv.has_bias)
+                                   conv.input_shape, conv.output_shape, bn)
         if not reason.startswith("replaced"):
             reason = "replaced: as the plan file says (edited by hand)"
         decisions.append(replacement(base, family, rank, bn, act, macs, params,

@@ -284,10 +284,7 @@ def _candidates_section(doc: dict, md: bool, tfmt: str) -> list[str]:
             continue
         by_time = all(c.get("time_s") is not None for c in cands)
         key = (lambda c: (c["time_s"], c["error"])) if by_time else (lambda c: (c["macs"], c["error"]))
-        front = []
-        for c in sorted(cands, key=key):
-            if not front or c["error"] < front[-1]["error"] or c.get("chosen"):
-                front.append(c)
+        front = sorted((c for c in cands if c.get("front") or c.get("chosen")), key=key)
         text = " · ".join(
             ("✓ " if c.get("chosen") else "") + candidate_label(c["family"], c["rank"]) +
             (f" {format_seconds(c['time_s'])}" if by_time else f" {format_count(c['macs'])} MACs") +

@@ -543,7 +543,7 @@ class ReplaceHeavyConv(Rule):
         if family in ("separable", "auto"):  # auto is costed as separable until a planner picks
             rank = draft.depth_multiplier
             macs, params = block_costs("separable", rank, conv.in_channels, conv.out_channels, k, conv.input_shape,
-                                       conv.output_shape, draft.bn, conv.has_bias)
+                                       conv.output_shape, draft.bn)
         else:
             from .blocks import max_rank_of
 

@@ -147,7 +147,7 @@ def test_candidates_cover_every_family_with_exact_costs_and_weight_errors(small)
             assert c["macs"] == d.macs_before and c["error"] == 0
             continue
         macs, _ = block_costs(c["family"], c["rank"], 128, 128, (3, 3), d.input_shape, d.output_shape,
-                              c["family"] == "separable", False)
+                              c["family"] == "separable")
         assert c["macs"] == macs < d.macs_before
         assert c["error"] == pytest.approx(family_errors(conv.weight, c["family"], [c["rank"]])[c["rank"]])
     assert sum(c["chosen"] for c in d.candidates) == 1
@@ -214,6 +214,8 @@ def test_front_and_reasons_name_the_neighbours(resnet):
     assert (d.family, d.rank) == ("spatial", 64)
     assert "more accurate keep" in d.reason and "faster spatial 32" in d.reason
     assert [c.label for c in front(cands[name], True)] == ["bottleneck 16", "spatial 32", "spatial 64", "keep"]
+    assert [(c["family"], c["rank"]) for c in d.candidates if c["front"]] == \
+        [("keep", None), ("spatial", 64), ("spatial", 32), ("bottleneck", 16)], "the plan marks the front it reasoned on"
 
 
 # ------------------------------------------------------------------------------- CLI
