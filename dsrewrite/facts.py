@@ -45,8 +45,8 @@ class PlanFacts:
     importance: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     #: conv module -> its :class:`~dsrewrite.choose.Candidate` blocks, keep first (block choice)
     blocks: dict[str, list] = dataclasses.field(default_factory=dict)
-    #: the original model timed end to end (:class:`~dsrewrite.measure.Timing`; latency targets)
-    original_latency: Any = None
+    #: the original model's end-to-end latency in seconds (latency targets)
+    original_latency_s: float | None = None
     #: the latency target the facts were gathered for (a fraction), or None
     target_latency: float | None = None
     #: ``plan_timer(plan) -> (original_s, planned_s)``: both models timed side by side (latency targets)
@@ -78,7 +78,6 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 
         timer_ = None
         if target_latency is not None:
-            from .measure import time_model
             from .rewrite import real_inputs
 
             settings = settings or config.measure_settings()
@@ -88,16 +87,11 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                     import torch
 
                     inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
-                say("timing the original model end to end ...")
-                real = real_inputs(inputs)
-                facts.original_latency = time_model(model, real, settings, config.measure_fold_bn, batch_size)
-                facts.plan_timer = end_to_end_timer(model, real, settings, config.measure_fold_bn, batch_size, say)
-            else:
-                from .measure import Timing
-
-                seconds = plan_timer(None)[0]  # None: the original alone
-                facts.original_latency = Timing(seconds, seconds, seconds, seconds, 1, {})
-                facts.plan_timer = plan_timer
+                plan_timer = end_to_end_timer(model, real_inputs(inputs), settings, config.measure_fold_bn,
+                                              batch_size, say)
+            say("timing the original model end to end ...")
+            facts.original_latency_s = plan_timer(None)[0]  # None: the original alone (the budget's scale)
+            facts.plan_timer = plan_timer
             facts.environment = environment_label(settings)
             facts.target_latency, facts.batch_size = target_latency, batch_size
         else:

@@ -192,20 +192,14 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
         from .choose import choose_blocks
 
         latency = facts.target_latency
-        if latency is not None and facts.plan_timer is not None:
+        if latency is not None:
             from .choose import fit_latency
 
-            plan = fit_latency(plan, facts.blocks, latency, facts.original_latency.median, facts.plan_timer,
+            plan = fit_latency(plan, facts.blocks, latency, facts.original_latency_s, facts.plan_timer,
                                environment=facts.environment, batch_size=facts.batch_size)
-        else:
-            plan = choose_blocks(plan, facts.blocks, target_latency=latency,
-                                 target_macs=target_macs if latency is None else None,
-                                 max_error=max_error if latency is None else None,
-                                 original_latency_s=facts.original_latency.median if facts.original_latency else None,
-                                 environment=facts.environment, batch_size=facts.batch_size)
-        if facts.original_latency is not None:
-            plan.rank_choice["original_spread"] = facts.original_latency.spread
             plan.environment = facts.environment
+        else:
+            plan = choose_blocks(plan, facts.blocks, target_macs=target_macs, max_error=max_error)
     elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 
