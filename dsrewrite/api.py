@@ -85,7 +85,10 @@ class Analysis:
             "modules": [r.to_dict() for r in self.modules()],
             "untraced": [{"module": name or "(whole model)", "reason": why} for name, why in p.untraced.items()],
             "unsupported_ops": [{"op": op, **info} for op, info in sorted(p.unsupported_ops.items())],
-            "trace": {"method": p.trace_method, "propagation": p.propagation},
+            "trace": {"method": p.trace_method, "propagation": p.propagation,
+                      "specialized": [{"module": n or "(whole model)", "reason": why}
+                                      for n, why in p.specialized.items()],
+                      "opaque_convs": [{"module": n, "reason": why} for n, why in p.opaque_convs.items()]},
             "notes": list(p.notes),
         }
 
@@ -110,7 +113,7 @@ def analyze(
     from .costs import CostTable
 
     inputs = _inputs_from(example_inputs, dtype)
-    traced = trace(model)
+    traced = trace(model, inputs=inputs)
     return Analysis(name or type(model).__name__, profile(traced, inputs, dtype, CostTable(costs), max_memory), traced,
                     inputs=inputs)
 
@@ -126,7 +129,7 @@ def analyze_spec(
     """Load a model from a spec (see :func:`dsrewrite.load.load_model`) and analyze it."""
     loaded = load_model(spec, kwargs, trust_pickle=trust_pickle)
     inputs = resolve_inputs(loaded, input_shapes, dtype)
-    traced = trace(loaded.model)
+    traced = trace(loaded.model, inputs=inputs)
     return Analysis(spec, profile(traced, inputs, dtype, max_memory=max_memory), traced, loaded, inputs)
 
 

@@ -238,7 +238,7 @@ def model_channel_graph(traced: TraceResult, inputs: tuple) -> ChannelGraph:
 
     extra = []
     if traced.graph is not None and inputs is not None and uncalled_modules(traced):
-        training = trace(copy.deepcopy(traced.root), training=True)
+        training = trace(copy.deepcopy(traced.root), training=True, inputs=inputs)
         if training.graph is not None:
             profile(training, inputs)
             extra.append(training)

@@ -59,6 +59,9 @@ class Decision:
     rank: int | None = None
     #: the conv call's input shape (what the block's costs and timings depend on)
     input_shape: tuple[int, ...] = ()
+    #: padding (H, W) the block uses when the conv module pads its own input (TF "same" at stride 1),
+    #: else None: the block takes the conv's own padding
+    block_padding: tuple[int, ...] | None = None
     #: every block the target-driven planner weighed for this layer: [{family, rank, macs, time_s, error}],
     #: the dense conv as family "keep"; the chosen one has "chosen": true
     candidates: list[dict] | None = None
@@ -87,7 +90,10 @@ class Decision:
         k = "×".join(map(str, self.kernel))
         text = block_text(self.family or "separable", self.rank or self.depth_multiplier or 1, bool(self.bn),
                           self.activation or "none")
-        return text.replace("K×K", k).replace("K×1", f"{self.kernel[0]}×1").replace("1×K", f"1×{self.kernel[-1]}")
+        text = text.replace("K×K", k).replace("K×1", f"{self.kernel[0]}×1").replace("1×K", f"1×{self.kernel[-1]}")
+        if self.block_padding is not None:  # the module padded its own input ("same"); the block pads instead
+            text += f" (padding {','.join(map(str, self.block_padding))} for 'same')"
+        return text
 
     @property
     def replaced(self) -> bool:
@@ -265,13 +271,13 @@ def candidate_decisions(analysis, config: RuleConfig) -> list[Decision]:
 
 #: the fields of a decision that describe its call site (what :func:`replacement` builds on)
 SITE_FIELDS = ("index", "name", "module_name", "kernel", "stride", "in_channels", "out_channels", "output_shape",
-               "input_shape", "macs_before", "params_before", "has_bias")
+               "input_shape", "macs_before", "params_before", "has_bias", "block_padding")
 
 
 def _site(conv: ConvProfile) -> dict[str, Any]:
     return dict(zip(SITE_FIELDS, (conv.index, conv.name, conv.module_name, conv.kernel, conv.stride, conv.in_channels,
                                   conv.out_channels, conv.output_shape, tuple(conv.input_shape), conv.macs,
-                                  conv.params, conv.has_bias)))
+                                  conv.params, conv.has_bias, conv.block_padding)))
 
 
 def site_of(d: Decision) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .costs import CostTable, OpCall
 from .errors import InputError
-from .trace import TraceResult, eval_mode
+from .trace import TraceResult, eval_mode, meta_parameters
 from .units import format_bytes
 
 aten = torch.ops.aten
@@ -77,6 +77,28 @@ class ConvProfile:
     #: False when the conv sits inside an untraced leaf (it is costed, but cannot be rewritten in-graph).
     traced: bool
     has_bias: bool
+    #: how the conv module's class runs it: "" torch's own forward; "pads" its forward zero-pads the
+    #: input (``input_padding``) and runs the conv (timm's ``Conv2dSame``); "custom" anything else
+    own_forward: str = ""
+    #: the zero padding that forward added, in ``F.pad`` order (left, right, top, bottom for 2-D)
+    input_padding: tuple[int, ...] = ()
+
+    @property
+    def block_padding(self) -> tuple[int, ...] | None:
+        """The padding a replacement block must use when the module pads its own input, else None.
+
+        Only where that padding is the same at every input size: stride 1 and the TF "same"
+        amount, ``(K − 1)·dilation`` split evenly (timm's ``Conv2dSame`` and static "same"
+        padding). With stride 2 TF "same" depends on the input size, and is not carried.
+        """
+        if self.own_forward != "pads" or len(self.kernel) != 2 or any(s != 1 for s in self.stride):
+            return None
+        left, right, top, bottom = self.input_padding
+        if left != right or top != bottom:
+            return None
+        if top + bottom != (self.kernel[0] - 1) * self.dilation[0] or left + right != (self.kernel[1] - 1) * self.dilation[1]:
+            return None
+        return (self.padding[0] + top, self.padding[1] + left)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -118,6 +140,10 @@ class ModelProfile:
     #: MACs of the ops run directly inside each module (innermost module path; "" for the model itself);
     #: :func:`dsrewrite.modules.module_rows` rolls them up the module tree
     module_macs: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: modules traced with the input's concrete shapes -> why generic torch.fx refused them
+    specialized: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: conv modules whose own forward torch.fx refused, called as one conv -> why
+    opaque_convs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -220,36 +246,6 @@ class _NeedsRealForward(Exception):
         self.known_bytes = known_bytes
 
 
-@contextlib.contextmanager
-def _meta_state(model: nn.Module, dtype: torch.dtype | None) -> Iterator[dict[int, str]]:
-    """Swap every parameter and buffer for a meta tensor; yield ``id(meta tensor) -> name``.
-
-    Shared tensors stay shared (one meta tensor per original), so a parameter used at two
-    call sites is recognized as one.
-    """
-    replacements: dict[int, torch.Tensor] = {}
-    names: dict[int, str] = {}
-    saved: list[tuple[dict, str, Any]] = []
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for store in (mod._parameters, mod._buffers):
-            for key, t in list(store.items()):
-                if t is None:
-                    continue
-                meta = replacements.get(id(t))
-                if meta is None:
-                    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-                    meta = torch.empty_like(t, device="meta", dtype=target)
-                    replacements[id(t)] = meta
-                    names[id(meta)] = f"{mod_name}.{key}" if mod_name else key
-                saved.append((store, key, t))
-                store[key] = meta
-    try:
-        yield names
-    finally:
-        for store, key, t in saved:
-            store[key] = t
-
-
 def _real_names(model: nn.Module) -> dict[int, str]:
     names: dict[int, str] = {}
     for name, t in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers()):
@@ -262,7 +258,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
     model = traced.root
     if meta:
         run_inputs = tuple(_as_meta(x) for x in inputs)
-        state = _meta_state(model, dtype)
+        state = meta_parameters(model, dtype)
     else:
         run_inputs = tuple(_as_real(x) for x in inputs)
         state = contextlib.nullcontext(_real_names(model))
@@ -366,6 +362,13 @@ class _RawConv:
     weight_name: str | None
     fx_node: str | None
     traced: bool
+    own_forward: str = ""
+    input_padding: tuple[int, ...] = ()
+
+
+#: the forwards of torch's own conv classes; a subclass that overrides them runs its own code
+_TORCH_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                                nn.ConvTranspose2d, nn.ConvTranspose3d)}
 
 
 class _Counter(TorchDispatchMode):
@@ -406,6 +409,10 @@ class _Counter(TorchDispatchMode):
         self.memory_limit: float | None = None  # real-forward fallback: stop when it grows past this
         self.rss_start = 0
         self.failed_at = ""
+        #: conv modules whose class overrides forward -> the ops that forward ran before its conv
+        self.own_forward_ids: set[int] = set()
+        self.prelude: dict[int, list] = {}
+        self.open_convs: dict[int, int] = {}  # such a module -> its conv row being recorded
 
     # -- module attribution
     @contextlib.contextmanager
@@ -417,6 +424,8 @@ class _Counter(TorchDispatchMode):
                 if id(mod) in seen:
                     continue
                 seen.add(id(mod))
+                if _overrides_forward(mod):
+                    self.own_forward_ids.add(id(mod))
                 handles.append(mod.register_forward_pre_hook(self._push(name)))
                 handles.append(mod.register_forward_hook(self._pop, always_call=True))
         try:
@@ -433,6 +442,11 @@ class _Counter(TorchDispatchMode):
     def _pop(self, mod, args, out):
         if self.stack and self.stack[-1][1] is mod:
             self.stack.pop()
+        if id(mod) in self.own_forward_ids:
+            ops = self.prelude.pop(id(mod), [])
+            row = self.open_convs.pop(id(mod), None)
+            if row is not None:
+                self.raw_convs[row].own_forward, self.raw_convs[row].input_padding = _own_forward(ops)
 
     # -- fx node bookkeeping
     def enter(self, node: fx.Node) -> None:
@@ -486,6 +500,8 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = self._compute(func, args, kwargs)
+        if self.own_forward_ids and self.stack and id(self.stack[-1][1]) in self.own_forward_ids:
+            self.prelude.setdefault(id(self.stack[-1][1]), []).append((func, args))
         known, handler = self.costs.handler_for(func)
         if not known:
             entry = self.unsupported.setdefault(str(func.overloadpacket), {"calls": 0, "where": self._where()})
@@ -564,15 +580,22 @@ class _Counter(TorchDispatchMode):
         path, type_name, is_conv = enclosing
         is_module = is_conv and weight_name == (f"{path}.weight" if path else "weight")
         node_name = self.node.name if self.node is not None else None
+        own_forward = ""
         if is_module:
             module_name, module_type, hint = path, type_name, path
+            called = self.stack[-1][1] if self.stack and self.stack[-1][0] == path else None
+            if called is not None and id(called) in self.own_forward_ids:
+                # classified when its forward returns (the ops after the conv count too)
+                self.open_convs[id(called)] = len(self.raw_convs)
+            elif called is None and _overrides_forward(self.model.get_submodule(path)):
+                own_forward = "custom"  # its forward was traced through: what it adds is not observed here
         else:
             op = node_name if (self.node is not None and self.node.op != "call_module") else "conv"
             module_name, module_type = None, "functional"
             hint = f"{path}.{op}" if path else op
         self.raw_convs.append(_RawConv(
             module_name, module_type, hint, args, out, macs, depth, weight_name, node_name,
-            traced=not self._inside_untraced(path),
+            traced=not self._inside_untraced(path), own_forward=own_forward,
         ))
 
     def _enclosing(self) -> tuple[str, str, bool]:
@@ -641,6 +664,8 @@ class _Counter(TorchDispatchMode):
             propagation=propagation,
             notes=notes,
             module_macs=dict(self.module_macs),
+            specialized=dict(traced.specialized),
+            opaque_convs=dict(traced.opaque_convs),
         )
 
 
@@ -696,8 +721,30 @@ def _conv_rows(raw: list[_RawConv], total_macs: int) -> list[ConvProfile]:
             fx_node=r.fx_node,
             traced=r.traced,
             has_bias=isinstance(bias, torch.Tensor),
+            own_forward=r.own_forward,
+            input_padding=r.input_padding,
         ))
     return rows
+
+
+def _overrides_forward(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.modules.conv._ConvNd) and type(mod).forward not in _TORCH_CONV_FORWARDS
+
+
+def _own_forward(ops: list) -> tuple[str, tuple[int, ...]]:
+    """What a conv module's own forward ran: its conv alone (""), zero padding then the conv
+    ("pads", with the padding in ``F.pad`` order), or anything more ("custom")."""
+    kinds = [func.overloadpacket for func, _ in ops]
+    if kinds.count(aten.convolution) != 1 or kinds[-1] is not aten.convolution:
+        return "custom", ()
+    pads = [args for func, args in ops[:-1]]
+    if any(k is not aten.constant_pad_nd for k in kinds[:-1]) or any(len(a) > 2 and a[2] != 0 for a in pads):
+        return "custom", ()
+    if not pads:
+        return "", ()
+    if len(pads) > 1 or len(pads[0][1]) != 4:
+        return "custom", ()
+    return "pads", tuple(int(p) for p in pads[0][1])
 
 
 def _stack_path(entry) -> str:

@@ -103,6 +103,13 @@ def _text(doc: dict[str, Any], markdown: bool, max_rows: int | None) -> str:
         out.append(tabulate(layer_rows(shown), headers=headers, tablefmt=fmt, disable_numparse=True))
         out.append("")
     out.append(_totals_block(doc, fmt, markdown))
+    specialized = doc["trace"].get("specialized") or []
+    if specialized:
+        out.append(("## " if markdown else "") + "Traced at this input shape (generic torch.fx refused them; "
+                   "their graph holds for this input shape)")
+        out.append(tabulate([[u["module"], u["reason"]] for u in specialized], headers=["module", "why fx refused"],
+                            tablefmt=fmt))
+        out.append("")
     if doc["untraced"]:
         out.append(("## " if markdown else "") + "Not traced (costed at dispatch level, not rewritable in-graph)")
         out.append(tabulate([[u["module"], u["reason"]] for u in doc["untraced"]],

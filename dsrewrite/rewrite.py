@@ -79,7 +79,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
 
         say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
         meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-        traced = trace(result.model)
+        traced = trace(result.model, inputs=meta)
         profile(traced, meta)
         apply_resize(result.model, model_channel_graph(traced, meta), plan.resize)
     return result
@@ -97,6 +97,7 @@ def _swap_blocks(model: nn.Module, plan: ConversionPlan, inputs: tuple) -> Rewri
         conv = new.get_submodule(name)
         if not isinstance(conv, nn.Conv2d):
             raise InputError(f"cannot replace {name}: it is a {type(conv).__name__}, not an nn.Conv2d")
+        conv = plain_conv(conv, decision.block_padding)
         if (decision.family or "separable") == "separable":
             block = DepthwiseSeparableConv2d.from_conv(conv, decision.depth_multiplier, decision.bn,
                                                        decision.activation, samples.get(name))
@@ -115,7 +116,7 @@ def skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     result runs like, for timing only (weights do not change speed; no factorization is computed)."""
     new = copy.deepcopy(model)
     for name, d in plan.modules_to_replace.items():
-        conv = new.get_submodule(name)
+        conv = plain_conv(new.get_submodule(name), d.block_padding)
         geometry = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
                     conv.dilation)
         if (d.family or "separable") == "separable":
@@ -124,6 +125,18 @@ def skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
             block = FAMILIES[d.family].make(*geometry, d.rank)
         _set_submodule(new, name, block.to(device=conv.weight.device, dtype=conv.weight.dtype))
     return new
+
+
+def plain_conv(conv: nn.Conv2d, padding: tuple[int, ...] | None) -> nn.Conv2d:
+    """``conv`` itself, or, for a conv module that pads its own input (``padding`` given), a plain
+    ``nn.Conv2d`` sharing its weights with that padding: what its replacement block is built from."""
+    if padding is None:
+        return conv
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, tuple(padding),
+                      conv.dilation, conv.groups, bias=conv.bias is not None, device="meta")
+    plain.weight, plain.bias = conv.weight, conv.bias
+    plain.train(conv.training)
+    return plain
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

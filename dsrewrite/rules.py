@@ -415,7 +415,12 @@ class Rule:
 
 
 class SkipNonStandard(Rule):
-    """Only standard convs (groups == 1, not 1×1, not transposed) are candidates."""
+    """Only standard convs (groups == 1, not 1×1, not transposed) that run as plain convs are candidates.
+
+    A conv module whose class runs its own code around the conv is kept, except one that only
+    zero-pads its input by an amount a block's fixed padding reproduces at every input size
+    (TF "same" at stride 1, :attr:`~dsrewrite.profile.ConvProfile.block_padding`).
+    """
 
     name = "SkipNonStandard"
 
@@ -426,6 +431,14 @@ class SkipNonStandard(Rule):
             return Keep(f"kept: already {conv.kind}")
         if len(conv.kernel) != 2:
             return Keep(f"kept: Conv{len(conv.kernel)}d (only 2-D convs are rewritten)")
+        if conv.own_forward == "custom":
+            return Keep(f"kept: {conv.module_type}.forward runs its own code around the conv; a block would not "
+                        "keep it")
+        if conv.own_forward == "pads" and conv.block_padding is None:
+            pad = ",".join(map(str, conv.input_padding))
+            return Keep(f"kept: {conv.module_type} pads its input by ({pad}) (left, right, top, bottom) before the "
+                        f"conv; at stride {'×'.join(map(str, conv.stride))} that padding depends on the input size "
+                        "(TF 'same'), which a block's fixed padding cannot follow")
         return draft
 
 

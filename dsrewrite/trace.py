@@ -1,16 +1,29 @@
 """Stage 2, trace: a torch.fx graph of the model, with untraceable parts kept as leaves.
 
-``torch.fx`` cannot enter code with data-dependent control flow, tuple unpacking of
+``torch.fx`` cannot enter code with control flow on its inputs, tuple unpacking of
 proxies and the like. Rather than give up, :func:`trace` marks the smallest module whose
 ``forward`` failed as a leaf (an opaque call in the graph) and traces again, until the
-graph builds. The profiler still costs every op inside a leaf at dispatch level; the
-report lists each leaf and the error that made it one.
+graph builds.
+
+Most such failures are Python control flow on *shapes* (``if H % ws:``, TF-style "same"
+padding, window partitions), which is known statically once the input shape is. Given
+example inputs, a second pass traces exactly those modules again with concrete shapes:
+inside them ``x.shape``, ``x.size()``, ``x.dim()``, ``len(x)`` are the numbers the input
+gives (computed on meta tensors, lazily, only for the values asked for), and a branch on a
+shape-derived value takes the branch the input takes. Their ops join the graph, so their
+convs get full rows, channel groups and replacements like any other; the graph of such a
+module holds for the analyzed input shape (``TraceResult.specialized`` says which). Only
+control flow on tensor *values* keeps a module a leaf, with that reason. A conv module
+whose forward torch.fx cannot enter (timm's ``Conv2dSame`` pads by its input size) is
+called as one conv, not made a leaf. The profiler still costs every op inside a leaf at
+dispatch level; the report lists each leaf and the error that made it one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from typing import Iterator
 
 import torch
@@ -43,6 +56,10 @@ class TraceResult:
     untraced: dict[str, str]
     #: ``fx`` when traced here, ``export`` for a torch.export graph, ``none`` when untraced.
     method: str
+    #: modules traced with the input's concrete shapes (the second pass) -> why generic fx refused them
+    specialized: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: conv modules whose own forward fx refused, called as one conv op -> why
+    opaque_convs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def traced(self) -> bool:
@@ -50,13 +67,27 @@ class TraceResult:
         return self.graph is not None
 
 
-class _LeafTracer(fx.Tracer):
-    """A tracer that treats given qualified names as leaves and records where tracing failed."""
+#: what the second pass says when a branch depends on tensor values, which no input shape decides
+VALUE_DEPENDENT = "control flow on tensor values (not shapes)"
 
-    def __init__(self, leaves: set[str]):
+
+class _LeafTracer(fx.Tracer):
+    """A tracer that treats given qualified names as leaves and records where tracing failed.
+
+    With ``specialize`` (module paths; ``""`` is the whole model) and ``inputs`` (example
+    tensors, any device), code inside those modules sees concrete shapes (module docstring).
+    """
+
+    def __init__(self, leaves: set[str], specialize: set[str] = frozenset(), inputs: tuple | None = None):
         super().__init__()
         self.leaves = leaves
         self.failed_in: str | None = None
+        self.specialize = set(specialize)
+        self.inputs = inputs
+        self._paths: list[str] = []  # qualified names of the modules being traced into, outermost first
+        self._values: dict[fx.Node, object] = {}
+        self._placeholders = 0
+        self._evaluating = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves or isinstance(m, tuple(_LEAF_CLASSES)):
@@ -64,14 +95,143 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:  # computing a meta value: run the module, record nothing
+            return forward(*args, **kwargs)
+        path = self.path_of_module(m)
+        self._paths.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             # The innermost module whose forward was running when the error was raised
             # is the first to see it: that is the smallest untraceable piece.
             if self.failed_in is None:
-                self.failed_in = self.path_of_module(m)
+                self.failed_in = path
             raise
+        finally:
+            self._paths.pop()
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- the second pass: concrete shapes inside ``specialize``
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if self.inputs is None:
+            return super().proxy(node)
+        if node.op == "placeholder":
+            self._values[node] = (self.inputs[self._placeholders] if self._placeholders < len(self.inputs)
+                                  else (node.args[0] if node.args else None))
+            self._placeholders += 1
+        return _ShapeProxy(node, self)
+
+    def specializing(self) -> bool:
+        """Whether the code running now belongs to a module traced with concrete shapes."""
+        if self.inputs is None:
+            return False
+        return "" in self.specialize or any(p in self.specialize for p in self._paths)
+
+    def value_of(self, node: fx.Node):
+        """The node's value on the example inputs, computed on meta tensors (memoized)."""
+        if node in self._values:
+            return self._values[node]
+        pending = [node]
+        order = []
+        while pending:  # every input this value needs, computed first
+            n = pending.pop()
+            if n in self._values or n in order:
+                continue
+            order.append(n)
+            pending.extend(a for a in n.all_input_nodes if a not in self._values)
+        index = {n: i for i, n in enumerate(node.graph.nodes)}
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                for n in sorted(order, key=index.__getitem__):
+                    self._values[n] = self._evaluate(n)
+        finally:
+            self._evaluating = False
+        return self._values[node]
+
+    def _evaluate(self, n: fx.Node):
+        args = fx.node.map_arg(n.args, self._values.__getitem__)
+        kwargs = fx.node.map_arg(n.kwargs, self._values.__getitem__)
+        if n.op == "get_attr":
+            value = self.root
+            for part in str(n.target).split("."):
+                value = getattr(value, part)
+            return value
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_module":
+            return self.root.get_submodule(n.target)(*args, **kwargs)
+        raise TraceError(f"no value for {n.op} {n.target}")
+
+    def concrete(self, proxy: fx.Proxy):
+        """The value of a proxy that Python code needs as a number: known from shapes, else an error."""
+        try:
+            value = self.value_of(proxy.node)
+        except TraceError:
+            raise
+        except Exception as e:
+            raise TraceError(f"could not compute {proxy.node.name} on the example input: {_one_line(e)}") from e
+        if isinstance(value, torch.Tensor):
+            raise TraceError(f"{VALUE_DEPENDENT}: {proxy.node.format_node()[:120]}")
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.specializing():
+            return bool(self.concrete(obj))
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy):
+        if self.specializing():
+            value = self.value_of(obj.node)
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+
+class TraceError(Exception):
+    """Why a module cannot be traced even with concrete shapes (a branch on tensor values, say)."""
+
+
+#: tensor attributes and methods that answer with concrete values inside specialized modules
+_SHAPE_ATTRIBUTES = {"shape", "ndim"}
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement"}
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy that answers shape questions with numbers inside modules traced with concrete shapes."""
+
+    def __getattr__(self, k: str):
+        tracer = self.tracer
+        if (k in _SHAPE_ATTRIBUTES or k in _SHAPE_METHODS) and tracer.specializing():
+            value = tracer.value_of(self.node)
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        if self.tracer.specializing():
+            return len(self.tracer.value_of(self.node))
+        return super().__len__()
+
+    def __int__(self) -> int:
+        if self.tracer.specializing():
+            return int(self.tracer.concrete(self))
+        raise TraceError("symbolically traced variables cannot be converted to int")
+
+    def __index__(self) -> int:
+        if self.tracer.specializing():
+            return operator.index(self.tracer.concrete(self))
+        raise TypeError("symbolically traced variables cannot be used as an index")
+
+    def __float__(self) -> float:
+        if self.tracer.specializing():
+            return float(self.tracer.concrete(self))
+        raise TraceError("symbolically traced variables cannot be converted to float")
 
 
 @contextlib.contextmanager
@@ -89,32 +249,37 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def trace(model: nn.Module, training: bool = False) -> TraceResult:
+def trace(model: nn.Module, training: bool = False, inputs: tuple | None = None) -> TraceResult:
     """Trace ``model`` in eval mode with torch.fx, turning untraceable submodules into leaves.
 
     Eval mode, because Python control flow on ``self.training`` (auxiliary heads, dropout
     paths) is baked into the graph; ``training=True`` traces the training-mode graph instead
     (the channel graph needs the layers only training runs). A graph produced by
-    ``torch.export`` (a ``.pt2`` program's module) is used as it is.
+    ``torch.export`` (a ``.pt2`` program's module) is used as it is. With example
+    ``inputs`` (tensors on any device; only their shapes and dtypes matter), the modules
+    generic fx refuses are traced again with concrete shapes (module docstring).
     """
     if training:
         flags = [(m, m.training) for m in model.modules()]
         for m, _ in flags:
             m.training = True
         try:
-            return _trace(model)
+            return _trace(model, inputs)
         finally:
             for m, flag in flags:
                 m.training = flag
     with eval_mode(model):
-        return _trace(model)
+        return _trace(model, inputs)
 
 
-def _trace(model: nn.Module) -> TraceResult:
+def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
     """Trace, then undo what tracing wrote into the modules' own state (see :func:`_module_state`)."""
     saved = _module_state(model)
     try:
-        return _trace_once(model)
+        result = _trace_once(model)
+        if inputs is not None and result.untraced and result.method == "fx":
+            result = _trace_specialized(model, result, inputs)
+        return result
     finally:
         _restore_proxy_state(saved)
 
@@ -202,6 +367,80 @@ def _trace_once(model: nn.Module) -> TraceResult:
                 return TraceResult(model, None, untraced, "none")
             leaves[culprit] = reason
     return TraceResult(model, None, {"": "tracing did not converge", **leaves}, "none")
+
+
+def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> TraceResult:
+    """The second pass: trace the leaves of ``first`` again with the inputs' concrete shapes.
+
+    Parameters and inputs are meta tensors meanwhile (shapes without memory). A leaf that
+    fails again at the same module keeps its reason from the first pass unless the new one
+    says more (a branch on tensor values); a conv module that fails is called as one op.
+    """
+    metas = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    floating = [x.dtype for x in metas if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    refused = dict(first.untraced)
+    convs = {n for n in refused if n and isinstance(model.get_submodule(n), nn.modules.conv._ConvNd)}
+    specialize = set(refused) - convs
+    leaves: dict[str, str] = {}
+    with meta_parameters(model, floating[0] if floating else None):
+        for _ in range(sum(1 for _ in model.modules()) + 1):
+            tracer = _LeafTracer(set(leaves) | convs, specialize, metas)
+            try:
+                graph = tracer.trace(model)
+                break
+            except Exception as e:
+                culprit = tracer.failed_in
+                if culprit is None and "" in specialize:
+                    culprit = ""  # the model's own forward
+                if culprit is None or culprit in leaves:
+                    return first
+                reason = _one_line(e)
+                if culprit in refused and VALUE_DEPENDENT not in reason:
+                    reason = refused[culprit]
+                leaves[culprit] = reason
+                if culprit == "":
+                    return first
+        else:
+            return first
+    specialized = {n: why for n, why in refused.items()
+                   if n not in convs and n not in leaves and not any(_inside(n, leaf) for leaf in leaves)}
+    return TraceResult(model, graph, leaves, "fx", specialized, {n: refused[n] for n in convs})
+
+
+def _inside(name: str, outer: str) -> bool:
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
+@contextlib.contextmanager
+def meta_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[dict[int, str]]:
+    """Swap every parameter and buffer for a meta tensor; yield ``id(meta tensor) -> name``.
+
+    Shared tensors stay shared (one meta tensor per original), so a parameter used at two
+    call sites is recognized as one. ``dtype`` casts floating-point tensors.
+    """
+    replacements: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    saved: list[tuple[dict, str, object]] = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for key, t in list(store.items()):
+                if t is None:
+                    continue
+                meta = replacements.get(id(t))
+                if meta is None:
+                    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    meta = torch.empty_like(t, device="meta", dtype=target)
+                    if isinstance(t, nn.Parameter):
+                        meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+                    replacements[id(t)] = meta
+                    names[id(meta)] = f"{mod_name}.{key}" if mod_name else key
+                saved.append((store, key, t))
+                store[key] = meta
+    try:
+        yield names
+    finally:
+        for store, key, t in saved:
+            store[key] = t
 
 
 def _is_export_graph(gm: fx.GraphModule) -> bool:
