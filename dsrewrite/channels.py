@@ -191,6 +191,20 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _SHAPE_METHODS = {"size", "dim"}
 
 
+def _spatial_index(index, ndim: int) -> bool:
+    """Whether ``x[index]`` on an ``ndim``-D tensor takes whole batch and channel dims and slices the rest."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(not (isinstance(i, slice) or i is Ellipsis) for i in items) or items.count(Ellipsis) > 1:
+        return False
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (ndim - len(items) + 1)
+    items += [slice(None)] * (ndim - len(items))
+    whole = slice(None)
+    return len(items) == ndim and ndim >= 3 and items[0] == whole and items[1] == whole and all(
+        not isinstance(s.start, fx.Node) and not isinstance(s.stop, fx.Node) and s.step in (None, 1) for s in items)
+
+
 # ----------------------------------------------------------------------------- building
 
 def channel_graph(traced: TraceResult, extra: list[TraceResult] = ()) -> ChannelGraph:
@@ -497,7 +511,17 @@ class _Builder:
             return self._getitem(node, val)
         if fn is getattr:
             return None  # x.shape and friends: no tensor
+        if fn is F.pad:
+            return self._pad(node, val)
         return self._unknown(node, f"{name} not understood", val)
+
+    def _pad(self, node: fx.Node, val):
+        """``F.pad`` pads the last dims first: a pad list no longer than the spatial dims keeps the channels."""
+        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        if isinstance(src, torch.Tensor) and isinstance(pad, (tuple, list)) and len(pad) <= 2 * (src.dim() - 2):
+            return self._input(node)
+        return self._unknown(node, "pad of the batch or channel dimension", val)
 
     def _method(self, node: fx.Node, method: str, val):
         if method in _PASS_METHODS:
@@ -577,6 +601,9 @@ class _Builder:
             return container[index]
         if not isinstance(val, torch.Tensor):
             return None  # an index into sizes or a non-tensor container
+        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        if _is_layout(container) and isinstance(src, torch.Tensor) and _spatial_index(index, src.dim()):
+            return container  # x[..., :h, :w]: only the spatial dims are cut
         return self._unknown(node, "indexing a tensor", val)
 
     # -- whole-model
