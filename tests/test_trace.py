@@ -120,7 +120,7 @@ def test_shape_control_flow_is_specialized_and_its_conv_replaced():
     assert "Traced at this input shape" in text and "middle" in text
     # and a width resize goes through it (the re-trace of the result is specialized the same way)
     narrow = dsrewrite.convert(model, shape, _rules(align__width=0.5), analysis=analysis).model
-    assert narrow.middle.pointwise.out_channels == 32 and narrow.stem.out_channels == 32
+    assert narrow.middle.conv.pointwise.out_channels == 32 and narrow.stem.out_channels == 32
     for size in (shape, (1, 3, 13, 9)):
         assert narrow(torch.randn(size)).shape == (size[0], 64, size[2], size[3])
 
