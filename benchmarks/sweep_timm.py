@@ -43,6 +43,7 @@ try:
     analysis = dsrewrite.analyze(model, shape, name=name)
     out["convs"] = len(analysis.convs)
     out["leaves"] = len(analysis.trace.untraced)
+    out["at_shape"] = len(analysis.trace.specialized) + len(analysis.trace.opaque_convs)
     out["untraced"] = {k or "(model)": v for k, v in analysis.trace.untraced.items()}
     result = dsrewrite.convert(model, shape, rules=rules, analysis=analysis)
     out["replaced"] = len(result.report.layers)
@@ -116,15 +117,19 @@ def write(rows: list[dict], args) -> None:
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + f"; traced with no leaf: {len(full)} of {counts.get('ok', 0)} ok.",
         "",
-        "| model | input | status | convs | replaced | MACs ÷ | leaves | s | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`at shape`: modules generic torch.fx refused that the second pass traced at the input's shapes (or "
+        "conv modules it calls as one conv); `leaves`: what stayed opaque.",
+        "",
+        "| model | input | status | convs | replaced | MACs ÷ | at shape | leaves | s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ran:
         ratio = f"{r['macs_ratio']:.2f}" if r.get("macs_ratio") else ""
         shape = "×".join(map(str, r.get("input", [])[1:]))
         error = (r.get("error", "") + (f" ({r['where']})" if r.get("where") else "")).replace("|", "\\|")
         lines.append(f"| {r['model']} | {shape} | {r['status']} | {r.get('convs', '')} | {r.get('replaced', '')} "
-                     f"| {ratio} | {r.get('leaves', '')} | {r.get('seconds', 0):.0f} | {error} |")
+                     f"| {ratio} | {r.get('at_shape', '')} | {r.get('leaves', '')} | {r.get('seconds', 0):.0f} "
+                     f"| {error} |")
     partial = [r for r in ran if r.get("untraced")]
     if partial:
         lines += ["", "## Untraced leaves", ""]
