@@ -44,6 +44,7 @@ try:
     out["convs"] = len(analysis.convs)
     out["leaves"] = len(analysis.trace.untraced)
     out["at_shape"] = len(analysis.trace.specialized) + len(analysis.trace.opaque_convs)
+    out["unsupported"] = {op: info["calls"] for op, info in analysis.profile.unsupported_ops.items()}
     out["untraced"] = {k or "(model)": v for k, v in analysis.trace.untraced.items()}
     result = dsrewrite.convert(model, shape, rules=rules, analysis=analysis)
     out["replaced"] = len(result.report.layers)
@@ -130,6 +131,13 @@ def write(rows: list[dict], args) -> None:
         lines.append(f"| {r['model']} | {shape} | {r['status']} | {r.get('convs', '')} | {r.get('replaced', '')} "
                      f"| {ratio} | {r.get('at_shape', '')} | {r.get('leaves', '')} | {r.get('seconds', 0):.0f} "
                      f"| {error} |")
+    unsupported: dict[str, list[str]] = {}
+    for r in ran:
+        for op in r.get("unsupported") or {}:
+            unsupported.setdefault(op, []).append(r["model"])
+    lines += ["", "## Ops without a cost handler", ""]
+    lines += [f"- `{op}`: {', '.join(models)}" for op, models in sorted(unsupported.items())] or \
+        ["None: every op of every model run is costed or free on purpose."]
     partial = [r for r in ran if r.get("untraced")]
     if partial:
         lines += ["", "## Untraced leaves", ""]

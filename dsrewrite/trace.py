@@ -416,16 +416,19 @@ def meta_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Itera
     """Swap every parameter and buffer for a meta tensor; yield ``id(meta tensor) -> name``.
 
     Shared tensors stay shared (one meta tensor per original), so a parameter used at two
-    call sites is recognized as one. ``dtype`` casts floating-point tensors.
+    call sites is recognized as one; a module reachable under two names is swapped once
+    (and put back once). ``dtype`` casts floating-point tensors.
     """
     replacements: dict[int, torch.Tensor] = {}
     names: dict[int, str] = {}
     saved: list[tuple[dict, str, object]] = []
+    swapped: set[tuple[int, str]] = set()
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for key, t in list(store.items()):
-                if t is None:
+                if t is None or (id(store), key) in swapped:
                     continue
+                swapped.add((id(store), key))
                 meta = replacements.get(id(t))
                 if meta is None:
                     target = dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -439,7 +442,7 @@ def meta_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Itera
     try:
         yield names
     finally:
-        for store, key, t in saved:
+        for store, key, t in reversed(saved):
             store[key] = t
 
 

@@ -185,3 +185,17 @@ def test_a_saved_plan_carries_the_block_padding():
     assert row["block_padding"] == [1, 1]
     again = load_plan(doc, dsrewrite.analyze(model, shape))
     assert again.modules_to_replace["b"].block_padding == (1, 1)
+
+
+def test_a_module_shared_by_two_parents_gets_its_own_parameters_back():
+    """timm's CoaT hands one conv module to several blocks; analysis once left it with meta parameters."""
+    shared = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(shared), nn.Sequential(shared)).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dsrewrite.analyze(model, (1, 3, 16, 16))
+    result = dsrewrite.convert(model, (1, 3, 16, 16), _rules())
+    for m in (model, result.model):
+        assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n])
+    result.model.train()(torch.randn(2, 3, 16, 16)).square().mean().backward()
