@@ -223,7 +223,7 @@ def _register_defaults() -> None:
         "_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax",
         "cat", "stack", "split", "split_with_sizes", "unbind", "chunk", "_to_copy", "copy_", "clone",
         "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
-        "fill_", "zero_", "arange", "scalar_tensor", "lift_fresh", "lift_fresh_copy", "new_empty", "new_zeros",
+        "fill_", "zero_", "arange", "linspace", "logspace", "scalar_tensor", "lift_fresh", "lift_fresh_copy", "new_empty", "new_zeros",
         "new_ones", "new_full", "new_empty_strided", "_local_scalar_dense", "item", "sym_size", "sym_stride",
         "sym_numel", "sym_storage_offset",
         "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",

@@ -8,6 +8,10 @@ Spec grammar (see README):
   the default input.
 * ``path/to/file.py:NAME`` and ``package.module:NAME`` — a factory, a class or an instance.
 * ``torchvision:NAME`` and ``timm:NAME`` — zoo models with random weights.
+* ``transformers:NAME`` — a HuggingFace model built from its config, random weights, nothing
+  downloaded: a model class (``transformers:BertModel``, its default config), a config file or
+  folder (``transformers:path/to/config.json``), or a hub id whose config is already in the
+  local cache (``transformers:bert-base-uncased``). ``--arg key=value`` overrides config fields.
 * ``model.pt`` / ``model.pth`` — a TorchScript archive, or a pickled module (``trust_pickle``).
 * ``program.pt2`` — a ``torch.export`` program.
 """
@@ -82,6 +86,8 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, trust_pickle: bo
     zoo, sep, name = spec.partition(":")
     if sep and zoo in ("torchvision", "timm"):
         return _load_zoo(zoo, name, kwargs, spec)
+    if sep and zoo == "transformers":
+        return _load_transformers(name.strip(), kwargs, spec)
     path_part, name = _split_file_spec(spec)
     suffix = Path(path_part).suffix.lower()
     if suffix in (".pt", ".pth", ".ts", ".pt2", ".pkl", ".bin"):
@@ -133,6 +139,70 @@ def _load_zoo(zoo: str, name: str, kwargs: dict, spec: str) -> LoadedModel:
     model = _call_factory(build, f"{zoo} {name}()", kwargs, factory)
     file, line = _source_of(factory or type(model))
     return LoadedModel(model, spec, None, file, line)
+
+
+def _load_transformers(name: str, kwargs: dict, spec: str) -> LoadedModel:
+    """A HuggingFace model from a config (see the module docstring); its example input from the config."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(f"{spec}: transformers is not installed; run: pip install 'dsrewrite[transformers]'") \
+            from None
+    if not name:
+        raise ModelLoadError(f"{spec}: name a model: transformers:BertModel, transformers:path/to/config.json, or a "
+                             "hub id whose config is in the local cache")
+    path = Path(name)
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    try:
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            config = cls.config_class(**kwargs)
+            build: Callable = lambda: cls(config)  # noqa: E731
+        else:
+            if name.endswith(".json") or os.sep in name or path.exists():
+                if not path.exists():
+                    raise ModelLoadError(f"{spec}: {name}: no such file")
+                config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
+            else:
+                try:
+                    config = transformers.AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+                except OSError:
+                    classes = [n for n in dir(transformers) if n.endswith("Model")]
+                    raise ModelLoadError(
+                        f"{spec}: no config for {name!r} in the local Hugging Face cache, and dsrewrite downloads "
+                        "nothing; give transformers:path/to/config.json or a model class such as transformers:BertModel"
+                        f"{_did_you_mean(name, classes)}") from None
+            build = lambda: transformers.AutoModel.from_config(config)  # noqa: E731
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{spec}: the config cannot be built: {type(e).__name__}: {e}") from None
+    known = set(type(config)().to_dict())
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:  # a config takes any key silently; a typo would change nothing
+        raise ModelLoadError(f"{spec}: {type(config).__name__} has no field {unknown[0]!r}"
+                             f"{_did_you_mean(unknown[0], sorted(known))}")
+    model = _call_factory(build, f"transformers {name}", kwargs, None).eval()
+    file, line = _source_of(type(model))
+    return LoadedModel(model, spec, _transformers_inputs(model, config), file, line)
+
+
+#: sequence length of a text model's default example input (capped by its position embeddings)
+TEXT_LENGTH = 128
+
+
+def _transformers_inputs(model: nn.Module, config) -> tuple | None:
+    """The example input a HuggingFace model's config implies: token ids or pixels (meta tensors)."""
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "input_ids":
+        length = min(TEXT_LENGTH, getattr(config, "max_position_embeddings", TEXT_LENGTH) or TEXT_LENGTH)
+        return (torch.zeros((1, length), dtype=torch.long, device="meta"),)
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return (torch.empty((1, getattr(config, "num_channels", 3), *size), device="meta"),)
+    if main == "input_values":  # audio waveforms: one second at 16 kHz
+        return (torch.empty((1, 16000), device="meta"),)
+    return None
 
 
 def _did_you_mean(name: str, names: list[str]) -> str:
@@ -533,9 +603,17 @@ def resolve_inputs(
     shapes: list[tuple[int, ...]] | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple:
-    """Inputs to analyze with: explicit shapes win, then the model's own proposal, then 1×3×224×224."""
+    """Inputs to analyze with: explicit shapes win, then the model's own proposal, then 1×3×224×224.
+
+    Explicit shapes keep the dtype of the model's own example input where it is an integer
+    one (token ids stay int64 at any length).
+    """
     if shapes:
-        return make_inputs(shapes, dtype or torch.float32)
+        inputs = make_inputs(shapes, dtype or torch.float32)
+        own = loaded.example_inputs or ()
+        return tuple(torch.empty(x.shape, dtype=o.dtype, device="meta")
+                     if isinstance(o, torch.Tensor) and not o.is_floating_point() else x
+                     for x, o in zip(inputs, [*own, *[None] * len(inputs)]))
     if loaded.example_inputs is not None:
         if dtype is None:
             return loaded.example_inputs

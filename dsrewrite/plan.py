@@ -351,7 +351,13 @@ def kept(d: Decision, rule: str, reason: str) -> Decision:
 
 
 def weight_reads(analysis) -> dict[str, list[str]]:
-    """Conv modules whose parameters the traced graph reads directly (``get_attr conv.weight``)."""
+    """Conv modules whose parameters the traced graph reads directly (``get_attr conv.weight``).
+
+    A read by the module's own forward is no read: a ``torch.export`` graph fetches every
+    conv's weight with ``get_attr`` for the conv op it records inside that module.
+    """
+    from .profile import innermost_module
+
     graph = analysis.trace.graph
     if graph is None:
         return {}
@@ -360,7 +366,7 @@ def weight_reads(analysis) -> dict[str, list[str]]:
     for node in graph.nodes:
         if node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
-            if owner in modules:
+            if owner in modules and not (node.users and all(innermost_module(u) == owner for u in node.users)):
                 reads[owner].append(str(node.target))
     return dict(reads)
 

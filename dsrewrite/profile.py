@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .costs import CostTable, OpCall
 from .errors import InputError
-from .trace import TraceResult, eval_mode, meta_parameters
+from .trace import TraceResult, eval_mode, meta_parameters, meta_run_state, node_arguments
 from .units import format_bytes
 
 aten = torch.ops.aten
@@ -258,7 +258,7 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
     model = traced.root
     if meta:
         run_inputs = tuple(_as_meta(x) for x in inputs)
-        state = meta_parameters(model, dtype)
+        state = _meta_state(model, dtype)
     else:
         run_inputs = tuple(_as_real(x) for x in inputs)
         state = contextlib.nullcontext(_real_names(model))
@@ -274,6 +274,12 @@ def _profile_once(traced: TraceResult, inputs: tuple, dtype, meta: bool, notes: 
             else:
                 outputs = counter.guard(lambda: model(*run_inputs), "forward")
     return counter.finish(traced, inputs, outputs, dtype, "meta" if meta else "real", notes)
+
+
+@contextlib.contextmanager
+def _meta_state(model: nn.Module, dtype):
+    with meta_run_state(model), meta_parameters(model, dtype) as names:
+        yield names
 
 
 def _as_meta(x):
@@ -311,7 +317,7 @@ def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Count
         release[i].append(n)
 
     def load(a):
-        return fx.node.map_arg(a, lambda n: env[n])
+        return node_arguments(a, env.__getitem__)
 
     for node in graph.nodes:
         counter.enter(node)
@@ -465,7 +471,7 @@ class _Counter(TorchDispatchMode):
             torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
         # Bytes this node allocates: its output tensors that are neither views nor its inputs
         # (in-place ops return their input). This runs per node, so it avoids pytree.
-        outputs = _tensors_in(value)
+        outputs = _tensors_in(value) if node.op != "get_attr" else []  # parameters are not activations
         fresh = 0
         if outputs:
             inputs = {id(t) for n in node.all_input_nodes for t in _tensors_in(env[n])}
@@ -745,6 +751,15 @@ def _own_forward(ops: list) -> tuple[str, tuple[int, ...]]:
     if len(pads) > 1 or len(pads[0][1]) != 4:
         return "custom", ()
     return "pads", tuple(int(p) for p in pads[0][1])
+
+
+def innermost_module(node: fx.Node) -> str | None:
+    """The qualified name of the innermost module whose forward recorded ``node`` (its
+    ``nn_module_stack``), or None when the graph does not say."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return _stack_path(list(stack.values())[-1])
 
 
 def _stack_path(entry) -> str:

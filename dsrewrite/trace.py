@@ -154,8 +154,8 @@ class _LeafTracer(fx.Tracer):
         return self._values[node]
 
     def _evaluate(self, n: fx.Node):
-        args = fx.node.map_arg(n.args, self._values.__getitem__)
-        kwargs = fx.node.map_arg(n.kwargs, self._values.__getitem__)
+        args = node_arguments(n.args, self._values.__getitem__)
+        kwargs = node_arguments(n.kwargs, self._values.__getitem__)
         if n.op == "get_attr":
             value = self.root
             for part in str(n.target).split("."):
@@ -277,8 +277,11 @@ def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
     saved = _module_state(model)
     try:
         result = _trace_once(model)
-        if inputs is not None and result.untraced and result.method == "fx":
+        if inputs is not None and result.untraced and (result.method == "fx" or (
+                result.method == "none" and not isinstance(model, torch.jit.ScriptModule))):
             result = _trace_specialized(model, result, inputs)
+            if result.graph is None:
+                result = _trace_exported(model, result, inputs)
         return result
     finally:
         _restore_proxy_state(saved)
@@ -312,25 +315,53 @@ def _shallow(value):
     return None
 
 
-def _holds_proxy(value, depth: int = 0) -> bool:
-    if isinstance(value, fx.Proxy):
+def _is_proxy(value) -> bool:
+    return isinstance(value, fx.Proxy)
+
+
+def _is_meta(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_meta
+
+
+def _holds(value, test, depth: int = 0) -> bool:
+    if test(value):
         return True
     if depth > 2:
         return False
     if isinstance(value, dict):
-        return any(_holds_proxy(v, depth + 1) for v in value.values())
+        return any(_holds(v, test, depth + 1) for v in value.values())
     if isinstance(value, (list, tuple, set)):
-        return any(_holds_proxy(v, depth + 1) for v in value)
+        return any(_holds(v, test, depth + 1) for v in value)
     return False
+
+
+@contextlib.contextmanager
+def meta_run_state(model: nn.Module) -> Iterator[None]:
+    """Around a forward on meta tensors: put back module attributes it left holding meta tensors.
+
+    Forwards that cache device-specific copies on the module (torchvision's AnchorGenerator
+    moves ``cell_anchors`` to the input's device) would otherwise keep meta tensors, and
+    the next real forward fails on them.
+    """
+    saved = _module_state(model)
+    try:
+        yield
+    finally:
+        _restore_state(saved, _is_meta)
 
 
 def _restore_proxy_state(saved: list[tuple[nn.Module, dict]]) -> None:
     """Put back every attribute that tracing left holding a proxy; other changes are the model's own."""
+    _restore_state(saved, _is_proxy)
+
+
+def _restore_state(saved: list[tuple[nn.Module, dict]], test) -> None:
+    """Put back every attribute that now holds a value ``test`` picks out (a proxy, a meta tensor)."""
     skip = {"_parameters", "_buffers", "_modules"}
     for module, state in saved:
         for key in [k for k in vars(module) if k not in skip]:
             value = vars(module)[key]
-            if not _holds_proxy(value):
+            if not _holds(value, test):
                 continue
             if key not in state:
                 delattr(module, key)
@@ -382,7 +413,7 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
     convs = {n for n in refused if n and isinstance(model.get_submodule(n), nn.modules.conv._ConvNd)}
     specialize = set(refused) - convs
     leaves: dict[str, str] = {}
-    with meta_parameters(model, floating[0] if floating else None):
+    with meta_run_state(model), meta_parameters(model, floating[0] if floating else None):
         for _ in range(sum(1 for _ in model.modules()) + 1):
             tracer = _LeafTracer(set(leaves) | convs, specialize, metas)
             try:
@@ -405,6 +436,44 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
     specialized = {n: why for n, why in refused.items()
                    if n not in convs and n not in leaves and not any(_inside(n, leaf) for leaf in leaves)}
     return TraceResult(model, graph, leaves, "fx", specialized, {n: refused[n] for n in convs})
+
+
+def _trace_exported(model: nn.Module, first: TraceResult, inputs: tuple) -> TraceResult:
+    """The last resort for a model whose own forward fx cannot trace even with concrete shapes
+    (HuggingFace models: ``**kwargs`` forwards, output dataclasses): ``torch.export`` in non-strict
+    mode at the inputs' shapes, an aten-level graph that keeps each op's module path.
+
+    The graph's root is the exported module (the model's parameters under their own names);
+    its convs are called as aten ops, so they are costed and planned, but not swapped in place.
+    """
+    why = first.untraced.get("", "the model's forward cannot be traced")
+    # export traces with fake tensors: real inputs of the right shape, never filled
+    real = tuple(torch.empty(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+    try:
+        with meta_run_state(model):
+            program = torch.export.export(model, real, strict=False)
+    except Exception as e:  # noqa: BLE001 - any failure keeps the fx result and says why
+        untraced = dict(first.untraced)
+        untraced[""] = f"{why}; torch.export: {_one_line(e)}"
+        return dataclasses.replace(first, untraced=untraced)
+    module = program.module()
+    return TraceResult(module, module.graph, {}, "export", {"": f"{why} (traced with torch.export at the input shapes)"})
+
+
+def node_arguments(a, lookup):
+    """A node's args or kwargs with each node replaced by ``lookup(node)``, as plain (mutable) lists
+    and dicts: a wrapped function (``torch.fx.wrap``) may change the list it is given."""
+    if isinstance(a, fx.Node):
+        return lookup(a)
+    if isinstance(a, tuple):
+        return tuple(node_arguments(x, lookup) for x in a)
+    if isinstance(a, list):
+        return [node_arguments(x, lookup) for x in a]
+    if isinstance(a, dict):
+        return {k: node_arguments(v, lookup) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(node_arguments(a.start, lookup), node_arguments(a.stop, lookup), node_arguments(a.step, lookup))
+    return a
 
 
 def _inside(name: str, outer: str) -> bool:

@@ -199,3 +199,44 @@ def test_a_module_shared_by_two_parents_gets_its_own_parameters_back():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n])
     result.model.train()(torch.randn(2, 3, 16, 16)).square().mean().backward()
+
+
+def test_detection_model_that_caches_tensors_on_the_input_device_falls_back_to_a_real_forward():
+    """torchvision's AnchorGenerator moves its cell anchors to the input's device: the meta pass left them
+    on meta, and the real-forward fallback then failed on them."""
+    from torchvision.models import get_model
+
+    model = get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None).eval()
+    analysis = dsrewrite.analyze(model, (1, 3, 320, 320))
+    assert analysis.profile.propagation == "real" and analysis.profile.macs > 0
+    anchors = model.rpn.anchor_generator.cell_anchors
+    assert all(not a.is_meta for a in anchors)
+
+
+class KwargsNet(nn.Module):
+    """A forward fx cannot trace even with concrete shapes (it writes into ``**kwargs``, as HuggingFace's do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.body = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x, **kwargs):
+        kwargs["scale"] = 2.0
+        return self.body(F.relu(self.stem(x))) * kwargs["scale"]
+
+
+def test_a_model_fx_cannot_trace_falls_back_to_torch_export_and_still_converts():
+    torch.manual_seed(0)
+    model = KwargsNet().eval()
+    shape = (1, 3, 16, 16)
+    analysis = dsrewrite.analyze(model, shape)
+    assert analysis.trace.method == "export" and not analysis.trace.untraced
+    assert "torch.export" in analysis.trace.specialized[""]
+    assert [(c.module_name, c.traced) for c in analysis.convs] == [("stem", True), ("body", True)]
+    result = dsrewrite.convert(model, shape, _rules(block__family="spatial", block__rank=10**6), analysis=analysis)
+    assert list(result.plan.modules_to_replace) == ["body"]
+    assert type(result.model) is KwargsNet
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
