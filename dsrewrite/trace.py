@@ -176,6 +176,8 @@ class _LeafTracer(fx.Tracer):
         except TraceError:
             raise
         except Exception as e:
+            if "meta tensor" in str(e):  # .item() and the like: the value, not the shape, is needed
+                raise TraceError(f"{VALUE_DEPENDENT}: {proxy.node.format_node()[:120]}") from e
             raise TraceError(f"could not compute {proxy.node.name} on the example input: {_one_line(e)}") from e
         if isinstance(value, torch.Tensor):
             raise TraceError(f"{VALUE_DEPENDENT}: {proxy.node.format_node()[:120]}")
@@ -430,7 +432,7 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
                     reason = refused[culprit]
                 leaves[culprit] = reason
                 if culprit == "":
-                    return first
+                    return dataclasses.replace(first, untraced={**first.untraced, "": reason})
         else:
             return first
     specialized = {n: why for n, why in refused.items()
@@ -450,14 +452,33 @@ def _trace_exported(model: nn.Module, first: TraceResult, inputs: tuple) -> Trac
     # export traces with fake tensors: real inputs of the right shape, never filled
     real = tuple(torch.empty(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
     try:
-        with meta_run_state(model):
+        with meta_run_state(model), _quiet():
             program = torch.export.export(model, real, strict=False)
     except Exception as e:  # noqa: BLE001 - any failure keeps the fx result and says why
         untraced = dict(first.untraced)
-        untraced[""] = f"{why}; torch.export: {_one_line(e)}"
+        untraced[""] = f"{why}; torch.export: {_one_line(e).split('. ')[0]}"
         return dataclasses.replace(first, untraced=untraced)
     module = program.module()
     return TraceResult(module, module.graph, {}, "export", {"": f"{why} (traced with torch.export at the input shapes)"})
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence what torch.export prints or logs while it fails (whole graphs on data-dependent errors)."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch._export", "torch.export",
+                                               "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def node_arguments(a, lookup):
