@@ -289,6 +289,10 @@ def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
         _restore_proxy_state(saved)
 
 
+#: nn.Module's own bookkeeping (parameters, buffers, children, hook tables): never a forward's cache
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+
+
 def _module_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
     """A shallow snapshot of every module's plain attributes (containers copied one level deep).
 
@@ -297,7 +301,7 @@ def _module_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
     next trace of the same model (or of a deep copy) reads a proxy of the earlier graph and
     builds a graph whose nodes refer to another graph's nodes.
     """
-    skip = {"_parameters", "_buffers", "_modules"}
+    skip = _MODULE_INTERNALS
     out = []
     for module in model.modules():
         state = {}
@@ -359,7 +363,7 @@ def _restore_proxy_state(saved: list[tuple[nn.Module, dict]]) -> None:
 
 def _restore_state(saved: list[tuple[nn.Module, dict]], test) -> None:
     """Put back every attribute that now holds a value ``test`` picks out (a proxy, a meta tensor)."""
-    skip = {"_parameters", "_buffers", "_modules"}
+    skip = _MODULE_INTERNALS
     for module, state in saved:
         for key in [k for k in vars(module) if k not in skip]:
             value = vars(module)[key]
