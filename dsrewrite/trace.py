@@ -215,6 +215,10 @@ class _ShapeProxy(fx.Proxy):
                 return getattr(value, k)
         return super().__getattr__(k)
 
+    def __setitem__(self, key, value) -> None:
+        # ``attn[:, :, 1:] = ...``: an in-place write, recorded where it happens (the graph keeps node order)
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __len__(self) -> int:
         if self.tracer.specializing():
             return len(self.tracer.value_of(self.node))

@@ -240,3 +240,28 @@ def test_a_model_fx_cannot_trace_falls_back_to_torch_export_and_still_converts()
     x = torch.randn(2, 3, 20, 20)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class WritesInPlace(nn.Module):
+    """timm's MViTv2 adds relative positions with ``attn[:, :, 1:, 1:] = ...`` behind shape arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] > 4:
+            y[:, :, 1:, 1:] = y[:, :, 1:, 1:] * 2
+        return y
+
+
+def test_in_place_item_assignment_inside_a_specialized_module_is_recorded():
+    torch.manual_seed(0)
+    model = Net(nn.Sequential(nn.Conv2d(64, 8, 1), WritesInPlace(), nn.Conv2d(8, 64, 1))).eval()
+    analysis = dsrewrite.analyze(model, (1, 3, 8, 8))
+    assert not analysis.trace.untraced and list(analysis.trace.specialized) == ["middle.1"]
+    gm = torch.fx.GraphModule(model, analysis.trace.graph)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
