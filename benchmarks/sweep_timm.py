@@ -82,7 +82,10 @@ def main() -> None:
     import timm
 
     names = args.only or timm.list_models()[::args.every]
-    rows = []
+    saved = args.out.with_suffix(".json")
+    # --only reruns a few models and updates their rows in the last full run (kept as JSON beside the table)
+    earlier = json.loads(saved.read_text()) if args.only and saved.exists() else []
+    rows = [r for r in earlier if r["model"] not in set(names)]
     for i, name in enumerate(names, 1):
         start = time.perf_counter()
         try:
@@ -95,7 +98,9 @@ def main() -> None:
             row = {"model": name, "status": "timeout", "seconds": time.perf_counter() - start}
         rows.append(row)
         print(f"[{i}/{len(names)}] {name}: {row['status']} {row.get('error', '')}", flush=True)
+        rows.sort(key=lambda r: r["model"])
         write(rows, args)
+        saved.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def write(rows: list[dict], args) -> None:

@@ -15,6 +15,11 @@ traces (``--export-code``) and exports to ONNX like any other module.
 * ``pointwise-first`` — :class:`PointwiseFirstConv2d`: 1×1 (C_in → C_out·m) then a K×K conv
   grouped per output channel (m inputs each; depthwise when m = 1): Xception's order, from
   per-output-channel SVDs of W.
+* ``inverted-residual`` — :class:`InvertedResidualConv2d`: 1×1 expand (C_in → r), depthwise
+  K×K on r channels, 1×1 project (r → C_out): MobileNetV2's linear bottleneck, from a CP
+  (canonical polyadic) decomposition of W as a C_out × C_in × K² tensor (Lebedev et al. 2015),
+  fitted by alternating least squares from the separable block's SVD start; exact from
+  r = K²·min(C_in, C_out).
 
 The depthwise-separable block (``separable``, :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`)
 is the fourth family; :data:`FAMILIES` lists them all by name.
@@ -261,6 +266,124 @@ class PointwiseFirstConv2d(nn.Module):
         return torch.einsum("omc,omkl->ockl", p, d)
 
 
+# ---------------------------------------------------------------------- inverted-residual
+
+#: alternating-least-squares sweeps of the CP fit (each never raises the error) ...
+CP_SWEEPS = 8
+#: ... within this many multiply-adds per fit (a sweep costs about 3·C_out·C_in·K²·rank)
+CP_BUDGET = 2e9
+
+
+
+class InvertedResidualConv2d(nn.Module):
+    """1×1 expand (C_in → ``rank``), depthwise K×K on ``rank`` channels, 1×1 project (→ C_out).
+
+    MobileNetV2's block without its activations (a linear bottleneck), so that it can stand
+    for one conv: each mid channel m computes ``P[:, m] · (d_m ∗ (e_mᵀ x))``, a rank-one term
+    of W = Σ_m P[:, m] ⊗ e_m ⊗ d_m (a CP decomposition).
+    """
+
+    family = "inverted-residual"
+    #: the conv that calibration refits by least squares (the last: the block is linear in its weights)
+    refit = "project"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 rank: int = 1, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.expand = nn.Conv2d(in_channels, rank, 1, bias=False)
+        self.depthwise = nn.Conv2d(rank, rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                                   groups=rank, bias=False)
+        self.project = nn.Conv2d(rank, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.depthwise(self.expand(x)))
+
+    @classmethod
+    def max_rank(cls, conv: nn.Conv2d) -> int:
+        """The rank from which the block is exact: K² terms per input (or output) channel."""
+        kh, kw = conv.kernel_size
+        return kh * kw * min(conv.in_channels, conv.out_channels)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int, sweeps: int = CP_SWEEPS) -> "InvertedResidualConv2d":
+        """Initialized by a rank-``rank`` CP decomposition of ``conv.weight`` (:func:`cp_factors`)."""
+        block = _shell(cls, conv, rank)
+        p, e, d = cp_factors(conv.weight.detach(), rank, sweeps)
+        kh, kw = conv.kernel_size
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            block.expand.weight.copy_(e.T.reshape(rank, -1, 1, 1).to(dtype))
+            block.depthwise.weight.copy_(d.T.reshape(rank, 1, kh, kw).to(dtype))
+            block.project.weight.copy_(p.reshape(-1, rank, 1, 1).to(dtype))
+            block.project.bias.copy_(conv.bias.detach() if conv.bias is not None
+                                     else torch.zeros(conv.out_channels, dtype=dtype))
+        return block.to(device=conv.weight.device, dtype=dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The K×K weight this block computes."""
+        p = self.project.weight.detach().double()[:, :, 0, 0]  # [C_out, r]
+        e = self.expand.weight.detach().double()[:, :, 0, 0]  # [r, C_in]
+        d = self.depthwise.weight.detach().double()[:, 0]  # [r, K, K]
+        return torch.einsum("or,ri,rkl->oikl", p, e, d)
+
+
+def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS) -> tuple[torch.Tensor, ...]:
+    """Factors (P [C_out, r], E [C_in, r], D [K², r]) with W ≈ Σ_m P[:, m] ⊗ E[:, m] ⊗ D[:, m], in float64.
+
+    From ``r = K²·min(C_in, C_out)`` an exact construction (one mid channel per input or
+    output channel and kernel tap). Below it, the start is the separable block's: per input
+    channel the leading singular pairs of its C_out × K² slice (E one-hot), the ``r`` largest
+    terms kept; then ``sweeps`` rounds of alternating least squares, each solving one factor
+    given the other two, so the error never rises above the separable start's.
+    """
+    w = weight.detach().double()
+    c_out, c_in, kh, kw = w.shape
+    k = kh * kw
+    t = w.reshape(c_out, c_in, k)
+    if rank >= k * min(c_in, c_out):
+        rank_out = k * min(c_in, c_out)
+        eye_k = torch.eye(k, dtype=torch.float64)
+        if c_in <= c_out:  # mid channel (c, tap): picks input c at one tap; P holds W[:, c, tap]
+            p = t.reshape(c_out, c_in * k)
+            e = torch.eye(c_in, dtype=torch.float64).repeat_interleave(k, 1)
+            d = eye_k.repeat(1, c_in)
+        else:  # mid channel (o, tap): mixes the inputs by W[o, :, tap]; P routes it to output o
+            p = torch.eye(c_out, dtype=torch.float64).repeat_interleave(k, 1)
+            e = t.permute(1, 0, 2).reshape(c_in, c_out * k)
+            d = eye_k.repeat(1, c_out)
+        pad = rank - rank_out  # extra mid channels stay zero
+        return tuple(torch.cat([f, torch.zeros(f.shape[0], pad, dtype=torch.float64)], 1) for f in (p, e, d))
+    # separable start: per input channel c, W[:, c, :] = U S Vᵀ; term j: P = U_j S_j, E = e_c, D = V_j
+    u, s, vh = torch.linalg.svd(t.permute(1, 0, 2), full_matrices=False)  # [C_in, C_out, q], [C_in, q], [C_in, q, K²]
+    q = s.shape[1]
+    order = s.reshape(-1).argsort(descending=True)[:rank]
+    channel, j = order // q, order % q
+    p = (u[channel, :, j] * s[channel, j].unsqueeze(1)).T  # [C_out, r]
+    e = torch.zeros(c_in, len(order), dtype=torch.float64)
+    e[channel, torch.arange(len(order))] = 1.0
+    d = vh[channel, j, :].T  # [K², r]
+    if len(order) < rank:  # fewer singular pairs than the rank: zero terms
+        extra = rank - len(order)
+        p, e, d = (torch.cat([f, torch.zeros(f.shape[0], extra, dtype=torch.float64)], 1) for f in (p, e, d))
+    # alternating least squares: each factor solved given the other two (its MTTKRP by einsum,
+    # never the Khatri-Rao matrix), as many sweeps as CP_BUDGET allows for this layer
+    sweeps = min(sweeps, max(1, int(CP_BUDGET // max(3 * c_out * c_in * k * rank, 1))))
+    ridge = 1e-10 * float(t.square().sum())
+    eye_r = torch.eye(rank, dtype=torch.float64)
+    t32 = t.float()
+
+    def solve(mttkrp, a, b):
+        gram = (a.T @ a) * (b.T @ b) + ridge * eye_r
+        return torch.cholesky_solve(mttkrp.double().T, torch.linalg.cholesky(gram)).T
+
+    for _ in range(sweeps):
+        p = solve(torch.einsum("oik,ir,kr->or", t32, e.float(), d.float()), e, d)
+        e = solve(torch.einsum("oik,or,kr->ir", t32, p.float(), d.float()), p, d)
+        d = solve(torch.einsum("oik,or,ir->kr", t32, p.float(), e.float()), p, e)
+    return p, e, d
+
+
 # ------------------------------------------------------------------------------ the families
 
 
@@ -311,6 +434,13 @@ def _bottleneck_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
             positions_in * c_in * rank + positions_out * (rank * rank * k + rank * c_out))
 
 
+def _inverted_residual_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    k = math.prod(kernel)
+    positions_in, positions_out = batch * math.prod(in_hw), batch * math.prod(out_hw)
+    return (c_in * rank + rank * k + rank * c_out + c_out,
+            positions_in * c_in * rank + positions_out * rank * (k + c_out))
+
+
 def _pointwise_first_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
     k = math.prod(kernel)
     mid = c_out * rank
@@ -357,10 +487,13 @@ FAMILIES: dict[str, BlockFamily] = {f.name: f for f in [
                 lambda conv: max(conv.in_channels, conv.out_channels), _bottleneck_costs,
                 lambda c_in, c_out, k, s, p, d, r: Tucker2Conv2d(c_in, c_out, k, s, p, d, min(r, c_in), min(r, c_out)),
                 lambda c_in, c_out, r: r, "1×1 → {r} → K×K → 1×1"),
+    BlockFamily("inverted-residual", InvertedResidualConv2d.from_conv, InvertedResidualConv2d.max_rank,
+                _inverted_residual_costs, InvertedResidualConv2d, lambda c_in, c_out, r: r,
+                "1×1 → {r} → dw K×K → 1×1"),
 ]}
 
 #: the families' block classes (what calibration looks for in a converted model), separable excluded
-FAMILY_BLOCKS = (SpatialSeparableConv2d, Tucker2Conv2d, PointwiseFirstConv2d)
+FAMILY_BLOCKS = (SpatialSeparableConv2d, Tucker2Conv2d, PointwiseFirstConv2d, InvertedResidualConv2d)
 
 
 def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[int, ...]) -> int:
@@ -368,7 +501,8 @@ def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[
     kh, kw = kernel
     return {"separable": min(kh * kw, out_channels), "pointwise-first": min(in_channels, kh * kw),
             "spatial": min(in_channels * kh, kw * out_channels),
-            "bottleneck": max(in_channels, out_channels)}[family]
+            "bottleneck": max(in_channels, out_channels),
+            "inverted-residual": kh * kw * min(in_channels, out_channels)}[family]
 
 
 def block_costs(family: str, rank: int, in_channels: int, out_channels: int, kernel: tuple[int, ...],
@@ -454,6 +588,13 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
     if family == "spatial":
         s = torch.linalg.svdvals(SpatialSeparableConv2d.unfolding(w)).square()
         return {r: max(float(s[r:].sum()) / total, 0.0) for r in ranks}
+    if family == "inverted-residual":  # a CP fit per rank: no one decomposition answers them all
+        out = {}
+        for r in ranks:
+            p, e, d = cp_factors(w, r)
+            approx = torch.einsum("or,ir,kr->oik", p, e, d).reshape(w.shape)
+            out[r] = max(float((approx - w).square().sum()) / total, 0.0)
+        return out
     # bottleneck: the HOSVD truncation, every rank from one rotation of W into the leading
     # singular bases of its channel modes (an upper bound of the HOOI block's error)
     u_out = torch.linalg.eigh(w.reshape(c_out, -1) @ w.reshape(c_out, -1).T)[1].flip(1)

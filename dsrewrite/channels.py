@@ -159,7 +159,8 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: block families made of a chain of plain convs: family -> (first conv, last conv) attribute names.
 #: pointwise-first is not here: its grouped K×K conv ties its C_out·m inputs to its outputs,
 #: which a resize would have to follow (planning refuses a resize with that family).
-CHAIN_ENDS = {"spatial": ("vertical", "horizontal"), "bottleneck": ("reduce", "expand")}
+CHAIN_ENDS = {"spatial": ("vertical", "horizontal"), "bottleneck": ("reduce", "expand"),
+              "inverted-residual": ("expand", "project")}
 _NORM_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,

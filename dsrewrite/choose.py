@@ -84,7 +84,7 @@ def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: f
 
 
 #: families a channel resize (--align / --width) can follow through (dsrewrite.channels.CHAIN_ENDS, and separable)
-RESIZABLE_FAMILIES = ("separable", "spatial", "bottleneck")
+RESIZABLE_FAMILIES = ("separable", "spatial", "bottleneck", "inverted-residual")
 
 
 def families_for(config: RuleConfig, module_name: str | None, resize: bool = False) -> tuple[str, ...]:

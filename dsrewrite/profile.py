@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .costs import CostTable, OpCall
 from .errors import InputError
-from .trace import TraceResult, eval_mode, meta_parameters, meta_run_state, node_arguments
+from .trace import TraceResult, eval_mode, meta_like, meta_parameters, meta_run_state, node_arguments
 from .units import format_bytes
 
 aten = torch.ops.aten
@@ -283,7 +283,7 @@ def _meta_state(model: nn.Module, dtype):
 
 
 def _as_meta(x):
-    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+    return meta_like(x) if isinstance(x, torch.Tensor) else x
 
 
 def _as_real(x):
@@ -468,7 +468,7 @@ class _Counter(TorchDispatchMode):
             return
         # Keep shapes, not activations: after a real-forward fallback the values are real tensors.
         node.meta["val"] = value if self.meta else tree_map_only(
-            torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
+            torch.Tensor, meta_like, value)
         # Bytes this node allocates: its output tensors that are neither views nor its inputs
         # (in-place ops return their input). This runs per node, so it avoids pytree.
         outputs = _tensors_in(value) if node.op != "get_attr" else []  # parameters are not activations
@@ -922,13 +922,13 @@ def _fast_shape(func, args, kwargs):
     if func in _NORMS_WITH_STATS:
         x = args[0]
         stats = torch.empty((0,), dtype=x.dtype, device="meta")
-        return torch.empty_like(x), stats, stats.clone()
+        return _same_device_like(x), stats, stats.clone()
     if func is aten.native_layer_norm.default:
         x, normalized = args[0], args[1]
         stat_shape = tuple(x.shape[: x.dim() - len(normalized)]) + (1,) * len(normalized)
         stats = torch.empty(stat_shape, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype,
                             device="meta")
-        return torch.empty_like(x), stats, stats.clone()
+        return _same_device_like(x), stats, stats.clone()
     tags = func.tags
     if "out" in kwargs or len(func._schema.returns) != 1:
         return None
@@ -945,3 +945,8 @@ def _fast_shape(func, args, kwargs):
     if func.__name__.split(".")[0] in _BOOL_RESULT:
         dtype = torch.bool
     return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+
+
+def _same_device_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` without the Python reference a meta ``x`` would go through (see ``meta_like``)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)

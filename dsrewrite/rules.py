@@ -158,7 +158,7 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "plan.rules": ("rules", "rules"),
 }
 #: block families by name (dsrewrite.blocks.FAMILIES; listed here so that rules load without torch work)
-FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck")
+FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck", "inverted-residual")
 
 
 def candidate_label(family: str, rank: int | None) -> str:

@@ -417,7 +417,7 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
     fails again at the same module keeps its reason from the first pass unless the new one
     says more (a branch on tensor values); a conv module that fails is called as one op.
     """
-    metas = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    metas = tuple(meta_like(x) if isinstance(x, torch.Tensor) else x for x in inputs)
     floating = [x.dtype for x in metas if isinstance(x, torch.Tensor) and x.is_floating_point()]
     refused = dict(first.untraced)
     convs = {n for n in refused if n and isinstance(model.get_submodule(n), nn.modules.conv._ConvNd)}
@@ -509,6 +509,12 @@ def _inside(name: str, outer: str) -> bool:
     return outer == "" or name == outer or name.startswith(outer + ".")
 
 
+def meta_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A meta tensor with ``t``'s shape and strides. (``torch.empty_like`` of a meta tensor goes
+    through a Python reference whose first call imports sympy: most of a second.)"""
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device="meta")
+
+
 @contextlib.contextmanager
 def meta_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[dict[int, str]]:
     """Swap every parameter and buffer for a meta tensor; yield ``id(meta tensor) -> name``.
@@ -530,7 +536,7 @@ def meta_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Itera
                 meta = replacements.get(id(t))
                 if meta is None:
                     target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-                    meta = torch.empty_like(t, device="meta", dtype=target)
+                    meta = meta_like(t, target)
                     if isinstance(t, nn.Parameter):
                         meta = nn.Parameter(meta, requires_grad=t.requires_grad)
                     replacements[id(t)] = meta

@@ -10,7 +10,8 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite import export
-from dsrewrite.blocks import FAMILIES, PointwiseFirstConv2d, SpatialSeparableConv2d, Tucker2Conv2d, tucker2
+from dsrewrite.blocks import (FAMILIES, InvertedResidualConv2d, PointwiseFirstConv2d, SpatialSeparableConv2d,
+                              Tucker2Conv2d, cp_factors, family_errors, tucker2)
 
 # (in, out, kernel, stride, padding, dilation, bias, input H×W)
 CONVS = {
@@ -81,6 +82,7 @@ def test_tucker2_hooi_is_never_worse_than_hosvd():
     SpatialSeparableConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 4),
     Tucker2Conv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 4, 6),
     PointwiseFirstConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 2),
+    InvertedResidualConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 12),
 ], ids=lambda b: b.family)
 def test_blocks_are_ordinary_modules(block, tmp_path):
     x = torch.randn(2, 8, 10, 10)
@@ -115,13 +117,34 @@ def _init_args(block):
         return dict(in_channels=block.in_channels, out_channels=block.out_channels,
                     kernel_size=block.core.kernel_size, padding=block.core.padding, in_rank=block.in_rank,
                     out_rank=block.out_rank)
+    if isinstance(block, InvertedResidualConv2d):
+        return dict(in_channels=block.in_channels, out_channels=block.out_channels,
+                    kernel_size=block.depthwise.kernel_size, padding=block.depthwise.padding, rank=block.rank)
     return dict(in_channels=block.in_channels, out_channels=block.out_channels,
                 kernel_size=block.spatial.kernel_size, padding=block.spatial.padding, multiplier=block.multiplier)
 
 
 def test_refuses_what_does_not_factor_exactly():
-    for family in ("spatial", "bottleneck", "pointwise-first"):
+    for family in ("spatial", "bottleneck", "pointwise-first", "inverted-residual"):
         with pytest.raises(ValueError, match="standard nn.Conv2d"):
             FAMILIES[family].build(nn.Conv2d(8, 8, 3, groups=2), 2)
         with pytest.raises(ValueError, match="padding mode 'reflect'"):
             FAMILIES[family].build(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), 2)
+
+
+def test_cp_fit_starts_from_the_separable_block_and_only_improves():
+    """The inverted-residual block at rank t·C_in is never worse than the separable block at multiplier t."""
+    torch.manual_seed(0)
+    w = nn.Conv2d(16, 24, 3).weight.detach()
+    separable = family_errors(w, "separable", [1, 2])
+    for t in (1, 2):
+        start = family_errors_after(w, 16 * t, sweeps=0)
+        fitted = family_errors_after(w, 16 * t, sweeps=12)
+        assert start <= separable[t] + 1e-9, "the start: the separable SVD terms, the largest r of them"
+        assert fitted < start - 0.05, "alternating least squares improves on it"
+
+
+def family_errors_after(w, rank, sweeps):
+    p, e, d = cp_factors(w, rank, sweeps)
+    approx = torch.einsum("or,ir,kr->oik", p, e, d).reshape(w.shape).double()
+    return float((approx - w.double()).square().sum() / w.double().square().sum())
