@@ -216,7 +216,10 @@ class _ShapeProxy(fx.Proxy):
         return super().__getattr__(k)
 
     def __setitem__(self, key, value) -> None:
-        # ``attn[:, :, 1:] = ...``: an in-place write, recorded where it happens (the graph keeps node order)
+        # ``attn[:, :, 1:] = ...``: an in-place write into a tensor, recorded where it happens (the graph
+        # keeps node order). Anything else (a ``**kwargs`` dict) has no place in a graph.
+        if not isinstance(self.tracer.value_of(self.node), torch.Tensor):
+            raise TypeError(f"'{type(self).__name__}' object does not support item assignment")
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
