@@ -69,7 +69,7 @@ def test_each_family_is_planned_applied_and_reloaded_exactly(small, family):
     assert result.report.after["macs"] == plan.macs_after, "the planned MACs are the analyzer's count"
 
 
-@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first"])
+@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first", "inverted-residual"])
 def test_full_rank_blocks_are_exact_through_convert(small, family):
     result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0",
                                                       "block.rank=100000", "replace.min_mac_reduction=0"])
@@ -78,7 +78,8 @@ def test_full_rank_blocks_are_exact_through_convert(small, family):
     assert all(layer.kept_energy > 1 - 1e-9 for layer in result.report.layers)
 
 
-@pytest.mark.parametrize("family,rank", [("spatial", 0), ("bottleneck", 0), ("pointwise-first", 2)])
+@pytest.mark.parametrize("family,rank", [("spatial", 0), ("bottleneck", 0), ("pointwise-first", 2),
+                                         ("inverted-residual", 0)])
 def test_calibration_refits_family_blocks(small, family, rank):
     torch.manual_seed(1)
     data = [torch.randn(12, *SMALL[1:]) for _ in range(2)]
@@ -243,7 +244,7 @@ def test_cli_rejects_bad_targets(in_repo, args, message):
 def test_cli_latency_plan_is_the_plan_applied(in_repo, tmp_path):
     plan_path = tmp_path / "plan.json"
     r = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--rules", "auto", "--target-latency",
-            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=256", "--dry-run", "--format",
+            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=512", "--dry-run", "--format",
             "json", "-o", plan_path, "-q")
     assert r.exit_code == 0, r.output
     doc = json.loads(plan_path.read_text())
