@@ -273,3 +273,27 @@ def test_saved_plan_with_a_bad_family_rank_is_refused(resnet):
     row["rank"], row["family"] = 8, "tucker"
     with pytest.raises(PlanMismatch, match="family must be one of"):
         load_plan(doc, dsrewrite.analyze(resnet, SHAPE))
+
+
+@pytest.mark.parametrize("family", ["spatial", "bottleneck", "inverted-residual"])
+def test_a_width_resize_follows_the_family_blocks(small, family):
+    """The chain's first and last convs take the resized channel counts; the block in between keeps its rank."""
+    result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0",
+                                                      "align.width=0.5"])
+    assert result.plan.resize is not None and result.plan.resize.changed
+    blocks = {n: result.model.get_submodule(n) for n in result.plan.modules_to_replace}
+    assert blocks and all(type(b) is CLASSES[family] for b in blocks.values())
+    first, last = {"spatial": ("vertical", "horizontal"), "bottleneck": ("reduce", "expand"),
+                   "inverted-residual": ("expand", "project")}[family]
+    narrowed = [b for b in blocks.values()
+                if getattr(b, first).in_channels < small.get_submodule(_name_of(blocks, b)).in_channels]
+    assert narrowed, "some block's input channels were resized"
+    out = result.model(torch.randn(2, *SMALL[1:]))
+    assert out.shape == small(torch.randn(2, *SMALL[1:])).shape
+    for b in blocks.values():  # the block's own channel counts follow its convs (what plans and costs read)
+        assert (b.in_channels, b.out_channels) == (getattr(b, first).in_channels, getattr(b, last).out_channels)
+    result.model.train()(torch.randn(2, *SMALL[1:])).square().mean().backward()
+
+
+def _name_of(blocks, block):
+    return next(n for n, b in blocks.items() if b is block)
