@@ -936,7 +936,7 @@ def _fast_shape(func, args, kwargs):
     if not tensors or not all(isinstance(a, (torch.Tensor, int, float, bool)) or a is None for a in args):
         return None
     if torch.Tag.inplace in tags and torch.Tag.inplace_view not in tags and args[0] is tensors[0]:
-        return args[0] if tensors[0].shape == torch.broadcast_shapes(*(t.shape for t in tensors)) else None
+        return args[0] if tensors[0].shape == _broadcast_shapes([t.shape for t in tensors]) else None
     if torch.Tag.pointwise not in tags:
         return None
     dtype = tensors[0].dtype
@@ -944,9 +944,22 @@ def _fast_shape(func, args, kwargs):
         return None
     if func.__name__.split(".")[0] in _BOOL_RESULT:
         dtype = torch.bool
-    return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+    return torch.empty(_broadcast_shapes([t.shape for t in tensors]), dtype=dtype, device="meta")
 
 
 def _same_device_like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` without the Python reference a meta ``x`` would go through (see ``meta_like``)."""
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _broadcast_shapes(shapes: list) -> tuple[int, ...]:
+    """``torch.broadcast_shapes`` for concrete shapes (torch's imports sympy on its first call: most of a second)."""
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {[list(s) for s in shapes]} cannot be broadcast together")
+                out[i] = size
+    return tuple(out)
