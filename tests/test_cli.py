@@ -3,6 +3,7 @@
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,6 +329,22 @@ def test_help_does_not_import_torch():
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "assert not loaded, loaded[:5]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_analysis_loads_nothing_it_does_not_need():
+    """``dsrewrite analyze`` costs about an ``import torch``: torch's symbolic-shape machinery (sympy, most of a
+    second) is not imported by analyzing a traceable model (it once was, by ``empty_like`` and
+    ``broadcast_shapes`` on meta tensors)."""
+    import subprocess
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom dsrewrite.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['analyze', 'examples/resnet.py'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "loaded = [m for m in ('sympy', 'torch._dynamo', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr
 
 
