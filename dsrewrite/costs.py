@@ -234,6 +234,7 @@ def _register_defaults() -> None:
         "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle",
         "index", "index_select", "gather", "scatter", "scatter_add", "index_put", "index_put_", "embedding",
         "masked_fill", "masked_fill_", "where", "topk", "sort", "nonzero", "flip", "roll", "repeat",
+        "_unique", "_unique2", "unique_dim", "unique_consecutive",
         "tril", "triu", "col2im", "im2col", "unfold", "native_dropout", "dropout", "bernoulli_", "bernoulli",
         "rand", "randn", "rand_like", "randn_like", "randint", "uniform_", "normal_", "contiguous",
         "_reshape_alias", "reshape", "flatten", "resize_", "set_", "alias", "_unsafe_view", "lift",

@@ -38,6 +38,9 @@ CASES = [
      (meta(1, 3, 4, 4), meta(3), meta(3), meta(3), meta(3), False, 0.1, 1e-5), None),
     ("in-place hardswish is free", aten.hardswish_.default, (meta(3, 4),), None),
     ("view is free", aten.view.default, (meta(3, 4), [12]), None),
+    # ops the torchvision and timm sweeps found without a handler (benchmarks/results/*_sweep.md)
+    ("linspace is free", aten.linspace.default, (0.0, 1.0, 5), None),
+    ("unique (batched NMS) is free", aten._unique2.default, (torch.zeros(6),), None),
 ]
 
 
