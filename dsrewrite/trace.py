@@ -430,7 +430,7 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
         for _ in range(sum(1 for _ in model.modules()) + 1):
             tracer = _LeafTracer(set(leaves) | convs, specialize, metas)
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=_unfed_defaults(model, metas) if "" in specialize else None)
                 break
             except Exception as e:
                 culprit = tracer.failed_in
@@ -506,6 +506,23 @@ def node_arguments(a, lookup):
     if isinstance(a, slice):
         return slice(node_arguments(a.start, lookup), node_arguments(a.stop, lookup), node_arguments(a.step, lookup))
     return a
+
+
+def _unfed_defaults(model: nn.Module, inputs: tuple) -> dict | None:
+    """The model's own forward parameters that the inputs do not feed, at their defaults.
+
+    Traced with concrete shapes, ``if targets is not None:`` must see the ``None`` that this
+    call passes (a placeholder proxy is never ``None``), as torchvision's detection models need.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unfed = {p.name: p.default for p in named[len(inputs):] if p.default is not inspect.Parameter.empty}
+    return unfed or None
 
 
 def _inside(name: str, outer: str) -> bool:
