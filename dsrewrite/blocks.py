@@ -272,6 +272,9 @@ class PointwiseFirstConv2d(nn.Module):
 CP_SWEEPS = 8
 #: ... within this many multiply-adds per fit (a sweep costs about 3·C_out·C_in·K²·rank)
 CP_BUDGET = 2e9
+#: the planner's estimate of a candidate's error (one fit per candidate rank): fewer sweeps, a smaller budget
+ESTIMATE_SWEEPS = 2
+ESTIMATE_BUDGET = 3e8
 
 
 
@@ -328,7 +331,8 @@ class InvertedResidualConv2d(nn.Module):
         return torch.einsum("or,ri,rkl->oikl", p, e, d)
 
 
-def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS) -> tuple[torch.Tensor, ...]:
+def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS,
+               budget: float | None = None, svd: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Factors (P [C_out, r], E [C_in, r], D [K², r]) with W ≈ Σ_m P[:, m] ⊗ E[:, m] ⊗ D[:, m], in float64.
 
     From ``r = K²·min(C_in, C_out)`` an exact construction (one mid channel per input or
@@ -355,7 +359,8 @@ def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS) -> tupl
         pad = rank - rank_out  # extra mid channels stay zero
         return tuple(torch.cat([f, torch.zeros(f.shape[0], pad, dtype=torch.float64)], 1) for f in (p, e, d))
     # separable start: per input channel c, W[:, c, :] = U S Vᵀ; term j: P = U_j S_j, E = e_c, D = V_j
-    u, s, vh = torch.linalg.svd(t.permute(1, 0, 2), full_matrices=False)  # [C_in, C_out, q], [C_in, q], [C_in, q, K²]
+    # [C_in, C_out, q], [C_in, q], [C_in, q, K²]; ``svd`` passes it in when one weight is fitted at several ranks
+    u, s, vh = svd if svd is not None else torch.linalg.svd(t.permute(1, 0, 2), full_matrices=False)
     q = s.shape[1]
     order = s.reshape(-1).argsort(descending=True)[:rank]
     channel, j = order // q, order % q
@@ -368,7 +373,8 @@ def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS) -> tupl
         p, e, d = (torch.cat([f, torch.zeros(f.shape[0], extra, dtype=torch.float64)], 1) for f in (p, e, d))
     # alternating least squares: each factor solved given the other two (its MTTKRP by einsum,
     # never the Khatri-Rao matrix), as many sweeps as CP_BUDGET allows for this layer
-    sweeps = min(sweeps, max(1, int(CP_BUDGET // max(3 * c_out * c_in * k * rank, 1))))
+    budget = CP_BUDGET if budget is None else budget
+    sweeps = min(sweeps, max(1, int(budget // max(3 * c_out * c_in * k * rank, 1))))
     ridge = 1e-10 * float(t.square().sum())
     eye_r = torch.eye(rank, dtype=torch.float64)
     t32 = t.float()
@@ -382,6 +388,18 @@ def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS) -> tupl
         e = solve(torch.einsum("oik,or,kr->ir", t32, p.float(), d.float()), p, d)
         d = solve(torch.einsum("oik,or,ir->kr", t32, p.float(), e.float()), p, e)
     return p, e, d
+
+
+def cp_error(weight: torch.Tensor, p: torch.Tensor, e: torch.Tensor, d: torch.Tensor) -> float:
+    """‖W − Σ_m P_m ⊗ E_m ⊗ D_m‖² / ‖W‖², without building the approximation:
+    ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², with ⟨W, Ŵ⟩ from one MTTKRP and ‖Ŵ‖² from the factors' Gram matrices."""
+    t = weight.detach().reshape(weight.shape[0], weight.shape[1], -1)
+    total = float(t.double().square().sum())
+    if total == 0:
+        return 0.0
+    inner = float((torch.einsum("oik,ir,kr->or", t.float(), e.float(), d.float()).double() * p).sum())
+    norm = float(((p.T @ p) * (e.T @ e) * (d.T @ d)).sum())
+    return max((total - 2 * inner + norm) / total, 0.0)
 
 
 # ------------------------------------------------------------------------------ the families
@@ -588,13 +606,11 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
     if family == "spatial":
         s = torch.linalg.svdvals(SpatialSeparableConv2d.unfolding(w)).square()
         return {r: max(float(s[r:].sum()) / total, 0.0) for r in ranks}
-    if family == "inverted-residual":  # a CP fit per rank: no one decomposition answers them all
-        out = {}
-        for r in ranks:
-            p, e, d = cp_factors(w, r)
-            approx = torch.einsum("or,ir,kr->oik", p, e, d).reshape(w.shape)
-            out[r] = max(float((approx - w).square().sum()) / total, 0.0)
-        return out
+    if family == "inverted-residual":
+        # a CP fit per rank (no one decomposition answers them all), with ESTIMATE_SWEEPS sweeps: the
+        # built block starts from the same point and sweeps more, so this bounds its error from above
+        svd = torch.linalg.svd(w.reshape(c_out, c_in, -1).permute(1, 0, 2), full_matrices=False)
+        return {r: cp_error(w, *cp_factors(w, r, ESTIMATE_SWEEPS, ESTIMATE_BUDGET, svd)) for r in ranks}
     # bottleneck: the HOSVD truncation, every rank from one rotation of W into the leading
     # singular bases of its channel modes (an upper bound of the HOOI block's error)
     u_out = torch.linalg.eigh(w.reshape(c_out, -1) @ w.reshape(c_out, -1).T)[1].flip(1)
