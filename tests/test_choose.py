@@ -7,7 +7,6 @@ this machine where the CLI runs end to end.
 
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from dsrewrite.choose import TOLERANCE, Candidate, choose_blocks, fit_latency, f
 from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
 from dsrewrite.layers import DepthwiseSeparableConv2d
-from dsrewrite.measure import LayerTiming
 from dsrewrite.plan import PlanMismatch, load_plan
 
 SHAPE = (1, 3, 64, 64)
