@@ -192,6 +192,11 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _SHAPE_METHODS = {"size", "dim"}
 
 
+def _first_value(node: fx.Node):
+    """The value (``meta["val"]``) of a node's first argument, when that is a node."""
+    return node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+
+
 def _spatial_index(index, ndim: int) -> bool:
     """Whether ``x[index]`` on an ``ndim``-D tensor takes whole batch and channel dims and slices the rest."""
     items = list(index) if isinstance(index, tuple) else [index]
@@ -518,7 +523,7 @@ class _Builder:
 
     def _pad(self, node: fx.Node, val):
         """``F.pad`` pads the last dims first: a pad list no longer than the spatial dims keeps the channels."""
-        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        src = _first_value(node)
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         if isinstance(src, torch.Tensor) and isinstance(pad, (tuple, list)) and len(pad) <= 2 * (src.dim() - 2):
             return self._input(node)
@@ -572,7 +577,7 @@ class _Builder:
 
     def _reduce(self, node: fx.Node, val, name: str):
         x = self._input(node)
-        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        src = _first_value(node)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if not _is_layout(x) or not isinstance(src, torch.Tensor) or dims is None:
             return self._unknown(node, f"{name} over every dimension", val)
@@ -582,7 +587,7 @@ class _Builder:
         return x
 
     def _reshape(self, node: fx.Node, x, val, name: str, literal_channels: bool):
-        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        src = _first_value(node)
         if not _is_layout(x) or not isinstance(src, torch.Tensor) or not isinstance(val, torch.Tensor):
             return self._unknown(node, f"{name} not understood", val)
         if literal_channels and _literal_at(node, 1):
@@ -602,7 +607,7 @@ class _Builder:
             return container[index]
         if not isinstance(val, torch.Tensor):
             return None  # an index into sizes or a non-tensor container
-        src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+        src = _first_value(node)
         if _is_layout(container) and isinstance(src, torch.Tensor) and _spatial_index(index, src.dim()):
             return container  # x[..., :h, :w]: only the spatial dims are cut
         return self._unknown(node, "indexing a tensor", val)

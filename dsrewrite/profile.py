@@ -922,13 +922,13 @@ def _fast_shape(func, args, kwargs):
     if func in _NORMS_WITH_STATS:
         x = args[0]
         stats = torch.empty((0,), dtype=x.dtype, device="meta")
-        return _same_device_like(x), stats, stats.clone()
+        return meta_like(x), stats, stats.clone()
     if func is aten.native_layer_norm.default:
         x, normalized = args[0], args[1]
         stat_shape = tuple(x.shape[: x.dim() - len(normalized)]) + (1,) * len(normalized)
         stats = torch.empty(stat_shape, dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype,
                             device="meta")
-        return _same_device_like(x), stats, stats.clone()
+        return meta_like(x), stats, stats.clone()
     tags = func.tags
     if "out" in kwargs or len(func._schema.returns) != 1:
         return None
@@ -945,11 +945,6 @@ def _fast_shape(func, args, kwargs):
     if func.__name__.split(".")[0] in _BOOL_RESULT:
         dtype = torch.bool
     return torch.empty(_broadcast_shapes([t.shape for t in tensors]), dtype=dtype, device="meta")
-
-
-def _same_device_like(x: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(x)`` without the Python reference a meta ``x`` would go through (see ``meta_like``)."""
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
 
 
 def _broadcast_shapes(shapes: list) -> tuple[int, ...]:

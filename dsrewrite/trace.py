@@ -286,8 +286,7 @@ def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
     saved = _module_state(model)
     try:
         result = _trace_once(model)
-        if inputs is not None and result.untraced and (result.method == "fx" or (
-                result.method == "none" and not isinstance(model, torch.jit.ScriptModule))):
+        if inputs is not None and result.untraced and not isinstance(model, torch.jit.ScriptModule):
             result = _trace_specialized(model, result, inputs)
             if result.graph is None:
                 result = _trace_exported(model, result, inputs)
@@ -397,20 +396,31 @@ def _trace_once(model: nn.Module) -> TraceResult:
     if isinstance(model, fx.GraphModule) and _is_export_graph(model):
         return TraceResult(model, model.graph, {}, "export")
 
+    graph, leaves = _narrow(model)
+    if graph is None:
+        return TraceResult(model, None, leaves, "none")
+    return TraceResult(model, graph, leaves, "fx")
+
+
+def _narrow(model: nn.Module, fixed: frozenset = frozenset(), specialize: frozenset = frozenset(),
+            inputs: tuple | None = None, concrete_args: dict | None = None) -> tuple[fx.Graph | None, dict[str, str]]:
+    """Trace, turning the smallest module that fails into a leaf and retrying, until the graph builds.
+
+    Returns the graph (None when even the model's own forward fails: then ``leaves[""]`` says
+    why) and every module made a leaf, with the error that made it one. ``fixed`` modules are
+    leaves from the start; ``specialize`` and ``inputs`` are :class:`_LeafTracer`'s.
+    """
     leaves: dict[str, str] = {}
     for _ in range(sum(1 for _ in model.modules()) + 1):
-        tracer = _LeafTracer(set(leaves))
+        tracer = _LeafTracer(set(leaves) | fixed, specialize, inputs)
         try:
-            graph = tracer.trace(model)
-            return TraceResult(model, graph, leaves, "fx")
+            return tracer.trace(model, concrete_args=concrete_args), leaves
         except Exception as e:  # any failure inside user code: narrow it down, then retry
-            reason = _one_line(e)
             culprit = tracer.failed_in
-            if not culprit or culprit in leaves:
-                untraced = {"": reason, **leaves}
-                return TraceResult(model, None, untraced, "none")
-            leaves[culprit] = reason
-    return TraceResult(model, None, {"": "tracing did not converge", **leaves}, "none")
+            if not culprit or culprit in leaves:  # the model's own forward (or a leaf call) fails
+                return None, {"": _one_line(e), **leaves}
+            leaves[culprit] = _one_line(e)
+    return None, {"": "tracing did not converge", **leaves}
 
 
 def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> TraceResult:
@@ -423,29 +433,18 @@ def _trace_specialized(model: nn.Module, first: TraceResult, inputs: tuple) -> T
     metas = tuple(meta_like(x) if isinstance(x, torch.Tensor) else x for x in inputs)
     floating = [x.dtype for x in metas if isinstance(x, torch.Tensor) and x.is_floating_point()]
     refused = dict(first.untraced)
-    convs = {n for n in refused if n and isinstance(model.get_submodule(n), nn.modules.conv._ConvNd)}
-    specialize = set(refused) - convs
-    leaves: dict[str, str] = {}
+    convs = frozenset(n for n in refused if n and isinstance(model.get_submodule(n), nn.modules.conv._ConvNd))
+    specialize = frozenset(refused) - convs
+    concrete = _unfed_defaults(model, metas) if "" in specialize else None
     with meta_run_state(model), meta_parameters(model, floating[0] if floating else None):
-        for _ in range(sum(1 for _ in model.modules()) + 1):
-            tracer = _LeafTracer(set(leaves) | convs, specialize, metas)
-            try:
-                graph = tracer.trace(model, concrete_args=_unfed_defaults(model, metas) if "" in specialize else None)
-                break
-            except Exception as e:
-                culprit = tracer.failed_in
-                if culprit is None and "" in specialize:
-                    culprit = ""  # the model's own forward
-                if culprit is None or culprit in leaves:
-                    return first
-                reason = _one_line(e)
-                if culprit in refused and VALUE_DEPENDENT not in reason:
-                    reason = refused[culprit]
-                leaves[culprit] = reason
-                if culprit == "":
-                    return dataclasses.replace(first, untraced={**first.untraced, "": reason})
-        else:
-            return first
+        graph, leaves = _narrow(model, convs, specialize, metas, concrete)
+    # a module that fails again keeps its first reason, unless the new one says more
+    leaves = {n: why if VALUE_DEPENDENT in why or n not in refused else refused[n] for n, why in leaves.items()}
+    if graph is None:  # the first pass stands; where its root failed too, with the better reason
+        root = leaves.get("", "")
+        if first.graph is None and VALUE_DEPENDENT in root:
+            return dataclasses.replace(first, untraced={**first.untraced, "": root})
+        return first
     specialized = {n: why for n, why in refused.items()
                    if n not in convs and n not in leaves and not any(_inside(n, leaf) for leaf in leaves)}
     return TraceResult(model, graph, leaves, "fx", specialized, {n: refused[n] for n in convs})

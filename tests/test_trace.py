@@ -12,12 +12,13 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 import dsrewrite
-from dsrewrite.report import render_analysis
 from dsrewrite.channels import model_channel_graph
 from dsrewrite.plan import load_plan
 from dsrewrite.profile import profile
+from dsrewrite.report import render_analysis
 from dsrewrite.rules import load_rules_dict
 from dsrewrite.trace import VALUE_DEPENDENT, trace
+from models import Gate
 
 #: (timm model, what generic fx made of it): leaves that shape control flow caused
 TIMM_CASES = [
@@ -64,25 +65,12 @@ class Windowed(nn.Module):
         return F.relu(self.bn(self.conv(x)))[..., :h, :w]
 
 
-class ValueBranch(nn.Module):
-    """A branch on tensor values: no input shape decides it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(64, 64, 3, padding=1)
-
-    def forward(self, x):
-        if x.mean() > 0:
-            return self.conv(x)
-        return self.conv(-x)
-
-
 class Net(nn.Module):
-    def __init__(self, middle: nn.Module):
+    def __init__(self, middle: nn.Module, channels: int = 64):
         super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
         self.middle = middle
-        self.head = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.head(self.middle(F.relu(self.stem(x))))
@@ -126,7 +114,7 @@ def test_shape_control_flow_is_specialized_and_its_conv_replaced():
 
 
 def test_value_dependent_control_flow_stays_a_leaf_with_that_reason():
-    model = Net(ValueBranch()).eval()
+    model = Net(Gate(), channels=8).eval()  # a branch on x.sum(): no input shape decides it
     analysis = dsrewrite.analyze(model, (1, 3, 16, 16))
     assert list(analysis.trace.untraced) == ["middle"]
     assert VALUE_DEPENDENT in analysis.trace.untraced["middle"]

@@ -7,7 +7,6 @@ torch.fx cannot trace them (``**kwargs`` forwards, output dataclasses); the trac
 import json
 
 import pytest
-import torch
 import transformers
 from click.testing import CliRunner
 
@@ -77,4 +76,4 @@ def test_cli_analyzes_a_transformers_spec():
     doc = json.loads(result.output[result.output.index("{"):])
     assert doc["untraced"] == [] and doc["trace"]["method"] == "export" and doc["dtype"] == "int64"
     assert doc["totals"]["macs"] == encoder_macs(1, 16, 768, 3072) + 768 * 768
-    assert torch.tensor(doc["totals"]["peak_activation_bytes"]) < 16 * 2**20, "parameters are not activations"
+    assert doc["totals"]["peak_activation_bytes"] < 16 * 2**20, "parameters (over 100 MiB) are not activations"
