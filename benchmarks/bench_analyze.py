@@ -81,6 +81,19 @@ def run_flopcounter(model, x):
     return mode.get_total_flops() / 2  # it counts 2 FLOPs per MAC
 
 
+def run_fx_trace(model, x):
+    torch.fx.symbolic_trace(model)
+    return float("nan")
+
+
+def run_forward(model, x):
+    model(x)
+    return float("nan")
+
+
+#: not peers: what one analysis cannot be faster than, measured beside them (time columns only)
+FLOORS = {"fx trace alone": run_fx_trace, "real forward alone": run_forward}
+
 TOOLS = {
     "dsrewrite": run_dsrewrite,
     "fvcore": run_fvcore,
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
     table = json.loads(ref_path.read_text())["models"]
     names = [n for n in table if not args.models or n in args.models.split(",")]
     sizes = args.sizes.split(",")
-    tools = dict(TOOLS)
+    tools = dict(TOOLS, **FLOORS)
     for name in list(tools):
         try:
             if name != "dsrewrite":
@@ -143,7 +156,8 @@ def main(argv=None) -> int:
             hw = tuple(ref["input_size"]) if size == "ref" else (int(size), int(size))
             x = torch.randn(1, 3, *hw)
             for tool_name, tool in tools.items():
-                repeats = 3 if tool_name == "dsrewrite" else 1
+                # medians of 3 where times are small enough for noise to matter
+                repeats = 3 if tool_name == "dsrewrite" or size == "ref" else 1
                 results[(name, size, tool_name)] = measure(tool, model, x, repeats)
                 done += 1
                 r = results[(name, size, tool_name)]
@@ -152,14 +166,15 @@ def main(argv=None) -> int:
                       file=sys.stderr, flush=True)
         del model
 
-    text = render(results, table, names, sizes, list(tools), args.threads)
+    text = render(results, table, names, sizes, [t for t in tools if t not in FLOORS],
+                  [t for t in tools if t in FLOORS], args.threads)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
-def render(results, table, names, sizes, tools, threads) -> str:
+def render(results, table, names, sizes, tools, floors, threads) -> str:
     out = ["# Analysis: dsrewrite vs established counters", "",
            f"Measured with `python benchmarks/bench_analyze.py` on {fingerprint()}.",
            "Every tool analyzes the same model objects in one process, one after another; each gets a fresh",
@@ -187,8 +202,9 @@ def render(results, table, names, sizes, tools, threads) -> str:
     for size in sizes:
         label = "published input size" if size == "ref" else f"{size}×{size}"
         out += [f"## Analysis time and peak memory growth at {label}", ""]
-        headers = ["model"] + [f"{t} s" for t in tools] + ["fastest peer", "dsrewrite speedup", "dsrewrite peak MiB"]
-        rows = []
+        headers = (["model"] + [f"{t} s" for t in tools] + ["fastest peer", "dsrewrite speedup", "dsrewrite peak MiB"]
+                   + [f"{f} s" for f in floors])
+        rows, faster, five = [], 0, 0
         for name in names:
             row = [name]
             peer_times = {}
@@ -202,11 +218,21 @@ def render(results, table, names, sizes, tools, threads) -> str:
             speedup = peer_times[fastest] / ds[1] if fastest and ds and not ds[3] else None
             row += [fastest or "-", f"{speedup:.1f}×" if speedup else "-",
                     f"{ds[2] / 2**20:.0f}" if ds and not ds[3] else "-"]
+            for f in floors:
+                _, secs, _, err = results.get((name, size, f), (None, None, None, "not run"))
+                row.append("fails" if err else f"{secs:.3f}")
+            faster += bool(speedup and speedup > 1)
+            five += bool(speedup and speedup >= 5)
             rows.append(row)
-        out += [md_table(headers, rows), ""]
+        out += [md_table(headers, rows), "",
+                f"dsrewrite faster than the fastest peer on **{faster}/{len(names)}**, "
+                f"at least 5× faster on **{five}/{len(names)}**.", ""]
     out += ["Times are wall seconds of one analysis (dsrewrite: median of 3) after a warm-up of every tool;",
             "peak memory is the growth of the process's resident set during dsrewrite's analysis, sampled every",
-            "millisecond. Absolute times on this shared machine are noisy; the ratios are the point.", ""]
+            "millisecond. At the published size every tool's time is a median of 3. The last columns are not",
+            "peers but floors: `torch.fx.symbolic_trace` of the model alone (dsrewrite traces with torch.fx,",
+            "then propagates shapes on meta tensors) and one plain forward with no counting (what peers",
+            "instrument). Absolute times on this shared machine are noisy; the ratios are the point.", ""]
     return "\n".join(out)
 
 

@@ -423,27 +423,27 @@ class _Counter(TorchDispatchMode):
     # -- module attribution
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = []
-        if not isinstance(self.model, torch.jit.ScriptModule):
-            seen: set[int] = set()
-            for name, mod in self.model.named_modules():
-                if id(mod) in seen:
-                    continue
-                seen.add(id(mod))
-                if _overrides_forward(mod):
-                    self.own_forward_ids.add(id(mod))
-                handles.append(mod.register_forward_pre_hook(self._push(name)))
-                handles.append(mod.register_forward_hook(self._pop, always_call=True))
+        """Module attribution through torch's global module hooks: two registrations, not two per
+        module (a few hundred handles cost more than the rest of a small model's hook traffic)."""
+        if isinstance(self.model, torch.jit.ScriptModule):
+            yield
+            return
+        names = {id(mod): name for name, mod in self.model.named_modules()}
+        self.own_forward_ids.update(id(m) for m in self.model.modules() if _overrides_forward(m))
+        stack = self.stack
+
+        def push(mod, args):
+            name = names.get(id(mod))
+            if name is not None:  # modules made during the forward stay unattributed, as before
+                stack.append((name, mod))
+
+        pre = nn.modules.module.register_module_forward_pre_hook(push)
+        post = nn.modules.module.register_module_forward_hook(self._pop, always_call=True)
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
-
-    def _push(self, name: str):
-        def hook(mod, args):
-            self.stack.append((name, mod))
-        return hook
+            pre.remove()
+            post.remove()
 
     def _pop(self, mod, args, out):
         if self.stack and self.stack[-1][1] is mod:

@@ -371,8 +371,13 @@ def _restore_state(saved: list[tuple[nn.Module, dict]], test) -> None:
     """Put back every attribute that now holds a value ``test`` picks out (a proxy, a meta tensor)."""
     skip = _MODULE_INTERNALS
     for module, state in saved:
-        for key in [k for k in vars(module) if k not in skip]:
-            value = vars(module)[key]
+        attributes = vars(module)
+        for key in [k for k in attributes if k not in skip]:
+            value = attributes[key]
+            before = state.get(key)
+            if before is not None and value is before[0] and (
+                    before[1] is None or not _changed(value, before[1])):
+                continue  # untouched: it holds what it held before
             if not _holds(value, test):
                 continue
             if key not in state:
@@ -388,6 +393,20 @@ def _restore_state(saved: list[tuple[nn.Module, dict]], test) -> None:
                     value.update(contents)
             else:
                 object.__setattr__(module, key, original)
+
+
+def _changed(container, contents) -> bool:
+    """Whether a list/set/dict differs from its shallow copy ``contents`` (by identity of items)."""
+    if len(container) != len(contents):
+        return True
+    if isinstance(container, dict):
+        return any(contents.get(k, _MISSING) is not v for k, v in container.items())
+    if isinstance(container, list):
+        return any(a is not b for a, b in zip(container, contents))
+    return container != contents
+
+
+_MISSING = object()
 
 
 def _trace_once(model: nn.Module) -> TraceResult:
