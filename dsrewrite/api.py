@@ -320,6 +320,7 @@ def convert(
     width: float | None = None,
     target_latency: float | None = None,
     plan_timer=None,
+    calibration_mode: str = "fast",
 ) -> ConversionResult:
     """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
@@ -338,7 +339,8 @@ def convert(
     activation) -> LayerTiming`` replaces real per-layer timing (tests use a fake one).
 
     ``calibration`` (an iterable of input batches, or (inputs, labels) pairs) refits every
-    replaced block on that data (:func:`dsrewrite.calibrate`). ``target_macs`` (a fraction of
+    replaced block on that data (:func:`dsrewrite.calibrate`; ``calibration_mode`` ``fast``, each
+    fit on a sample of positions, or ``thorough``, on every position). ``target_macs`` (a fraction of
     the original MACs) or ``max_error`` chooses each layer's depth multiplier
     (:mod:`dsrewrite.rank`), judged from the calibration data when given, else from the
     weights' kept energy. ``target_latency`` (a fraction of the original's latency measured
@@ -377,7 +379,9 @@ def convert(
                           max_error=max_error, align=align, width=width, measure_settings=settings,
                           batch_size=batch_size, layer_timer=timer, progress=progress, target_latency=target_latency,
                           plan_timer=plan_timer)
-    rewritten = apply_plan(model, plan, real, batches, progress)
+    if calibration_mode not in ("fast", "thorough"):
+        raise ValueError(f"calibration_mode must be 'fast' or 'thorough', not {calibration_mode!r}")
+    rewritten = apply_plan(model, plan, real, batches, progress, thorough=calibration_mode == "thorough")
     say("analyzing the converted model and checking output fidelity ...")
     after = analyze(rewritten.model, inputs, name=before.model_name)
     layer_timings = {}

@@ -25,8 +25,13 @@ after a plain first round, further rounds refit to targets in which a position t
 original's ReLU cuts off asks only to be cut off too (:func:`_gated`), so no capacity is
 spent on differences the ReLU throws away.
 
-Every pass stops as soon as the layer of interest has run, so calibrating a block early
-in the network costs only the layers before it.
+The data come from **one streamed pass** (:class:`_Stream`): both models run side by side,
+one fx node at a time over all batches, and stop at each block just long enough to fit it —
+about one forward pass of each model in all, not one per block. Fits that sample: each
+least-squares problem sees a fixed random sample of :data:`POSITIONS_PER_UNKNOWN` output
+positions per unknown (``thorough=True``: every position), so their cost stops growing with
+the data. A block the graph does not reach (inside code fx cannot trace) gets its data by
+running both models up to it on each batch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import copy
 import dataclasses
 import math
 import operator
+import time
 from typing import Any, Iterable
 
 import torch
@@ -44,7 +50,7 @@ from torch import nn
 from .blocks import FAMILY_BLOCKS
 from .layers import DepthwiseSeparableConv2d, decouple, set_linear_range
 from .progress import Progress, heartbeat
-from .trace import eval_mode
+from .trace import eval_mode, fetch_attr, node_arguments
 
 
 class _Stop(Exception):
@@ -63,6 +69,13 @@ class CalibrationReport:
     depthwise_refit: int = 0
     #: samples kept out of the fit; ``before``/``after`` are measured on them (0: on the fit data)
     held_out_samples: int = 0
+    #: blocks fitted on data from the one streamed pass (:class:`_Stream`); the others ran both
+    #: models up to the block once per batch
+    streamed_blocks: int = 0
+    #: ``fast`` (sampled positions per fit) or ``thorough`` (every position)
+    mode: str = "fast"
+    #: wall time of the whole calibration, seconds
+    seconds: float = 0.0
 
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +97,9 @@ def as_batches(data: Iterable, max_batches: int | None = None) -> list[torch.Ten
         raise ValueError("no calibration batches")
     return out
 
+
+#: fast calibration: output positions per unknown of a least-squares fit (a fixed random sample)
+POSITIONS_PER_UNKNOWN = 64
 
 # The joint depthwise fit holds a dense (mid·K²)² system (float64); above this many unknowns
 # (512 channels at rank 1 with 3×3 kernels: ~170 MiB) a block gets the pointwise refit only.
@@ -110,7 +126,8 @@ def split_held_out(data: list[torch.Tensor], fraction: float) -> tuple[list[torc
 
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
               max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 10,
-              relu_aware: bool = True, progress: bool = False, held_out: float = 0.125) -> CalibrationReport:
+              relu_aware: bool = True, progress: bool = False, held_out: float = 0.125,
+              thorough: bool = False) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
     ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
@@ -121,40 +138,53 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     followed by BN → ReLU to the error the ReLU lets through (:func:`relu_gates`).
     ``held_out`` is the share of the samples kept out of the fit (:func:`split_held_out`);
     the report's fidelity before/after is measured on them, so it is not flattered by the fit.
+    Each least-squares fit uses a fixed sample of :data:`POSITIONS_PER_UNKNOWN` output positions
+    per unknown (:meth:`_LayerData.positions`); ``thorough`` uses every position.
     """
+    per_unknown = None if thorough else POSITIONS_PER_UNKNOWN
+    started = time.perf_counter()
     data, held = split_held_out(as_batches(batches, max_batches), held_out)
     judge = held or data
     blocks = _blocks_in_order(converted, data[0])
     weights = consumer_scales(original, blocks, data[0])
-    gates = relu_gates(original, blocks) if relu_aware else {}
-    graph = next((g.graph for g in gates.values() if g.other), None)
-    offsets = _Offsets(original, converted, graph) if graph is not None else None
-    joint = 0
+    graph = _graph_of(original)
+    gates = relu_gates(original, blocks, graph=graph) if relu_aware else {}
+    joint = streamed = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, judge)
+        stream = _Stream.build(graph, original, converted, data) if graph is not None else None
+        offsets = None
         with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
             for name in blocks:
                 block = converted.get_submodule(name)
                 conv = original.get_submodule(name)
                 gate = gates.get(name)
-                offset = (lambda x, node=gate.other: offsets(x, node)) if gate and gate.other else None
+                layer = stream.layer(name, gate.other if gate else None) if stream is not None else None
+                streamed += layer is not None
+                if layer is None:  # not in the graph: this block's data by running both models up to it
+                    if gate is not None and gate.other and offsets is None:
+                        offsets = _Offsets(original, converted, graph)
+                    layer = _captured(converted, original, block, conv, data, gate, offsets)
                 if not isinstance(block, DepthwiseSeparableConv2d):
-                    _refit_last(converted, original, block, conv, data, ridge, gate, offset)
+                    _refit_last(block, layer, ridge, gate, per_unknown)
                     bar.advance(name)
                     continue
                 linear = _svd_linear(block, conv)
                 if refit_depthwise and _joint_fit_fits(block):
-                    fitted = _fit_jointly(converted, original, block, conv, data, linear, ridge, iterations,
-                                          weights.get(name), gate, offset)
+                    fitted = _fit_jointly(block, layer, linear, ridge, iterations, weights.get(name), gate,
+                                          per_unknown)
                     if fitted is not None:
                         linear, joint = fitted, joint + 1
-                scale, shift = _reset_bn(converted, block, data)
+                scale, shift = _reset_bn(block, layer)
                 prior = _through_bn(linear[1], linear[2], scale, shift)
-                _refit_pointwise(converted, original, block, conv, data, ridge, prior, gate, offset)
+                _refit_pointwise(block, layer, ridge, prior, gate, per_unknown)
                 bar.advance(name)
+                del layer
+        del stream
         after = agreement(original, converted, judge)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint,
-                             sum(x.shape[0] for x in held))
+                             sum(x.shape[0] for x in held), streamed, "thorough" if thorough else "fast",
+                             time.perf_counter() - started)
 
 
 def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,7 +231,18 @@ class Gate:
     graph: torch.fx.Graph | None = dataclasses.field(default=None, repr=False)
 
 
-def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, Gate]:
+def _graph_of(model: nn.Module) -> torch.fx.Graph | None:
+    """``model``'s fx graph (replaced convs as module calls), or None when fx cannot trace it."""
+    from .trace import trace
+
+    try:
+        result = trace(model)
+    except Exception:  # noqa: BLE001 - a model fx cannot trace is calibrated block by block, without gates
+        return None
+    return result.graph
+
+
+def relu_gates(model: nn.Module, names: Iterable[str], graph: torch.fx.Graph | None = None) -> dict[str, Gate]:
     """A :class:`Gate` for each conv in ``names`` whose output only feeds an eval BN whose output
     only feeds a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``) — directly, or through
     one residual add (``relu(bn(conv(x)) + shortcut)``), found in the fx graph.
@@ -211,18 +252,13 @@ def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, Gate]:
     that the shortcut ``r̂`` brings from earlier layers is the conv's to compensate. Models
     that fx cannot trace get no gates (plain least squares).
     """
-    from .trace import trace
-
     names = set(names)
-    try:
-        result = trace(model)
-    except Exception:  # noqa: BLE001 - a model fx cannot trace is calibrated without gates
-        return {}
-    if result.graph is None:
+    graph = graph if graph is not None else _graph_of(model)
+    if graph is None:
         return {}
     modules = dict(model.named_modules())
     gates = {}
-    for node in result.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or node.target not in names or len(node.users) != 1:
             continue
         bn_node = next(iter(node.users))
@@ -243,7 +279,7 @@ def relu_gates(model: nn.Module, names: Iterable[str]) -> dict[str, Gate]:
         scale, shift = _bn_affine(bn)
         if bool((scale.abs() > 1e-12).all()):
             gates[node.target] = Gate(scale, shift, other.name if other is not None else None,
-                                      result.graph if other is not None else None)
+                                      graph if other is not None else None)
     return gates
 
 
@@ -271,6 +307,169 @@ def _is_relu(node, modules) -> bool:
     if node.op == "call_function":
         return node.target in (F.relu, torch.relu, torch.relu_)
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+@dataclasses.dataclass
+class _LayerData:
+    """What one block is fitted on, per batch: its input in the converted model, the original
+    conv's output, and behind a residual gate the shortcut operand flattened, (original, converted)."""
+
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    offsets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def offset(self, i: int, keep: torch.Tensor | None = None):
+        if self.offsets is None:
+            return None
+        return tuple(t if keep is None else t[keep] for t in self.offsets[i])
+
+    def positions(self, unknowns: int, per_unknown: int | None) -> list[torch.Tensor | None]:
+        """Per batch, the output positions a least-squares fit with ``unknowns`` unknowns per
+        output channel uses: all of them, or (``per_unknown``) a fixed random sample of
+        ``per_unknown × unknowns`` spread over the batches — the normal equations' cost is
+        positions × unknowns², and beyond a few dozen positions per unknown more of them
+        barely move the solution. The same sample every round, so the rounds stay monotone."""
+        sizes = [y.shape[0] * math.prod(y.shape[2:]) for y in self.targets]
+        total = sum(sizes)
+        if per_unknown is None or total <= per_unknown * unknowns:
+            return [None] * len(sizes)
+        generator = torch.Generator().manual_seed(total + unknowns)
+        share = per_unknown * unknowns / total
+        return [torch.randperm(n, generator=generator)[:max(1, round(share * n))].sort().values for n in sizes]
+
+
+def _captured(converted, original, block, conv, data, gate: Gate | None, offsets: "_Offsets | None") -> _LayerData:
+    """A block's :class:`_LayerData` by running both models up to it on each batch (for a block
+    the stream cannot reach: called from code fx did not trace)."""
+    layer = _LayerData([], [], [] if gate is not None and gate.other and offsets is not None else None)
+    for i, x in enumerate(data):
+        heartbeat(f"collecting the layer's data: batch {i + 1}/{len(data)}")
+        layer.inputs.append(_capture(converted, block, x, "input"))
+        layer.targets.append(_capture(original, conv, x, "output"))
+        if layer.offsets is not None:
+            layer.offsets.append(offsets(x, gate.other))
+    return layer
+
+
+class _Stream:
+    """The original and the converted model run side by side over all calibration batches, one
+    fx node at a time (the original's graph runs the converted model too: blocks are swapped in
+    under the conv's name), each node once per model and batch, dropped when its last user ran.
+
+    :meth:`layer` runs both just far enough to hand over a block's inputs (converted) and the
+    original conv's outputs, in graph order; the block's own node, and everything that depends
+    on it, runs later, when the next block's data is asked for, with the weights the fit gave
+    it. So a whole calibration costs one forward pass of each model over the data plus the fits
+    (not a pass per block), and holds the activations live at one point of the network for all
+    batches.
+    """
+
+    def __init__(self, graph: torch.fx.Graph, original: nn.Module, converted: nn.Module, data: list[torch.Tensor]):
+        self.nodes = [n for n in graph.nodes if n.op != "output"]
+        self.output = next(n for n in graph.nodes if n.op == "output")
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.sites: dict[str, torch.fx.Node] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                self.sites.setdefault(n.target, n)
+        self.first_input = next((n for n in self.nodes if n.op == "placeholder"), None)
+        self.roots = {"original": original, "converted": converted}
+        self.data = data
+        self.env: dict[str, dict] = {w: {} for w in self.roots}  # node -> its value per batch, while needed
+        self.done: dict[str, set] = {w: set() for w in self.roots}
+        self.pending = {w: {n: len(n.users) for n in self.nodes} for w in self.roots}
+        self.start = {w: 0 for w in self.roots}  # every node before this index has run
+
+    @classmethod
+    def build(cls, graph, original, converted, data) -> "_Stream | None":
+        """A stream, after checking on the first batch that the graph computes both models' outputs."""
+        try:
+            probe = cls(graph, original, converted, data[:1])
+            for which, model in probe.roots.items():
+                probe.run_to(which, probe.nodes[-1])
+                got = node_arguments(probe.output.args[0], lambda n: probe.env[which][n][0])
+                want = model(data[0])
+                pairs = list(zip(_tensors(got), _tensors(want)))
+                if not pairs or len(_tensors(got)) != len(_tensors(want)) or not all(
+                        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max() or 1))
+                        for a, b in pairs):
+                    return None
+        except Exception:  # noqa: BLE001 - a graph that does not run both models: block by block instead
+            return None
+        return cls(graph, original, converted, data)
+
+    def layer(self, name: str, other: str | None) -> _LayerData | None:
+        """The data for the block called ``name`` (first call site); None when it is not a node."""
+        node = self.sites.get(name)
+        if node is None or not node.args:
+            return None
+        converted_env, original_env = self.env["converted"], self.env["original"]
+        before = self.nodes[self.index[node] - 1] if self.index[node] else None
+        if before is not None:
+            self.run_to("converted", before, hold=node)
+        self.run_to("original", node)
+        inputs = [node_arguments(node.args[0], lambda n, b=b: converted_env[n][b]) for b in range(len(self.data))]
+        layer = _LayerData(inputs, list(original_env[node]))
+        if other is not None and other in self.by_name:
+            operand = self.by_name[other]
+            self.run_to("original", operand)
+            self.run_to("converted", operand, hold=node)
+            layer.offsets = [(_flat(a), _flat(b)) for a, b in zip(original_env[operand], converted_env[operand])]
+        return layer
+
+    def run_to(self, which: str, target: torch.fx.Node, hold: torch.fx.Node | None = None) -> None:
+        """Run, in graph order, every node up to ``target`` not run yet, except ``hold`` and what
+        depends on it (a block not fitted yet)."""
+        done = self.done[which]
+        waiting: set = set()
+        first = None
+        for k in range(self.start[which], self.index[target] + 1):
+            n = self.nodes[k]
+            if n in done or n in waiting:
+                continue
+            if hold is not None and (n is hold or any(a in waiting for a in n.all_input_nodes)):
+                waiting.add(n)
+                first = k if first is None else first
+                continue
+            self._run(which, n)
+        self.start[which] = first if first is not None else max(self.start[which], self.index[target] + 1)
+        while self.start[which] < len(self.nodes) and self.nodes[self.start[which]] in done:
+            self.start[which] += 1
+
+    def _run(self, which: str, n: torch.fx.Node) -> None:
+        root, env, pending = self.roots[which], self.env[which], self.pending[which]
+        values = []
+        for b, x in enumerate(self.data):
+            def load(a, b=b):
+                return env[a][b]
+
+            if n.op == "placeholder":
+                values.append(x if n is self.first_input else (n.args[0] if n.args else None))
+            elif n.op == "get_attr":
+                values.append(fetch_attr(root, n.target))
+            else:
+                args, kwargs = node_arguments(n.args, load), node_arguments(n.kwargs, load)
+                if n.op == "call_module":
+                    values.append(root.get_submodule(n.target)(*args, **kwargs))
+                elif n.op == "call_function":
+                    values.append(n.target(*args, **kwargs))
+                else:
+                    values.append(getattr(args[0], n.target)(*args[1:], **kwargs))
+        env[n] = values
+        self.done[which].add(n)
+        for a in n.all_input_nodes:
+            pending[a] -= 1
+            if pending[a] == 0 and a is not n:
+                env.pop(a, None)
+        if not n.users:
+            env.pop(n, None)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
 class _Offsets:
@@ -310,7 +509,11 @@ class _Found(Exception):
         self.value = value
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def _flat(t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C, H, W] as rows [positions, C] in float64 (only the positions ``keep``, when given)."""
+    if keep is not None:
+        spots = t.shape[2] * t.shape[3]
+        return t.flatten(2)[keep // spots, :, keep % spots].double()
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
 
 
@@ -390,7 +593,7 @@ def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) ->
     return seen["t"]
 
 
-def _reset_bn(converted: nn.Module, block: DepthwiseSeparableConv2d, data: list[torch.Tensor]):
+def _reset_bn(block: DepthwiseSeparableConv2d, layer: _LayerData):
     """Set the inserted BN from the depthwise outputs on the data; returns its (scale, shift) on z."""
     if not isinstance(block.bn, nn.BatchNorm2d):
         ones = torch.ones(block.mid_channels, dtype=torch.float64)
@@ -401,8 +604,8 @@ def _reset_bn(converted: nn.Module, block: DepthwiseSeparableConv2d, data: list[
     total = torch.zeros(mid, dtype=torch.float64)
     squares = torch.zeros(mid, dtype=torch.float64)
     count = 0
-    for x in data:
-        z = block.depthwise(_capture(converted, block, x, "input")).transpose(0, 1).reshape(mid, -1).double()
+    for inp in layer.inputs:
+        z = block.depthwise(inp).transpose(0, 1).reshape(mid, -1).double()
         lo = torch.minimum(lo, z.min(1).values)
         hi = torch.maximum(hi, z.max(1).values)
         total += z.sum(1)
@@ -436,16 +639,16 @@ def _joint_fit_fits(block: DepthwiseSeparableConv2d) -> bool:
     return block.mid_channels * taps <= MAX_JOINT_UNKNOWNS and block.in_channels * taps < MAX_JOINT_UNKNOWNS
 
 
-def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d, data, linear,
-                 ridge: float, iterations: int, channel_weights: torch.Tensor | None = None,
-                 gate: Gate | None = None, offset=None):
+def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, ridge: float, iterations: int,
+                 channel_weights: torch.Tensor | None = None, gate: Gate | None = None,
+                 per_unknown: int | None = None):
     """Alternating least squares for ``y ≈ P·(D ∗ x) + b`` on the data; writes D into the block.
 
     ``channel_weights`` (per output channel, see :func:`consumer_scales`) weight each output
     channel's squared error; they change the shared depthwise filters, not the pointwise
     half-step (each output channel's row is solved on its own). With a ``gate`` (the BN →
     (residual add →) ReLU behind the conv, :func:`relu_gates`; ``offset(x)`` gives the
-    residual operand), the targets are the ReLU's input, and later rounds refit to ReLU-aware
+    residual operand in ``layer``), the targets are the ReLU's input, and later rounds refit to ReLU-aware
     targets (:func:`_gated`) built from the previous round's fit.
 
     One pass collects Σ = Σ x̃x̃ᵀ and C = Σ y x̃ᵀ (x̃: input patch with a trailing 1); every
@@ -462,22 +665,30 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
     eye_p = torch.eye(mid + 1, dtype=torch.float64)
     w2 = (channel_weights.double() ** 2 if channel_weights is not None
           else torch.ones(block.out_channels, dtype=torch.float64))
-    for round_ in range(GATED_ROUNDS if gate is not None else 1):
+    keep = layer.positions(n, per_unknown)
+    positions = sum(y.shape[0] * math.prod(y.shape[2:]) for y in layer.targets)
+    if positions < 4 * mid * taps:
+        return None  # too few positions to pin the filters down: the SVD filters stand
+    rounds = GATED_ROUNDS if gate is not None else 1
+    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
+    cached: dict[int, torch.Tensor] | None = {} if rounds > 1 and used * n <= PATCH_BUDGET else None
+    for round_ in range(rounds):
         cross = torch.zeros(block.out_channels, n, dtype=torch.float64)
         # the whole linear map, per input patch row: W[c·K² + k, o] = Σ_j P[o, c·r + j] · D[c·r + j, k]
         full = torch.einsum("cjk,ocj->cko", depthwise.reshape(c_in, rank, taps),
                             pointwise.reshape(-1, c_in, rank)).reshape(c_in * taps, -1)
-        for i, x in enumerate(data):
-            heartbeat(f"joint fit round {round_ + 1}: batch {i + 1}/{len(data)}")
-            inp = _capture(converted, block, x, "input")
-            y = _capture(original, conv, x, "output")
-            rows = _conv_patches(block.depthwise, inp).double()
-            if i == 0 and round_ == 0 and rows.shape[0] * len(data) < 4 * mid * taps:
-                return None  # too few positions to pin the filters down: the SVD filters stand
-            targets = _flat(y)
+        for i, (inp, y) in enumerate(zip(layer.inputs, layer.targets)):
+            heartbeat(f"joint fit round {round_ + 1}: batch {i + 1}/{len(layer.inputs)}")
+            rows = cached.get(i) if cached is not None else None
+            if rows is None:  # patches with a trailing 1, kept for the later rounds when they fit the budget
+                rows = _conv_patches(block.depthwise, inp, keep[i]).double()
+                rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+                if cached is not None:
+                    cached[i] = rows
+            targets = _flat(y, keep[i])
             if gate is not None:
-                targets = _gated(targets, rows @ full + bias if round_ else None, gate, offset and offset(x))
-            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+                prediction = rows[:, :-1] @ full + bias if round_ else None
+                targets = _gated(targets, prediction, gate, layer.offset(i, keep[i]))
             if round_ == 0:
                 sigma += rows.T @ rows
             cross += targets.T @ rows
@@ -510,23 +721,23 @@ def _fit_jointly(converted, original, block: DepthwiseSeparableConv2d, conv: nn.
     return depthwise, pointwise, bias
 
 
-def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv: nn.Conv2d,
-                     data: list[torch.Tensor], ridge: float, prior: torch.Tensor, gate: Gate | None = None,
-                     offset=None) -> None:
+def _refit_pointwise(block: DepthwiseSeparableConv2d, layer: _LayerData, ridge: float, prior: torch.Tensor,
+                     gate: Gate | None = None, per_unknown: int | None = None) -> None:
     mid, c_out = block.mid_channels, block.out_channels
     gram = torch.zeros(mid + 1, mid + 1, dtype=torch.float64)
     dtype = block.pointwise.weight.dtype
     solution = prior
+    keep = layer.positions(mid + 1, per_unknown)
     for round_ in range(GATED_ROUNDS if gate is not None else 1):
         cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
-        for i, x in enumerate(data):
-            heartbeat(f"pointwise refit: batch {i + 1}/{len(data)}")
-            h = block.act(block.bn(block.depthwise(_capture(converted, block, x, "input"))))
-            y = _capture(original, conv, x, "output")
-            hf = torch.cat([h.permute(0, 2, 3, 1).reshape(-1, mid), torch.ones(h.numel() // mid, 1)], 1).double()
-            yf = _flat(y)
+        for i, (inp, y) in enumerate(zip(layer.inputs, layer.targets)):
+            heartbeat(f"pointwise refit: batch {i + 1}/{len(layer.inputs)}")
+            h = block.act(block.bn(block.depthwise(inp)))
+            hf = _flat(h, keep[i])
+            hf = torch.cat([hf, torch.ones(hf.shape[0], 1, dtype=torch.float64)], 1)
+            yf = _flat(y, keep[i])
             if gate is not None:
-                yf = _gated(yf, hf @ solution if round_ else None, gate, offset and offset(x))
+                yf = _gated(yf, hf @ solution if round_ else None, gate, layer.offset(i, keep[i]))
             if round_ == 0:
                 gram += hf.T @ hf
             cross += hf.T @ yf
@@ -539,8 +750,8 @@ def _refit_pointwise(converted, original, block: DepthwiseSeparableConv2d, conv:
     block.pointwise.bias.copy_(solution[mid].to(dtype))
 
 
-def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: list[torch.Tensor], ridge: float,
-                gate: Gate | None = None, offset=None) -> None:
+def _refit_last(block: nn.Module, layer: _LayerData, ridge: float, gate: Gate | None = None,
+                per_unknown: int | None = None) -> None:
     """Refit the last conv of a family block (``block.refit``) by least squares, streamed over the batches.
 
     Its inputs come from the converted model, its targets are the original conv's outputs
@@ -560,20 +771,21 @@ def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: li
                        bias.reshape(groups, 1, per_out)], 1)
     gram = torch.zeros(groups, n, n, dtype=torch.float64)
     solution = prior
+    keep = layer.positions(n, per_unknown)
     for round_ in range(GATED_ROUNDS if gate is not None else 1):
         cross = torch.zeros(groups, n, per_out, dtype=torch.float64)
-        for i, x in enumerate(data):
-            heartbeat(f"{block.refit} refit: batch {i + 1}/{len(data)}")
-            inp = _capture(converted, last, x, "input")
-            targets = _flat(_capture(original, conv, x, "output"))  # [P, C_out]
+        for i, (block_input, y) in enumerate(zip(layer.inputs, layer.targets)):
+            heartbeat(f"{block.refit} refit: batch {i + 1}/{len(layer.inputs)}")
+            inp = block_input if last is block else _capture(block, last, block_input, "input")
+            targets = _flat(y, keep[i])  # [P, C_out]
             if gate is not None:
                 prediction = None
                 if round_:
                     prediction = torch.cat([torch.bmm(rows, solution[lo:hi]).transpose(0, 1).reshape(
-                        -1, (hi - lo) * per_out) for lo, hi, rows in _group_rows(last, inp, n)], 1)
-                targets = _gated(targets, prediction, gate, offset and offset(x))
+                        -1, (hi - lo) * per_out) for lo, hi, rows in _group_rows(last, inp, n, keep[i])], 1)
+                targets = _gated(targets, prediction, gate, layer.offset(i, keep[i]))
             targets = targets.reshape(-1, groups, per_out).transpose(0, 1)  # [groups, P, per_out]
-            for lo, hi, rows in _group_rows(last, inp, n):  # [groups in chunk, P, n]
+            for lo, hi, rows in _group_rows(last, inp, n, keep[i]):  # [groups in chunk, P, n]
                 if round_ == 0:
                     gram[lo:hi] += rows.transpose(1, 2) @ rows
                 cross[lo:hi] += rows.transpose(1, 2) @ targets[lo:hi]
@@ -590,28 +802,48 @@ def _refit_last(converted, original, block: nn.Module, conv: nn.Conv2d, data: li
 PATCH_BUDGET = 2 ** 24
 
 
-def _group_rows(conv: nn.Conv2d, x: torch.Tensor, n: int):
+def _group_rows(conv: nn.Conv2d, x: torch.Tensor, n: int, keep: torch.Tensor | None = None):
     """``(first group, last group + 1, rows)`` chunks of a (grouped) conv's input patches, rows
     ``[groups in chunk, positions, C_in/groups·K² + 1]`` in float64 with a trailing 1, few enough
     groups at a time to stay within :data:`PATCH_BUDGET` values."""
     groups, per_in = conv.groups, conv.in_channels // conv.groups
-    positions = _conv_patches(conv, x[:, :per_in]).shape[0]
+    positions = len(keep) if keep is not None else _conv_patches(conv, x[:, :per_in]).shape[0]
     step = max(1, min(groups, PATCH_BUDGET // max(positions * n, 1)))
     for lo in range(0, groups, step):
         hi = min(lo + step, groups)
-        cols = _conv_patches(conv, x[:, lo * per_in:hi * per_in]).double()
+        cols = _conv_patches(conv, x[:, lo * per_in:hi * per_in], keep).double()
         rows = cols.reshape(positions, hi - lo, n - 1).transpose(0, 1)
         yield lo, hi, torch.cat([rows, torch.ones(hi - lo, positions, 1, dtype=torch.float64)], 2)
 
 
-def _conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv``'s input patches as rows [positions, C_in·K²] in its weight's (channel, tap) order."""
+def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv``'s input patches as rows [positions, C_in·K²] in its weight's (channel, tap) order;
+    with ``keep``, only those output positions (flat indices over batch, row, column), gathered
+    directly rather than unfolded everywhere."""
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     if isinstance(conv.padding, str):
         raise ValueError("string padding is resolved to numbers when blocks are built")
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    if keep is not None and 4 * len(keep) < _positions(conv, x):  # a small share: gather just those
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        b, spot = keep // (out_h * out_w), keep % (out_h * out_w)
+        rows = (spot // out_w * sh)[:, None] + torch.arange(kh)[None] * dh  # [P, kh]
+        cols = (spot % out_w * sw)[:, None] + torch.arange(kw)[None] * dw  # [P, kw]
+        channels = torch.arange(x.shape[1])
+        patches = x[b[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        return patches.reshape(len(keep), -1)
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # [B, C·K², L]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return cols if keep is None else cols[keep]
+
+
+def _positions(conv: nn.Conv2d, padded: torch.Tensor) -> int:
+    """Output positions of ``conv`` on an already padded input."""
+    spots = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in
+             zip(padded.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+    return padded.shape[0] * math.prod(spots)
 
 
 def _conjugate_gradient(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, iterations: int = 30,

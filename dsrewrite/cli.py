@@ -242,6 +242,9 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--calibrate", "calibrate_spec", default=None, metavar="FILE.py:NAME|MODULE:NAME",
               help="Unlabeled input batches (an iterable, or a function returning one) to refit each block on.")
 @click.option("--calibration-batches", type=int, default=None, help="Use at most this many calibration batches.")
+@click.option("--calibration-mode", type=click.Choice(("fast", "thorough")), default="fast", show_default=True,
+              help="fast: one streamed pass, each least-squares fit on a sample of output positions; "
+                   "thorough: every position (slower, rarely better).")
 @click.option("--target-macs", type=float, default=None, metavar="FRACTION",
               help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
 @click.option("--max-error", type=float, default=None, metavar="E",
@@ -259,7 +262,8 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
-            align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset, target_latency) -> None:
+            align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset, target_latency,
+            calibration_mode) -> None:
     """Rewrite heavy standard convs as depthwise-separable (or other factorized) blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -369,7 +373,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     if plan is None:
         say(f"converting with {rule_config.source} ...")
     result = convert_model(analysis.loaded.model, inputs, rule_config, analysis=analysis, plan=plan,
-                           measure=measure, **planning)
+                           measure=measure, calibration_mode=calibration_mode, **planning)
     from .rewrite import real_inputs
 
     real = real_inputs(inputs)

@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .costs import CostTable, OpCall
 from .errors import InputError
-from .trace import TraceResult, eval_mode, meta_like, meta_parameters, meta_run_state, node_arguments
+from .trace import (TraceResult, eval_mode, fetch_attr, meta_like, meta_parameters, meta_run_state,
+                    node_arguments)
 from .units import format_bytes
 
 aten = torch.ops.aten
@@ -325,7 +326,7 @@ def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Count
             value = inputs[fed] if fed < len(inputs) else (node.args[0] if node.args else None)
             fed += 1
         elif node.op == "get_attr":
-            value = _fetch_attr(root, node.target)
+            value = fetch_attr(root, node.target)
         elif node.op == "call_module":
             mod = root.get_submodule(node.target)
             args, kwargs = load(node.args), load(node.kwargs)
@@ -344,13 +345,6 @@ def _run_graph(graph: fx.Graph, root: nn.Module, inputs: tuple, counter: "_Count
         for done in release[order[node]]:
             counter.release(done)
     return None
-
-
-def _fetch_attr(root: nn.Module, target: str):
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ------------------------------------------------------------------------- dispatch counter

@@ -523,7 +523,15 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                 f"before: relative error {cal['before']['relative_error']:.4g}, cosine {cal['before']['cosine']:.6f}"
                 f"{_agree(cal['before'])}",
                 f"after:  relative error {cal['after']['relative_error']:.4g}, cosine {cal['after']['cosine']:.6f}"
-                f"{_agree(cal['after'])}", ""]
+                f"{_agree(cal['after'])}"]
+        if "mode" in cal:
+            rest = cal["blocks"] - cal["streamed_blocks"]
+            fits = "each fit on a sample of output positions" if cal["mode"] == "fast" else "every position"
+            out.append(
+                f"{cal['mode']} mode ({fits}), {cal['seconds']:.1f} s; {cal['streamed_blocks']} of {cal['blocks']} blocks fit from one streamed pass "
+                "of both models" + (f", {rest} by running both models up to the block per batch (inside code the "
+                                     "graph does not reach)" if rest else ""))
+        out.append("")
     ch = doc.get("channels")
     if ch:
         out += _channel_section(ch, md, tfmt)

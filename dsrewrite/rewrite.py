@@ -57,11 +57,12 @@ def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
 
 
 def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibration: list | None = None,
-               progress=None) -> RewriteResult:
+               progress=None, thorough: bool = False) -> RewriteResult:
     """A copy of ``model`` with ``plan`` executed on it (see the module docstring); ``model`` is not touched.
 
     ``inputs`` are real example tensors (:func:`real_inputs`): they place each inserted BN in
-    its activation's linear range. ``calibration`` is a list of input batches, or None.
+    its activation's linear range. ``calibration`` is a list of input batches, or None;
+    ``thorough`` fits them on every position (:func:`~dsrewrite.calibrate.calibrate`).
     """
     say = progress or (lambda message: None)
     say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
@@ -70,7 +71,8 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
         from .calibrate import calibrate
 
         say(f"calibrating on {sum(x.shape[0] for x in calibration)} samples ...")
-        result.calibration = calibrate(result.model, model, calibration, progress=progress is not None).to_dict()
+        result.calibration = calibrate(result.model, model, calibration, progress=progress is not None,
+                                       thorough=thorough).to_dict()
     if plan.resize is not None and plan.resize.changed:
         from .channels import model_channel_graph
         from .profile import profile

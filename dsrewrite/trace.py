@@ -510,6 +510,14 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def fetch_attr(root: nn.Module, target: str):
+    """The attribute a ``get_attr`` node names (a dotted path from ``root``)."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def node_arguments(a, lookup):
     """A node's args or kwargs with each node replaced by ``lookup(node)``, as plain (mutable) lists
     and dicts: a wrapped function (``torch.fx.wrap``) may change the list it is given."""

@@ -195,6 +195,8 @@ def test_convert_with_calibration_reports_before_and_after():
     assert f"Output fidelity on 4 held-out calibration samples (not used in the fit): relative error " \
            f"{cal['after']['relative_error']:.3g}" in summary
     assert "random" not in summary
+    assert "fast mode (each fit on a sample of output positions)" in text
+    assert f"{cal['blocks']} of {cal['blocks']} blocks fit from one streamed pass of both models" in text
     assert "## Output on seeded random inputs (not your data; see Calibration)" in text
 
 
@@ -303,10 +305,12 @@ def test_cli_calibrate_and_target(tmp_path):
     report = tmp_path / "r.json"
     r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--rules", "finetune",
                                  "--calibrate", f"{data}:batches", "--target-macs", "0.4", "--report", str(report),
-                                 "-q"])
+                                 "--calibration-mode", "thorough", "-q"])
     assert r.exit_code == 0, r.output
     doc = json.loads(report.read_text())
     assert doc["calibration"]["samples"] == 10 and doc["calibration"]["held_out_samples"] == 2
+    cal = doc["calibration"]
+    assert cal["mode"] == "thorough" and cal["streamed_blocks"] == cal["blocks"] > 0 and cal["seconds"] > 0
     assert doc["findings"][-1]["text"].startswith("Output fidelity on 2 held-out calibration samples")
     assert doc["after"]["macs"] <= 0.4 * doc["before"]["macs"]
     for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
@@ -453,3 +457,100 @@ def test_finetune_threads(monkeypatch, tmp_path):
     r = CliRunner().invoke(cli, ["finetune", "s.pt", "examples/resnet.py", "--data", "x.py:d", "-o", "o.pt",
                                  "--threads", "0"])
     assert r.exit_code == 2 and "--threads must be at least 1" in r.output
+
+
+class WindowedNet(nn.Module):
+    """A conv inside shape control flow (generic fx leaves it a leaf) between two traceable convs."""
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            if h % 8:
+                x = nn.functional.pad(x, (0, (-w) % 8, 0, (-h) % 8))
+            return torch.relu(self.bn(self.conv(x)))[..., :h, :w]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.stem, self.middle = nn.Conv2d(3, 16, 3, padding=1), self.Windowed()
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        return self.head(self.middle(torch.relu(self.stem(x))))
+
+
+def _blockwise(monkeypatch):
+    """Calibration with the streamed pass turned off: every block gets its data by running both models up to it."""
+    from dsrewrite.calibrate import _Stream
+
+    monkeypatch.setattr(_Stream, "build", classmethod(lambda cls, *a: None))
+
+
+@pytest.mark.parametrize("make, overrides, streamed", [
+    (small_cnn, [], 3),
+    (lambda: Residual().eval(), ["block.activation=none"], 2),  # a residual gate: the shortcut streamed too
+    (WindowedNet, [], 1),  # the windowed conv is not in the calibration graph: fitted block by block
+    (small_cnn, ["block.family=bottleneck"], 3),
+])
+def test_streamed_calibration_fits_what_block_by_block_fits(monkeypatch, make, overrides, streamed):
+    model = make().eval()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + overrides)
+    data = batches(n=5)
+    a, b = copy.deepcopy(result.model), copy.deepcopy(result.model)
+    report = dsrewrite.calibrate(a, model, data)
+    assert report.streamed_blocks == streamed and report.blocks == len(result.report.layers)
+    assert report.after["relative_error"] < report.before["relative_error"]
+    with monkeypatch.context() as m:
+        _blockwise(m)
+        assert dsrewrite.calibrate(b, model, data).streamed_blocks == 0
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6), name
+
+
+def test_calibration_runs_each_batch_through_the_model_once():
+    """Streamed: the original's first layer sees each fit batch once, however many blocks follow it."""
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE)
+    data = batches(n=8)
+    fit, held = split_held_out(data, 0.125)
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    report = dsrewrite.calibrate(result.model, model, data)
+    handle.remove()
+    assert report.blocks == 3 and report.streamed_blocks == 3
+    # the fit batches once; held-out batches for fidelity before and after; one batch through the graph and
+    # the model, checking one against the other; one forward for the consumer BN scales
+    assert len(calls) == len(fit) + 2 * len(held) + 3
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, padding, mode", [
+    (3, 1, 1, 1, "zeros"), (3, 2, 1, 1, "reflect"), (5, 1, 2, 4, "zeros"), ((3, 1), (2, 1), 1, (1, 0), "zeros")])
+def test_sampled_patches_are_the_unfolded_rows(kernel, stride, dilation, padding, mode):
+    from dsrewrite.calibrate import _conv_patches, _flat
+
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+    x = torch.randn(3, 4, 11, 9)
+    every = _conv_patches(conv, x)
+    y = conv(x)
+    assert every.shape[0] == y.shape[0] * y.shape[2] * y.shape[3]
+    for n in (5, every.shape[0] // 2):  # gathered directly / unfolded, then picked
+        keep = torch.randperm(every.shape[0])[:n].sort().values
+        assert torch.equal(_conv_patches(conv, x, keep), every[keep])
+        assert torch.equal(_flat(y, keep), _flat(y)[keep])
+
+
+def test_fast_calibration_samples_positions_and_matches_thorough():
+    model = small_cnn()
+    result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE)
+    data = batches(n=12, size=16)  # 192 images: 27,648 positions at 12², over 64 per unknown for 16·9 + 1
+    fast, thorough = copy.deepcopy(result.model), copy.deepcopy(result.model)
+    rf = dsrewrite.calibrate(fast, model, data)
+    rt = dsrewrite.calibrate(thorough, model, data, thorough=True)
+    assert (rf.mode, rt.mode) == ("fast", "thorough")
+    assert any(not torch.equal(p, q) for p, q in zip(fast.state_dict().values(), thorough.state_dict().values()))
+    assert rf.after["relative_error"] < 0.5 * rf.before["relative_error"]
+    assert rf.after["relative_error"] <= 1.05 * rt.after["relative_error"] + 1e-4
