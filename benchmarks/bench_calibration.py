@@ -59,11 +59,16 @@ def calibrate(mode: str, converted, original, data):
 
 
 def forward_seconds(model, data) -> float:
+    """One forward pass over all the batches: the median of 3 after a warm-up batch."""
+    times = []
     with torch.no_grad():
-        start = time.perf_counter()
-        for x in data:
-            model(x)
-        return time.perf_counter() - start
+        model(data[0])
+        for _ in range(3):
+            start = time.perf_counter()
+            for x in data:
+                model(x)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[1]
 
 
 def main(argv=None) -> int:
@@ -149,8 +154,8 @@ def render(rows, modes) -> str:
         f"Measured with `python benchmarks/bench_calibration.py` on {fingerprint()}. Each row: the original "
         "converted without calibration (preset `finetune` for the Fashion-MNIST nets, `default` for resnet18, "
         "`block.family` as in the row), then calibrated three ways on the same images, one after another in "
-        "one process. **one forward**: the original over the same images (eval, no grad), measured in the same "
-        "run; a calibration's multiple of it is in bold. **fast** (default): one streamed pass of both models, "
+        "one process. **one forward**: the original over the same images (eval, no grad; median of 3), measured "
+        "in the same run; a calibration's multiple of it is in bold. **fast** (default): one streamed pass of both models, "
         "each least-squares fit on a fixed sample of 64 output positions per unknown. **thorough**: the same "
         "pass, every position. **block by block**: both models run up to each block on each batch, every "
         "position (the calibration before the stream). Error: the output's relative error against the "

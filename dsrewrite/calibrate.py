@@ -681,17 +681,19 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
             heartbeat(f"joint fit round {round_ + 1}: batch {i + 1}/{len(layer.inputs)}")
             rows = cached.get(i) if cached is not None else None
             if rows is None:  # patches with a trailing 1, kept for the later rounds when they fit the budget
-                rows = _conv_patches(block.depthwise, inp, keep[i]).double()
-                rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+                rows = _conv_patches(block.depthwise, inp, keep[i])
+                rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+                # a sampled fit is approximate anyway: its products in float32, summed per batch in float64
+                rows = rows.float() if keep[i] is not None else rows.double()
                 if cached is not None:
                     cached[i] = rows
             targets = _flat(y, keep[i])
             if gate is not None:
-                prediction = rows[:, :-1] @ full + bias if round_ else None
+                prediction = (rows[:, :-1] @ full.to(rows.dtype)).double() + bias if round_ else None
                 targets = _gated(targets, prediction, gate, layer.offset(i, keep[i]))
             if round_ == 0:
-                sigma += rows.T @ rows
-            cross += targets.T @ rows
+                sigma += (rows.T @ rows).double()
+            cross += (targets.T.to(rows.dtype) @ rows).double()
         # Σ and C restricted to the (mid channel, tap) pairs the depthwise filters see; the block
         # structure of D means nothing larger than (mid·K²)² is ever formed
         patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
@@ -728,13 +730,19 @@ def _refit_pointwise(block: DepthwiseSeparableConv2d, layer: _LayerData, ridge: 
     dtype = block.pointwise.weight.dtype
     solution = prior
     keep = layer.positions(mid + 1, per_unknown)
-    for round_ in range(GATED_ROUNDS if gate is not None else 1):
+    rounds = GATED_ROUNDS if gate is not None else 1
+    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
+    cached: dict[int, torch.Tensor] | None = {} if rounds > 1 and used * (mid + 1) <= PATCH_BUDGET else None
+    for round_ in range(rounds):
         cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
         for i, (inp, y) in enumerate(zip(layer.inputs, layer.targets)):
             heartbeat(f"pointwise refit: batch {i + 1}/{len(layer.inputs)}")
-            h = block.act(block.bn(block.depthwise(inp)))
-            hf = _flat(h, keep[i])
-            hf = torch.cat([hf, torch.ones(hf.shape[0], 1, dtype=torch.float64)], 1)
+            hf = cached.get(i) if cached is not None else None
+            if hf is None:  # the pointwise conv's inputs with a trailing 1, kept for the later rounds
+                hf = _flat(block.act(block.bn(block.depthwise(inp))), keep[i])
+                hf = torch.cat([hf, torch.ones(hf.shape[0], 1, dtype=torch.float64)], 1)
+                if cached is not None:
+                    cached[i] = hf
             yf = _flat(y, keep[i])
             if gate is not None:
                 yf = _gated(yf, hf @ solution if round_ else None, gate, layer.offset(i, keep[i]))
