@@ -201,6 +201,9 @@ class ConversionReport:
     measurement: dict[str, Any] | None = None
     #: Fidelity before/after calibration on the calibration data, or None.
     calibration: dict[str, Any] | None = None
+    #: Fidelity before/after the least-squares refit of the layers a width resize took input
+    #: channels from (:meth:`dsrewrite.calibrate.ReconstructionReport.to_dict`), or None.
+    reconstruction: dict[str, Any] | None = None
     #: Channel-group alignment / width changes (:meth:`dsrewrite.resize.ResizePlan.to_dict`), or None.
     channels: dict[str, Any] | None = None
     #: what ``fidelity`` was measured on: "random" (seeded N(0, 1) inputs) or "example" (the model's own)
@@ -234,6 +237,7 @@ class ConversionReport:
             "latency_target": self.latency_target,
             "measurement": self.measurement,
             "calibration": self.calibration,
+            "reconstruction": self.reconstruction,
             "channels": self.channels,
             "notes": self.notes,
         }
@@ -392,6 +396,7 @@ def convert(
     report = _conversion_report(before, after, plan, rewritten.kept_energy, fidelity(model, rewritten.model, real),
                                 layer_timings)
     report.calibration = rewritten.calibration
+    report.reconstruction = rewritten.reconstruction
     report.channels = plan.resize.to_dict() if plan.resize is not None else None
     report.fidelity_inputs = "random" if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs) else "example"
     latency_plan = (plan.rank_choice or {}).get("target_latency") is not None

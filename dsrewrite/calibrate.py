@@ -187,6 +187,108 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                              time.perf_counter() - started)
 
 
+@dataclasses.dataclass
+class ReconstructionReport:
+    """Fidelity of a width-resized model against the original, before and after the layers that
+    lost input channels were refit (:func:`reconstruct`)."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    #: the layers refit, in network order
+    layers: list[str]
+    samples: int
+    held_out_samples: int = 0
+    streamed_layers: int = 0
+    mode: str = "fast"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
+                positions: dict[tuple[str, str], torch.Tensor], *, ridge: float = 1e-3, held_out: float = 0.125,
+                thorough: bool = False, progress: bool = False) -> ReconstructionReport:
+    """Refit, in place, every conv and Linear of ``resized`` that lost input channels to a width
+    resize, by least squares on unlabeled data (channel pruning with reconstruction: He et al.
+    2017, ThiNet): each reproduces the original layer's output — on the channels it keeps
+    (``positions``, :func:`dsrewrite.resize.kept_positions`) — from what is left of its input,
+    taken from the resized model (earlier refits included), in network order, from the same
+    streamed pass as :func:`calibrate`. A removed channel's contribution is redistributed over
+    the channels that stay, instead of being dropped.
+
+    Refit: plain and grouped convs (not depthwise ones, whose inputs and outputs are removed
+    together) and Linears. ``held_out`` and ``thorough`` as in :func:`calibrate`.
+    """
+    started = time.perf_counter()
+    per_unknown = None if thorough else POSITIONS_PER_UNKNOWN
+    data, held = split_held_out(as_batches(batches), held_out)
+    judge = held or data
+    originals = dict(original.named_modules())
+
+    def lost_inputs(name: str, module: nn.Module) -> bool:
+        before = originals.get(name)
+        if (name, "in") not in positions or type(before) is not type(module):
+            return False
+        if isinstance(module, nn.Linear):
+            return True
+        return (isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
+                and not (module.groups > 1 and module.groups == module.in_channels))
+
+    layers = _modules_in_order(resized, data[0], lost_inputs)
+    graph = _graph_of(original)
+    streamed = 0
+    with eval_mode(resized), eval_mode(original), torch.no_grad():
+        before = agreement(original, resized, judge)
+        stream = _Stream.build(graph, original, resized, data) if graph is not None else None
+        with Progress("refitting pruned layers", len(layers), enabled=progress) as bar:
+            for name in layers:
+                module = resized.get_submodule(name)
+                layer = stream.layer(name, None) if stream is not None else None
+                streamed += layer is not None
+                if layer is None:
+                    layer = _captured(resized, original, module, originals[name], data, None, None)
+                out_index = positions.get((name, "out"))
+                if out_index is not None and bool((out_index >= originals[name].weight.shape[0]).any()):
+                    bar.advance(name)
+                    continue  # new (zero) output channels have no target: leave the layer as it is
+                if isinstance(module, nn.Linear):
+                    _refit_linear(module, layer, ridge, out_index)
+                else:
+                    _refit_conv(module, layer, ridge, None, per_unknown, out_index=out_index)
+                bar.advance(name)
+                del layer
+        del stream
+        after = agreement(original, resized, judge)
+    return ReconstructionReport(before, after, layers, sum(x.shape[0] for x in data), sum(x.shape[0] for x in held),
+                                streamed, "thorough" if thorough else "fast", time.perf_counter() - started)
+
+
+def _refit_linear(linear: nn.Linear, layer: _LayerData, ridge: float, out_index: torch.Tensor | None) -> None:
+    """Least-squares refit of a Linear (weights, and bias if it has one) to its targets in ``layer``."""
+    n = linear.in_features + (linear.bias is not None)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(n, linear.out_features, dtype=torch.float64)
+    for x, y in zip(layer.inputs, layer.targets):
+        rows = x.reshape(-1, x.shape[-1]).double()
+        if linear.bias is not None:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+        y = y.reshape(-1, y.shape[-1]).double()
+        if out_index is not None:
+            y = y[:, out_index]
+        gram += rows.T @ rows
+        cross += rows.T @ y
+    prior = linear.weight.detach().double().T
+    if linear.bias is not None:
+        prior = torch.cat([prior, linear.bias.detach().double()[None]], 0)
+    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    solution = torch.linalg.solve(gram + damp * torch.eye(n, dtype=torch.float64), cross + damp * prior)
+    linear.weight.copy_(solution[:linear.in_features].T.to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_(solution[-1].to(linear.bias.dtype))
+
+
 def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per output channel, how much the layer's error is amplified before anything nonlinear sees it.
 
@@ -540,9 +642,15 @@ def _gated(targets: torch.Tensor, prediction: torch.Tensor | None, gate: Gate,
 
 def _blocks_in_order(model: nn.Module, sample: torch.Tensor) -> list[str]:
     """Names of the replaced blocks (every family), in the order the forward runs them."""
+    return _modules_in_order(model, sample,
+                             lambda name, m: isinstance(m, (DepthwiseSeparableConv2d,) + FAMILY_BLOCKS))
+
+
+def _modules_in_order(model: nn.Module, sample: torch.Tensor, pick) -> list[str]:
+    """Names of the modules ``pick(name, module)`` selects, in the order the forward first runs them."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
-               for name, m in model.named_modules() if isinstance(m, (DepthwiseSeparableConv2d,) + FAMILY_BLOCKS)]
+               for name, m in model.named_modules() if pick(name, m)]
     _forward_once(model, sample, handles)
     return list(dict.fromkeys(order))
 
@@ -760,15 +868,24 @@ def _refit_pointwise(block: DepthwiseSeparableConv2d, layer: _LayerData, ridge: 
 
 def _refit_last(block: nn.Module, layer: _LayerData, ridge: float, gate: Gate | None = None,
                 per_unknown: int | None = None) -> None:
-    """Refit the last conv of a family block (``block.refit``) by least squares, streamed over the batches.
-
-    Its inputs come from the converted model, its targets are the original conv's outputs
-    (behind a ``gate``, ReLU-aware as in :func:`_refit_pointwise`). Every output channel is
-    its own least-squares problem on the patches of its group's input channels (a grouped
-    conv's groups are solved one by one), so only per-group normal equations are kept:
-    (C_in/groups · K² + 1)² each. Ridge pulls toward the weight-only initialization.
-    """
+    """Refit the last conv of a family block (``block.refit``) by least squares (:func:`_refit_conv`);
+    its inputs are the block's first convs applied to the block's inputs in ``layer``."""
     last: nn.Conv2d = getattr(block, block.refit)
+    _refit_conv(last, layer, ridge, gate, per_unknown,
+                None if last is block else (lambda x: _capture(block, last, x, "input")))
+
+
+def _refit_conv(last: nn.Conv2d, layer: _LayerData, ridge: float, gate: Gate | None = None,
+                per_unknown: int | None = None, prefix=None, out_index: torch.Tensor | None = None) -> None:
+    """Refit a conv's weights (and bias, if it has one) by least squares, streamed over the batches.
+
+    Its inputs come from ``layer`` (through ``prefix`` when the conv sits inside a block), its
+    targets are the original conv's outputs (only the channels ``out_index`` when some were
+    removed; behind a ``gate``, ReLU-aware as in :func:`_refit_pointwise`). Every output
+    channel is its own least-squares problem on the patches of its group's input channels (a
+    grouped conv's groups are solved one by one), so only per-group normal equations are kept:
+    (C_in/groups · K² + 1)² each. Ridge pulls toward the current weights.
+    """
     groups, c_out = last.groups, last.out_channels
     per_in, per_out = last.in_channels // groups, c_out // groups
     dtype = last.weight.dtype
@@ -780,12 +897,16 @@ def _refit_last(block: nn.Module, layer: _LayerData, ridge: float, gate: Gate | 
     gram = torch.zeros(groups, n, n, dtype=torch.float64)
     solution = prior
     keep = layer.positions(n, per_unknown)
+    # without a bias the constant column stays out of the solve (its row of the solution stays 0)
+    fit = slice(None) if last.bias is not None else slice(0, n - 1)
     for round_ in range(GATED_ROUNDS if gate is not None else 1):
         cross = torch.zeros(groups, n, per_out, dtype=torch.float64)
         for i, (block_input, y) in enumerate(zip(layer.inputs, layer.targets)):
-            heartbeat(f"{block.refit} refit: batch {i + 1}/{len(layer.inputs)}")
-            inp = block_input if last is block else _capture(block, last, block_input, "input")
+            heartbeat(f"least-squares refit: batch {i + 1}/{len(layer.inputs)}")
+            inp = block_input if prefix is None else prefix(block_input)
             targets = _flat(y, keep[i])  # [P, C_out]
+            if out_index is not None:
+                targets = targets[:, out_index]
             if gate is not None:
                 prediction = None
                 if round_:
@@ -798,8 +919,10 @@ def _refit_last(block: nn.Module, layer: _LayerData, ridge: float, gate: Gate | 
                     gram[lo:hi] += rows.transpose(1, 2) @ rows
                 cross[lo:hi] += rows.transpose(1, 2) @ targets[lo:hi]
         damp = ridge * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(1).clamp_min(1e-12)  # [groups]
-        eye = torch.eye(n, dtype=torch.float64)
-        solution = torch.linalg.solve(gram + damp[:, None, None] * eye, cross + damp[:, None, None] * prior)
+        eye = torch.eye(n, dtype=torch.float64)[fit, fit]
+        solution = torch.zeros_like(prior)
+        solution[:, fit] = torch.linalg.solve(gram[:, fit, fit] + damp[:, None, None] * eye,
+                                              cross[:, fit] + damp[:, None, None] * prior[:, fit])
     with torch.no_grad():
         last.weight.copy_(solution[:, :-1].transpose(1, 2).reshape(last.weight.shape).to(dtype))
         if last.bias is not None:

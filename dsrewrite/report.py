@@ -420,16 +420,20 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
 
 def fidelity_finding(doc: dict) -> tuple[str, str]:
     """The fidelity headline: on held-out calibration data when there was calibration, else on example inputs."""
-    cal = doc.get("calibration")
-    if cal:
-        after, before = cal["after"], cal["before"]
-        where = (f"{cal['held_out_samples']} held-out calibration samples (not used in the fit)"
-                 if cal.get("held_out_samples") else f"the {cal['samples']} calibration samples it was fit on")
+    cal, rec = doc.get("calibration"), doc.get("reconstruction")
+    if cal or rec:
+        # the last data-driven step measured the final model: the refit after a width resize, if any
+        last = rec or cal
+        after = last["after"]
+        before = f"before calibration: relative error {cal['before']['relative_error']:.3g}" if cal else (
+            f"after the width resize, before the refit: relative error {rec['before']['relative_error']:.3g}")
+        where = (f"{last['held_out_samples']} held-out calibration samples (not used in the fit)"
+                 if last.get("held_out_samples") else f"the {last['samples']} calibration samples it was fit on")
         agree = (f", top-1 agreement {100 * after['top1_agreement']:.1f}%"
                  if after.get("top1_agreement") is not None else "")
         return (fidelity_level(after["relative_error"]),
                 f"Output fidelity on {where}: relative error {after['relative_error']:.3g}, cosine "
-                f"{after['cosine']:.4f}{agree} (before calibration: relative error {before['relative_error']:.3g}).")
+                f"{after['cosine']:.4f}{agree} ({before}).")
     f = doc["fidelity"]
     what = ("seeded random N(0, 1) inputs" if doc.get("fidelity_inputs", "random") == "random"
             else "the model's example inputs")
@@ -535,6 +539,18 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
     ch = doc.get("channels")
     if ch:
         out += _channel_section(ch, md, tfmt)
+    rec = doc.get("reconstruction")
+    if rec:
+        def _line(d):
+            agree = f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
+            return f"relative error {d['relative_error']:.4g}, cosine {d['cosine']:.6f}{agree}"
+        out += [("## " if md else "") + f"Refit after the width resize ({len(rec['layers'])} layers that lost input "
+                                        f"channels, least squares on {rec['samples']} samples; fidelity on "
+                                        f"{rec['held_out_samples']} held-out samples)",
+                f"after the resize: {_line(rec['before'])}",
+                f"after the refit:  {_line(rec['after'])}",
+                f"{rec['mode']} mode, {rec['seconds']:.1f} s; refit: {', '.join(rec['layers'][:8])}"
+                + (f" and {len(rec['layers']) - 8} more" if len(rec["layers"]) > 8 else ""), ""]
     f = doc["fidelity"]
     what = "seeded random inputs" if doc["fidelity_inputs"] == "random" else "the model's example inputs"
     out += [("## " if md else "") + f"Output on {what}" + (" (not your data; see Calibration)" if cal else ""),

@@ -210,19 +210,10 @@ def apply_resize(model: nn.Module, channels: ChannelGraph, plan: ResizePlan) -> 
     ``channels`` is ``model``'s own channel graph; the plan's groups are found in it by key,
     so a plan made on the model before its separable rewrite applies to the rewritten one.
     """
-    from .errors import InputError
-
-    by_key = {channels.key(g): g for g in channels.groups}
-    change_of = {}
-    for change in plan.changed:
-        group = by_key.get(tuple(change.members)) if change.members else channels.group(change.group)
-        if group is None or group.width != change.old_width or not group.resizable:
-            raise InputError(f"the planned change of channel group {', '.join(change.members[:3])} does not fit the "
-                             "model it is applied to")
-        change_of[group.id] = change
+    change_of = _changes_by_group(channels, plan)
     if not change_of:
         return model
-    atom_change = {atom: change_of.get(channels.group_of[atom]) for atom in channels.group_of}
+    atom_change = _atom_changes(channels, change_of)
     touched = set()
     with torch.no_grad():
         for member in channels.members:
@@ -254,6 +245,35 @@ def apply_resize(model: nn.Module, channels: ChannelGraph, plan: ResizePlan) -> 
                 first, last = (getattr(module, n) for n in CHAIN_ENDS[module.family])
                 module.in_channels, module.out_channels = first.in_channels, last.out_channels
     return model
+
+
+def _changes_by_group(channels: ChannelGraph, plan: ResizePlan) -> dict[int, GroupChange]:
+    """The plan's changes by the id of the group of ``channels`` they apply to (found by key)."""
+    from .errors import InputError
+
+    by_key = {channels.key(g): g for g in channels.groups}
+    change_of = {}
+    for change in plan.changed:
+        group = by_key.get(tuple(change.members)) if change.members else channels.group(change.group)
+        if group is None or group.width != change.old_width or not group.resizable:
+            raise InputError(f"the planned change of channel group {', '.join(change.members[:3])} does not fit the "
+                             "model it is applied to")
+        change_of[group.id] = change
+    return change_of
+
+
+def _atom_changes(channels: ChannelGraph, change_of: dict[int, GroupChange]) -> dict:
+    return {atom: change_of.get(channels.group_of[atom]) for atom in channels.group_of}
+
+
+def kept_positions(channels: ChannelGraph, plan: ResizePlan) -> dict[tuple[str, str], torch.Tensor]:
+    """For every member a resize changes, ``(module, role) ->`` the old position of each new
+    channel along it (``in``/``out`` of a conv or Linear, ``features`` of a BN, ...); a new
+    (zero) channel has the position one past the old ones. ``channels`` is the graph the plan
+    is applied to (:func:`apply_resize`)."""
+    atom_change = _atom_changes(channels, _changes_by_group(channels, plan))
+    return {(m.module, m.role): _index(m, channels, atom_change) for m in channels.members
+            if any(atom_change[s.atom] is not None for s in m.layout)}
 
 
 def _index(member: Member, channels: ChannelGraph, atom_change) -> torch.Tensor:

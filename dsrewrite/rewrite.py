@@ -10,7 +10,9 @@ In a fixed order, and nothing but what the plan says:
    at once, and it works the same for models torch.fx cannot trace;
 2. with calibration data, every block is refit on it (:func:`dsrewrite.calibrate`);
 3. the planned channel resize (alignment / width) is applied to the result's channel
-   groups, found again by key (:meth:`~dsrewrite.channels.ChannelGraph.key`).
+   groups, found again by key (:meth:`~dsrewrite.channels.ChannelGraph.key`);
+4. with calibration data and channels removed, every conv and Linear that lost input channels
+   is refit by least squares to the original layer's output (:func:`dsrewrite.calibrate.reconstruct`).
 
 The result is the user's own model class, with its methods and ``state_dict`` layout
 intact apart from the changed layers. The user's model is never touched: only the copy is.
@@ -40,6 +42,9 @@ class RewriteResult:
     kept_energy: dict[str, float]
     #: fidelity before/after calibration (:meth:`~dsrewrite.calibrate.CalibrationReport.to_dict`), or None
     calibration: dict | None = None
+    #: the refit of layers that lost input channels to a width resize
+    #: (:meth:`~dsrewrite.calibrate.ReconstructionReport.to_dict`), or None
+    reconstruction: dict | None = None
 
 
 def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
@@ -76,14 +81,22 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
     if plan.resize is not None and plan.resize.changed:
         from .channels import model_channel_graph
         from .profile import profile
-        from .resize import apply_resize
+        from .resize import apply_resize, kept_positions
         from .trace import trace
 
         say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
         meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
         traced = trace(result.model, inputs=meta)
         profile(traced, meta)
-        apply_resize(result.model, model_channel_graph(traced, meta), plan.resize)
+        channels = model_channel_graph(traced, meta)
+        positions = kept_positions(channels, plan.resize) if calibration and not plan.resize.exact else None
+        apply_resize(result.model, channels, plan.resize)
+        if positions:
+            from .calibrate import reconstruct
+
+            say(f"refitting the layers that lost input channels on {sum(x.shape[0] for x in calibration)} samples ...")
+            result.reconstruction = reconstruct(result.model, model, calibration, positions, thorough=thorough,
+                                                progress=progress is not None).to_dict()
     return result
 
 

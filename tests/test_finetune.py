@@ -554,3 +554,51 @@ def test_fast_calibration_samples_positions_and_matches_thorough():
     assert any(not torch.equal(p, q) for p, q in zip(fast.state_dict().values(), thorough.state_dict().values()))
     assert rf.after["relative_error"] < 0.5 * rf.before["relative_error"]
     assert rf.after["relative_error"] <= 1.05 * rt.after["relative_error"] + 1e-4
+
+
+class Twins(nn.Module):
+    """Half of conv1's filters are the other half at half scale: after ReLU their outputs are too,
+    so a width resize that drops them loses nothing a least-squares refit of conv2 cannot restore."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 5, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight[8:] = 0.5 * self.conv1.weight[:8]
+            self.conv1.bias[8:] = 0.5 * self.conv1.bias[:8]
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_width_resize_refits_the_layers_that_lost_input_channels():
+    model = Twins().eval()
+    keep_all = ["replace.min_in_channels=100000"]
+    result = dsrewrite.convert(model, (1, 3, 12, 12), "default", keep_all, width=0.5, calibration=batches())
+    rec = result.report.reconstruction
+    assert result.model.conv1.out_channels == 8 and rec["layers"] == ["conv2"] and rec["streamed_layers"] == 1
+    assert rec["before"]["relative_error"] > 0.3 and rec["after"]["relative_error"] < 5e-3, rec
+    assert agreement(model, result.model, batches(seed=9))["relative_error"] < 5e-3, "exact on unseen inputs too"
+    plain = dsrewrite.convert(model, (1, 3, 12, 12), "default", keep_all, width=0.5)
+    assert plain.report.reconstruction is None, "no data, no refit"
+    text = render_conversion(result.report, result.plan, "markdown")
+    assert "## Refit after the width resize (1 layers that lost input channels" in text
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert f"relative error {rec['after']['relative_error']:.3g}" in summary, "the headline is the final model's"
+    assert "after the width resize, before the refit" in summary
+
+
+def test_width_resize_refit_through_residuals_and_the_classifier():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
+    result = dsrewrite.convert(model, (1, 3, 32, 32), "default", ["replace.min_in_channels=100000"], width=0.5,
+                               calibration=data)
+    rec = result.report.reconstruction
+    assert "fc" in rec["layers"] and "layer4.1.conv2" in rec["layers"] and rec["streamed_layers"] == len(rec["layers"])
+    assert rec["after"]["relative_error"] < 0.5 * rec["before"]["relative_error"], rec
+    assert result.model.fc.in_features == 256
