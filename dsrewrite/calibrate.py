@@ -17,7 +17,7 @@ blocks (:mod:`dsrewrite.blocks`) step 1 and a least-squares refit of their last 
    objective never goes up, so it is never worse than refitting the pointwise alone;
 4. the inserted BN is reset again for the new filters and the pointwise weights and bias are
    refit by least squares through the actual BN and activation, streamed over the batches:
-   only the normal equations (mid+1)² and (mid+1)×C_out are kept, never the activations.
+   the fit keeps only the normal equations (mid+1)² and (mid+1)×C_out.
 
 Both fits weight each output channel by the scale of the BN that consumes it (its error is
 amplified that much), and where the original conv feeds BN → ReLU they are *ReLU-aware*:
@@ -778,8 +778,7 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
     if positions < 4 * mid * taps:
         return None  # too few positions to pin the filters down: the SVD filters stand
     rounds = GATED_ROUNDS if gate is not None else 1
-    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
-    cached: dict[int, torch.Tensor] | None = {} if rounds > 1 and used * n <= PATCH_BUDGET else None
+    cached = _round_cache(layer, keep, n, rounds)
     for round_ in range(rounds):
         cross = torch.zeros(block.out_channels, n, dtype=torch.float64)
         # the whole linear map, per input patch row: W[c·K² + k, o] = Σ_j P[o, c·r + j] · D[c·r + j, k]
@@ -839,8 +838,7 @@ def _refit_pointwise(block: DepthwiseSeparableConv2d, layer: _LayerData, ridge: 
     solution = prior
     keep = layer.positions(mid + 1, per_unknown)
     rounds = GATED_ROUNDS if gate is not None else 1
-    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
-    cached: dict[int, torch.Tensor] | None = {} if rounds > 1 and used * (mid + 1) <= PATCH_BUDGET else None
+    cached = _round_cache(layer, keep, mid + 1, rounds)
     for round_ in range(rounds):
         cross = torch.zeros(mid + 1, c_out, dtype=torch.float64)
         for i, (inp, y) in enumerate(zip(layer.inputs, layer.targets)):
@@ -931,6 +929,13 @@ def _refit_conv(last: nn.Conv2d, layer: _LayerData, ridge: float, gate: Gate | N
 
 #: float64 patch values materialized at once by :func:`_group_rows` (128 MiB)
 PATCH_BUDGET = 2 ** 24
+
+
+def _round_cache(layer: _LayerData, keep: list, unknowns: int, rounds: int) -> dict[int, torch.Tensor] | None:
+    """A per-batch store for the rows a multi-round fit would otherwise rebuild every round, or None
+    when there is one round or the rows (``unknowns`` wide) would exceed :data:`PATCH_BUDGET`."""
+    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
+    return {} if rounds > 1 and used * unknowns <= PATCH_BUDGET else None
 
 
 def _group_rows(conv: nn.Conv2d, x: torch.Tensor, n: int, keep: torch.Tensor | None = None):
