@@ -31,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
+from bench_accuracy import DISTILL_LR, DISTILL_NOTE  # noqa: E402
 from common import PeakMemory, fingerprint, md_table  # noqa: E402
 from fashion_cnns import MODELS  # noqa: E402
 from finetune_fashion_mnist import loader, train  # noqa: E402
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--widths", default="0.75,0.5", help="width multipliers for the refit-after-resize table "
                         "(Fashion-MNIST nets; empty: none)")
+    parser.add_argument("--distill", type=int, default=1, help="distillation epochs after the width refit (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("-o", "--output", default=str(HERE / "results" / "calibration.md"))
     args = parser.parse_args(argv)
@@ -128,7 +130,9 @@ def main(argv=None) -> int:
         base = dsrewrite.evaluate(original, test) if test is not None else None
         if test is not None:
             for width in (float(w) for w in args.widths.split(",") if w):
-                width_rows.append(width_row(kind, width, original, data, test, base, shape, log))
+                train_loader = loader(x_train, y_train, 128, shuffle=True, seed=7) if args.distill else None
+                width_rows.append(width_row(kind, width, original, data, test, base, shape, log, train_loader,
+                                            args.distill))
                 flush()
         for family in (args.families if kind in MODELS else args.zoo_families).split(","):
             preset = "finetune" if kind in MODELS else "default"
@@ -152,10 +156,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def width_row(kind, width, original, data, test, base, shape, log) -> list:
+def width_row(kind, width, original, data, test, base, shape, log, train_loader=None, epochs=0) -> list:
     """Accuracy of a ``--width`` resize: as is, with BN statistics re-estimated on the data (what
-    channel-pruning tools do), and with dsrewrite's least-squares refit of the layers that lost
-    input channels; latency of the resized model against the original (batch 64, side by side)."""
+    channel-pruning tools do), with dsrewrite's least-squares refit of the layers that lost input
+    channels, and that refit model distilled ``epochs``; latency of the resized model against the
+    original (batch 1 and 64, side by side)."""
     from dsrewrite.measure import MeasureSettings, time_model
 
     keep_all = ["replace.min_in_channels=100000"]  # no block replacements: the width alone
@@ -168,13 +173,23 @@ def width_row(kind, width, original, data, test, base, shape, log) -> list:
     rec = refit.report.reconstruction
     forward = forward_seconds(original, data)
     settings = MeasureSettings(device="cpu", memory_format="channels_last", repeats=10, warmup=3)
-    x = torch.randn(64, *shape[1:])
-    latency = time_model(plain, (x,), settings).median / time_model(original, (x,), settings).median
+    latency = []
+    for batch in (1, 64):
+        x = torch.randn(batch, *shape[1:])
+        latency.append(time_model(plain, (x,), settings).median / time_model(original, (x,), settings).median)
     accs = [dsrewrite.evaluate(m, test) for m in (plain, recal, refit.model)]
     log(f"{kind} width {width}: {', '.join(f'{100 * a:.2f}%' for a in accs)}")
-    return [kind, f"{width:g}", f"{refit.report.ratios()['macs']:.2f}×", f"{latency:.2f}", f"{100 * base:.2f}%"] + [
-        f"{100 * a:.2f}% ({100 * (a - base):+.2f})" for a in accs] + [
-        f"{len(rec['layers'])}", f"{rec['seconds']:.1f}s ({rec['seconds'] / forward:.0f}×); convert total "
+    distilled = "-"
+    if epochs:
+        start = time.perf_counter()
+        student = copy.deepcopy(refit.model)
+        history = dsrewrite.distill(student, original, train_loader, epochs=epochs, lr=DISTILL_LR, eval_loader=test)
+        a = history[-1].accuracy
+        distilled = f"{100 * a:.2f}% ({100 * (a - base):+.2f}; {time.perf_counter() - start:.0f}s)"
+        log(f"{kind} width {width}: distilled {100 * a:.2f}%")
+    return [kind, f"{width:g}", f"{refit.report.ratios()['macs']:.2f}×", f"{latency[0]:.2f} / {latency[1]:.2f}",
+            f"{100 * base:.2f}%"] + [f"{100 * a:.2f}% ({100 * (a - base):+.2f})" for a in accs] + [
+        distilled, f"{len(rec['layers'])}", f"{rec['seconds']:.1f}s ({rec['seconds'] / forward:.0f}×); convert total "
         f"{seconds:.1f}s, {peak.peak / 2 ** 20:.0f} MiB"]
 
 
@@ -212,11 +227,13 @@ def render(rows, modes, width_rows=()) -> str:
         "unlabeled images: accuracy of the resized model as is (channels kept by filter L1 norm), with BN "
         "statistics re-estimated on the images (what channel-pruning tools such as Torch-Pruning do after "
         "L1 pruning), and with dsrewrite's least-squares refit of every conv and Linear that lost input "
-        "channels (`convert --width α --calibrate DATA`; `dsrewrite.calibrate.reconstruct`). Latency: "
-        "the resized model ÷ the original, batch 64, channels_last, side by side. Refit time: its multiple "
-        "of one forward pass of the original over the images.", "",
-        md_table(["model", "width", "fewer MACs", "latency", "original", "resized", "+ BN re-estimated",
-                  "+ least-squares refit (dsrewrite)", "layers refit", "refit time"], list(width_rows)), ""])
+        "channels (`convert --width α --calibrate DATA`; `dsrewrite.calibrate.reconstruct`), then that model "
+        f"distilled one epoch from the original ({DISTILL_NOTE}; labels unused). Latency: the resized model ÷ "
+        "the original at batch 1 / 64, CPU, channels_last, side by side. Refit time: its multiple of one "
+        "forward pass of the original over the images.", "",
+        md_table(["model", "width", "fewer MACs", "latency b1 / b64", "original", "resized", "+ BN re-estimated",
+                  "+ least-squares refit (dsrewrite)", "+ 1 epoch distillation", "layers refit", "refit time"],
+                 list(width_rows)), ""])
 
 
 if __name__ == "__main__":
