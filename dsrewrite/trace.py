@@ -22,6 +22,7 @@ dispatch level; the report lists each leaf and the error that made it one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import operator
 from typing import Iterator
@@ -283,6 +284,7 @@ def trace(model: nn.Module, training: bool = False, inputs: tuple | None = None)
 
 def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
     """Trace, then undo what tracing wrote into the modules' own state (see :func:`_module_state`)."""
+    model = _own_root(model)
     saved = _module_state(model)
     try:
         result = _trace_once(model)
@@ -293,6 +295,16 @@ def _trace(model: nn.Module, inputs: tuple | None) -> TraceResult:
         return result
     finally:
         _restore_proxy_state(saved)
+
+
+def _own_root(model: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` to trace (the result's ``root``): its children, parameters and
+    buffers are the user's (the same dicts), but what tracing writes on the root itself —
+    torch.fx keeps the tensor constants a forward creates as ``_tensor_constant0…`` attributes of
+    the traced root — lands on the copy, so analysis leaves the user's model as it was."""
+    if isinstance(model, (torch.jit.ScriptModule, fx.GraphModule)):
+        return model
+    return copy.copy(model)
 
 
 #: nn.Module's own bookkeeping (parameters, buffers, children, hook tables): never a forward's cache

@@ -253,3 +253,23 @@ def test_in_place_item_assignment_inside_a_specialized_module_is_recorded():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+def test_analysis_leaves_the_users_model_as_it_was():
+    """torch.fx keeps constants a forward creates as attributes of the traced root: on a copy, not the user's model."""
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + torch.tensor([1.0])
+
+    model = Offset().eval()
+    before = set(vars(model))
+    analysis = dsrewrite.analyze(model, (1, 3, 8, 8))
+    assert set(vars(model)) == before and analysis.profile.macs == 8 * 27 * 64
+    result = dsrewrite.convert(model, (1, 3, 8, 8), "aggressive", ["replace.min_in_channels=0",
+                                                                    "replace.min_mac_reduction=0"])
+    assert set(vars(model)) == before and not hasattr(result.model, "_tensor_constant0")
