@@ -149,22 +149,16 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     weights = consumer_scales(original, blocks, data[0])
     graph = _graph_of(original)
     gates = relu_gates(original, blocks, graph=graph) if relu_aware else {}
-    joint = streamed = 0
+    joint = 0
     with eval_mode(converted), eval_mode(original), torch.no_grad():
         before = agreement(original, converted, judge)
-        stream = _Stream.build(graph, original, converted, data) if graph is not None else None
-        offsets = None
+        source = _Source(original, converted, graph, data)
         with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
             for name in blocks:
                 block = converted.get_submodule(name)
                 conv = original.get_submodule(name)
                 gate = gates.get(name)
-                layer = stream.layer(name, gate.other if gate else None) if stream is not None else None
-                streamed += layer is not None
-                if layer is None:  # not in the graph: this block's data by running both models up to it
-                    if gate is not None and gate.other and offsets is None:
-                        offsets = _Offsets(original, converted, graph)
-                    layer = _captured(converted, original, block, conv, data, gate, offsets)
+                layer = source.layer(name, gate)
                 if not isinstance(block, DepthwiseSeparableConv2d):
                     _refit_last(block, layer, ridge, gate, per_unknown)
                     bar.advance(name)
@@ -180,7 +174,8 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
                 _refit_pointwise(block, layer, ridge, prior, gate, per_unknown)
                 bar.advance(name)
                 del layer
-        del stream
+        streamed = source.streamed
+        del source  # the activations it holds
         after = agreement(original, converted, judge)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint,
                              sum(x.shape[0] for x in held), streamed, "thorough" if thorough else "fast",
@@ -231,6 +226,9 @@ def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
         before = originals.get(name)
         if (name, "in") not in positions or type(before) is not type(module):
             return False
+        out = positions.get((name, "out"))
+        if out is not None and bool((out >= before.weight.shape[0]).any()):
+            return False  # new (zero) output channels have no target: the layer stays as it is
         if isinstance(module, nn.Linear):
             return True
         return (isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
@@ -238,28 +236,22 @@ def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
 
     layers = _modules_in_order(resized, data[0], lost_inputs)
     graph = _graph_of(original)
-    streamed = 0
     with eval_mode(resized), eval_mode(original), torch.no_grad():
         before = agreement(original, resized, judge)
-        stream = _Stream.build(graph, original, resized, data) if graph is not None else None
+        source = _Source(original, resized, graph, data)
         with Progress("refitting pruned layers", len(layers), enabled=progress) as bar:
             for name in layers:
                 module = resized.get_submodule(name)
-                layer = stream.layer(name, None) if stream is not None else None
-                streamed += layer is not None
-                if layer is None:
-                    layer = _captured(resized, original, module, originals[name], data, None, None)
+                layer = source.layer(name)
                 out_index = positions.get((name, "out"))
-                if out_index is not None and bool((out_index >= originals[name].weight.shape[0]).any()):
-                    bar.advance(name)
-                    continue  # new (zero) output channels have no target: leave the layer as it is
                 if isinstance(module, nn.Linear):
                     _refit_linear(module, layer, ridge, out_index)
                 else:
                     _refit_conv(module, layer, ridge, None, per_unknown, out_index=out_index)
                 bar.advance(name)
                 del layer
-        del stream
+        streamed = source.streamed
+        del source  # the activations it holds
         after = agreement(original, resized, judge)
     return ReconstructionReport(before, after, layers, sum(x.shape[0] for x in data), sum(x.shape[0] for x in held),
                                 streamed, "thorough" if thorough else "fast", time.perf_counter() - started)
@@ -440,6 +432,30 @@ class _LayerData:
         return [torch.randperm(n, generator=generator)[:max(1, round(share * n))].sort().values for n in sizes]
 
 
+class _Source:
+    """Each fitted layer's data: from the one streamed pass (:class:`_Stream`) where the graph
+    reaches the layer, else by running both models up to it on every batch (:func:`_captured`)."""
+
+    def __init__(self, original: nn.Module, converted: nn.Module, graph: torch.fx.Graph | None,
+                 data: list[torch.Tensor]):
+        self.original, self.converted, self.graph, self.data = original, converted, graph, data
+        self.stream = _Stream.build(graph, original, converted, data) if graph is not None else None
+        self.offsets: _Offsets | None = None
+        #: layers served by the stream
+        self.streamed = 0
+
+    def layer(self, name: str, gate: Gate | None = None) -> _LayerData:
+        other = gate.other if gate is not None else None
+        layer = self.stream.layer(name, other) if self.stream is not None else None
+        if layer is not None:
+            self.streamed += 1
+            return layer
+        if other and self.offsets is None:
+            self.offsets = _Offsets(self.original, self.converted, self.graph)
+        return _captured(self.converted, self.original, self.converted.get_submodule(name),
+                         self.original.get_submodule(name), self.data, gate, self.offsets)
+
+
 def _captured(converted, original, block, conv, data, gate: Gate | None, offsets: "_Offsets | None") -> _LayerData:
     """A block's :class:`_LayerData` by running both models up to it on each batch (for a block
     the stream cannot reach: called from code fx did not trace)."""
@@ -562,7 +578,7 @@ class _Stream:
         self.done[which].add(n)
         for a in n.all_input_nodes:
             pending[a] -= 1
-            if pending[a] == 0 and a is not n:
+            if pending[a] == 0:
                 env.pop(a, None)
         if not n.users:
             env.pop(n, None)

@@ -422,8 +422,11 @@ class _Counter(TorchDispatchMode):
         if isinstance(self.model, torch.jit.ScriptModule):
             yield
             return
-        names = {id(mod): name for name, mod in self.model.named_modules()}
-        self.own_forward_ids.update(id(m) for m in self.model.modules() if _overrides_forward(m))
+        names = {}
+        for name, mod in self.model.named_modules():
+            names[id(mod)] = name
+            if _overrides_forward(mod):
+                self.own_forward_ids.add(id(mod))
         stack = self.stack
 
         def push(mod, args):

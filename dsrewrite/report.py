@@ -418,6 +418,12 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _fidelity_line(d: dict) -> str:
+    """``relative error …, cosine …[, top-1 agreement …%]`` of a before/after fidelity dict."""
+    agree = f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
+    return f"relative error {d['relative_error']:.4g}, cosine {d['cosine']:.6f}{agree}"
+
+
 def fidelity_finding(doc: dict) -> tuple[str, str]:
     """The fidelity headline: on held-out calibration data when there was calibration, else on example inputs."""
     cal, rec = doc.get("calibration"), doc.get("reconstruction")
@@ -518,37 +524,31 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                     f"{bd['predicted_speedup']:.2f}× faster; measured: {meas['speedup']:.2f}×.", ""]
     cal = doc.get("calibration")
     if cal:
-        def _agree(d):
-            return f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
         judged = (f"fidelity on {cal['held_out_samples']} held-out samples" if cal.get("held_out_samples")
                   else "fidelity on the fit data (too few samples to hold any out)")
         out += [("## " if md else "") + f"Calibration ({cal['samples']} samples fit, {cal['blocks']} blocks refit; "
                                         f"{judged})",
-                f"before: relative error {cal['before']['relative_error']:.4g}, cosine {cal['before']['cosine']:.6f}"
-                f"{_agree(cal['before'])}",
-                f"after:  relative error {cal['after']['relative_error']:.4g}, cosine {cal['after']['cosine']:.6f}"
-                f"{_agree(cal['after'])}"]
+                f"before: {_fidelity_line(cal['before'])}",
+                f"after:  {_fidelity_line(cal['after'])}"]
         if "mode" in cal:
             rest = cal["blocks"] - cal["streamed_blocks"]
             fits = "each fit on a sample of output positions" if cal["mode"] == "fast" else "every position"
             out.append(
-                f"{cal['mode']} mode ({fits}), {cal['seconds']:.1f} s; {cal['streamed_blocks']} of {cal['blocks']} blocks fit from one streamed pass "
-                "of both models" + (f", {rest} by running both models up to the block per batch (inside code the "
-                                     "graph does not reach)" if rest else ""))
+                f"{cal['mode']} mode ({fits}), {cal['seconds']:.1f} s; {cal['streamed_blocks']} of {cal['blocks']} "
+                "blocks fit from one streamed pass of both models"
+                + (f", {rest} by running both models up to the block per batch (inside code the graph does not "
+                   "reach)" if rest else ""))
         out.append("")
     ch = doc.get("channels")
     if ch:
         out += _channel_section(ch, md, tfmt)
     rec = doc.get("reconstruction")
     if rec:
-        def _line(d):
-            agree = f", top-1 agreement {100 * d['top1_agreement']:.1f}%" if d.get("top1_agreement") is not None else ""
-            return f"relative error {d['relative_error']:.4g}, cosine {d['cosine']:.6f}{agree}"
         out += [("## " if md else "") + f"Refit after the width resize ({len(rec['layers'])} layers that lost input "
                                         f"channels, least squares on {rec['samples']} samples; fidelity on "
                                         f"{rec['held_out_samples']} held-out samples)",
-                f"after the resize: {_line(rec['before'])}",
-                f"after the refit:  {_line(rec['after'])}",
+                f"after the resize: {_fidelity_line(rec['before'])}",
+                f"after the refit:  {_fidelity_line(rec['after'])}",
                 f"{rec['mode']} mode, {rec['seconds']:.1f} s; refit: {', '.join(rec['layers'][:8])}"
                 + (f" and {len(rec['layers']) - 8} more" if len(rec["layers"]) > 8 else ""), ""]
     f = doc["fidelity"]
