@@ -621,6 +621,42 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
     return {r: max(1.0 - float(cumulative[min(r, c_out) - 1, min(r, c_in) - 1]) / total, 0.0) for r in ranks}
 
 
+def family_approximations(weight: torch.Tensor, family: str, ranks: list[int]):
+    """``(rank, Ŵ)`` pairs, one rank at a time: the dense K×K weight (float64) of ``family``'s
+    weight-only initialization at each rank — the same truncations :func:`family_errors` judges
+    (‖W − Ŵ‖² / ‖W‖² of each Ŵ is its error there), for judging a candidate on data
+    (:mod:`dsrewrite.judge`). A generator, so that only one Ŵ is held at a time."""
+    w = weight.detach().double()
+    c_out, c_in, kh, kw = w.shape
+    k = kh * kw
+    if family == "separable":  # per input channel, its C_out × K² slice
+        u, s, vh = torch.linalg.svd(w.reshape(c_out, c_in, k).permute(1, 0, 2), full_matrices=False)
+        for r in ranks:
+            yield r, ((u[:, :, :r] * s[:, None, :r]) @ vh[:, :r]).permute(1, 0, 2).reshape(w.shape)
+    elif family == "pointwise-first":  # per output channel, its C_in × K² slice
+        u, s, vh = torch.linalg.svd(w.reshape(c_out, c_in, k), full_matrices=False)
+        for r in ranks:
+            yield r, ((u[:, :, :r] * s[:, None, :r]) @ vh[:, :r]).reshape(w.shape)
+    elif family == "spatial":
+        u, s, vh = torch.linalg.svd(SpatialSeparableConv2d.unfolding(w), full_matrices=False)
+        for r in ranks:
+            yield r, ((u[:, :r] * s[:r]) @ vh[:r]).reshape(c_in, kh, kw, c_out).permute(3, 0, 1, 2)
+    elif family == "inverted-residual":
+        svd = torch.linalg.svd(w.reshape(c_out, c_in, k).permute(1, 0, 2), full_matrices=False)
+        for r in ranks:
+            p, e, d = cp_factors(w, r, ESTIMATE_SWEEPS, ESTIMATE_BUDGET, svd)
+            yield r, torch.einsum("or,ir,kr->oik", p, e, d).reshape(w.shape)
+    elif family == "bottleneck":  # the HOSVD truncation: W projected on the leading bases of both channel modes
+        u_out = torch.linalg.eigh(w.reshape(c_out, -1) @ w.reshape(c_out, -1).T)[1].flip(1)
+        m_in = w.transpose(0, 1).reshape(c_in, -1)
+        u_in = torch.linalg.eigh(m_in @ m_in.T)[1].flip(1)
+        for r in ranks:
+            a, b = u_out[:, :min(r, c_out)], u_in[:, :min(r, c_in)]
+            yield r, torch.einsum("oikl,pi->opkl", torch.einsum("oikl,po->pikl", w, a @ a.T), b @ b.T)
+    else:
+        raise ValueError(f"unknown block family {family!r}")
+
+
 def block_text(family: str, rank: int, bn: bool = False, activation: str = "none") -> str:
     """How a planned block reads: ``dw×2 → BN → relu → pw``, ``3×1 → 48 → 1×3`` (K written out by the caller)."""
     if family == "separable":

@@ -111,13 +111,15 @@ def candidate_ranks_of(family: str, site: Decision, config: RuleConfig) -> list[
 
 def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config: RuleConfig,
                       timer: Callable | None = None, progress: bool = False,
-                      resize: bool = False) -> dict[str, list[Candidate]]:
+                      resize: bool = False, calibration: list | None = None) -> dict[str, list[Candidate]]:
     """``module -> [keep, block candidates...]`` for the modules of ``sites`` (replace decisions).
 
     With a ``timer`` (``timer(conv, rank, bn, activation, family) -> LayerTiming``) every
     candidate is timed on every call site of its module; without one, candidates carry MACs
     and errors only. Candidates with no fewer MACs than the dense conv are left out; with a
-    channel ``resize`` planned, so are the families it cannot follow.
+    channel ``resize`` planned, so are the families it cannot follow. Errors are the weight
+    errors, or with ``calibration`` batches the output errors on the layer's sampled real
+    inputs (:func:`dsrewrite.judge.family_data_errors`).
     """
     from .blocks import block_costs, family_errors
     from .progress import Progress
@@ -130,6 +132,21 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     for name, ds in by_module.items():
         first = ds[0]
         plans[name] = [(f, r) for f in families_for(config, name, resize) for r in candidate_ranks_of(f, first, config)]
+    samples, scales = {}, {}
+    if calibration:
+        from .calibrate import consumer_scales
+        from .judge import BLOCK_ROWS, sample_inputs
+
+        samples = sample_inputs(model, {name: BLOCK_ROWS for name in by_module}, calibration)
+        scales = consumer_scales(model, list(by_module), calibration[0])
+
+    def judge(name: str, weight, family: str, ranks: list[int]) -> dict[int, float]:
+        if name in samples:
+            from .judge import family_data_errors
+
+            return family_data_errors(weight, family, ranks, samples[name], scales.get(name))
+        return family_errors(weight, family, ranks)
+
     out: dict[str, list[Candidate]] = {}
     total = sum(len(v) for v in plans.values()) if timer is not None else 0
     with Progress("timing candidate blocks", total, enabled=progress and timer is not None) as bar:
@@ -151,7 +168,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
                     bar.advance(name)
                     continue
                 if family not in errors:
-                    errors[family] = family_errors(weight, family, [r for f, r in plans[name] if f == family])
+                    errors[family] = judge(name, weight, family, [r for f, r in plans[name] if f == family])
                 time_s = timing = None
                 if timer is not None:
                     timings = [timer(convs[d.index], rank, bn, activation, family) for d in ds]
@@ -166,13 +183,15 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
 def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], *,
                   target_latency: float | None = None, target_macs: float | None = None,
                   max_error: float | None = None, original_latency_s: float | None = None,
-                  environment: str = "", batch_size: int | None = None, budget: float | None = None) -> ConversionPlan:
+                  environment: str = "", batch_size: int | None = None, budget: float | None = None,
+                  judged_by: str = "weights") -> ConversionPlan:
     """A new plan with each candidate module's block chosen (see the module docstring).
 
     Exactly one of ``target_latency`` (with ``original_latency_s``, the original model
     measured end to end), ``target_macs`` (fractions of the original) or ``max_error``
     (per layer: the cheapest candidate within the bound). ``budget``: the fraction the
     layer-sum prediction must meet, when it differs from the target (:func:`fit_latency`).
+    ``judged_by``: where the candidates' errors came from, "weights" or "data" (recorded in the plan).
     """
     from .rank import least_error_within
 
@@ -211,7 +230,7 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
     decisions = [_decide(d, candidates[d.module_name], chosen[d.module_name], by_time, goal, plan.config)
                  if d.replaced and d.module_name in candidates else d for d in plan.decisions]
     choice = {"target_latency": target_latency, "target_macs": target_macs, "max_error": max_error,
-              "judged_by": "weights", "chooser": "blocks",
+              "judged_by": judged_by, "chooser": "blocks",
               "families": sorted({c.family for opts in candidates.values() for c in opts if c.family != "keep"}),
               "original_latency_s": original_latency_s, "predicted_latency_s": predicted,
               "predicted_fraction": predicted / original_latency_s if predicted is not None else None,
@@ -228,7 +247,8 @@ TOLERANCE = 0.05
 
 def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], target_latency: float,
                 original_latency_s: float, time_plan: Callable[[ConversionPlan], tuple[float, float]], *,
-                rounds: int = 6, environment: str = "", batch_size: int | None = None) -> ConversionPlan:
+                rounds: int = 6, environment: str = "", batch_size: int | None = None,
+                judged_by: str = "weights") -> ConversionPlan:
     """Blocks chosen for ``target_latency``, checked by timing the planned model end to end.
 
     Layers timed one by one do not add up to the model (threads, caches, kernels chosen
@@ -245,12 +265,12 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
     """
     if not candidates:  # nothing the rules would replace: no plan can be faster
         plan = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
-                             environment=environment, batch_size=batch_size)
+                             environment=environment, batch_size=batch_size, judged_by=judged_by)
         return dataclasses.replace(plan, rank_choice=dict(plan.rank_choice, reachable=False, rounds=[]))
     budget, tried, seen, nudges = target_latency, [], {}, 0
     while len(tried) < rounds and nudges <= 20:
         candidate = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
-                                  environment=environment, batch_size=batch_size, budget=budget)
+                                  environment=environment, batch_size=batch_size, budget=budget, judged_by=judged_by)
         signature = tuple((d.module_name, d.family, d.rank) for d in candidate.replacements)
         if signature in seen:  # the budget moved too little to change the plan: push it further, untimed
             nudges += 1

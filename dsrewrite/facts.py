@@ -37,7 +37,7 @@ class PlanFacts:
     environment: str = ""
     #: conv module -> {depth multiplier: error} (rank choice)
     errors: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
-    #: "data" (calibration batches) or "energy" (weights only), or None
+    #: "data" (calibration batches) or "energy" / "weights" (weights only: depth multipliers / blocks), or None
     errors_from: str | None = None
     #: the model's channel graph (resize), or None
     channels: Any = None
@@ -97,8 +97,11 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         else:
             say("judging each candidate block ...")
         resize = align is not None or config.align_groups or width is not None or config.align_width > 0
+        if calibration:
+            say("judging each candidate block on the calibration data ...")
         facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
-                                         progress is not None, resize)
+                                         progress is not None, resize, calibration)
+        facts.errors_from = "data" if calibration else "weights"
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)

@@ -202,10 +202,12 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
             from .choose import fit_latency
 
             plan = fit_latency(plan, facts.blocks, latency, facts.original_latency_s, facts.plan_timer,
-                               environment=facts.environment, batch_size=facts.batch_size)
+                               environment=facts.environment, batch_size=facts.batch_size,
+                               judged_by=facts.errors_from or "weights")
             plan.environment = facts.environment
         else:
-            plan = choose_blocks(plan, facts.blocks, target_macs=target_macs, max_error=max_error)
+            plan = choose_blocks(plan, facts.blocks, target_macs=target_macs, max_error=max_error,
+                                 judged_by=facts.errors_from or "weights")
     elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 

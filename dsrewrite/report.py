@@ -259,8 +259,10 @@ def _choice_text(choice: dict) -> str:
         goal = f"error ≤ {choice['max_error']:g} per layer"
     if choice.get("chooser") == "blocks":
         families = ", ".join(choice.get("families") or []) or "none"
-        text = (f"Blocks chosen for {goal} from {families} (or keep), judged by the weight error "
-                "‖W − Ŵ‖²/‖W‖² (no data).")
+        judged = ("the output error of each block's weight-only start on the layer's calibration inputs "
+                  "‖(W − Ŵ)x‖²/‖Wx‖²" if choice.get("judged_by") == "data" else
+                  "the weight error ‖W − Ŵ‖²/‖W‖² (no data)")
+        text = f"Blocks chosen for {goal} from {families} (or keep), judged by {judged}."
         if choice.get("measured_fraction") is not None:
             batch = f", batch {choice['batch_size']}" if choice.get("batch_size") else ""
             rounds = choice.get("rounds") or []

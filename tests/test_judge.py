@@ -1,0 +1,129 @@
+"""Judging candidates on calibration data: block errors on the layer's real inputs, width refits.
+
+Each number is checked against the quantity it stands for, computed the slow way (a real
+conv over every position, a least-squares fit on the whole data).
+"""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsrewrite
+from dsrewrite.blocks import FAMILIES, family_approximations, family_errors, relative_error
+from dsrewrite.judge import family_data_errors, refit_error, sample_inputs
+
+SMALL = (1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def small():
+    sys.path.insert(0, "examples")
+    try:
+        from fashion_cnns import ResNetStyle
+    finally:
+        sys.path.remove("examples")
+    torch.manual_seed(0)
+    model = ResNetStyle(16).eval()
+    with torch.no_grad():
+        model(torch.randn(64, *SMALL[1:]))
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_approximations_are_the_truncations_the_weight_errors_judge(family):
+    torch.manual_seed(1)
+    w = torch.randn(12, 10, 3, 3)
+    ranks = [1, 2, 5]
+    errors = family_errors(w, family, ranks)
+    got = dict(family_approximations(w, family, ranks))
+    assert sorted(got) == ranks
+    for r in ranks:
+        assert relative_error(w, got[r]) ** 2 == pytest.approx(errors[r], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_data_error_is_the_output_error_of_the_block_start(family, stride, padding):
+    """Sampling every position, the error equals ‖conv(x, W − Ŵ)‖² / ‖conv(x, W)‖² over the data."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 8, 3, stride=stride, padding=padding)
+    model = nn.Sequential(conv)
+    # correlated, non-white inputs: two channels carry most of the energy
+    x = torch.randn(3, 6, 9, 9) * torch.tensor([3.0, 2.0, 0.3, 0.3, 0.1, 0.1]).view(1, 6, 1, 1)
+    positions = 3 * conv(x).shape[2] * conv(x).shape[3]
+    patches = sample_inputs(model, {"0": positions}, [x[:2], x[2:]])["0"]
+    assert patches.shape == (positions, 6 * 9)
+    ranks = [1, 2]
+    got = family_data_errors(conv.weight, family, ranks, patches)
+    for r, approx in family_approximations(conv.weight, family, ranks):
+        delta = (conv.weight.detach().double() - approx).float()
+        expect = float(F.conv2d(x, delta, None, stride, padding).square().sum() /
+                       F.conv2d(x, conv.weight.detach(), None, stride, padding).square().sum())
+        assert got[r] == pytest.approx(expect, rel=1e-4)
+
+
+def test_data_error_sees_which_inputs_the_data_excites():
+    """Rank 1 of each output's C_in × K² slice keeps the strong input channel: a small weight
+    error. On data that only excites the weak channel, that block is useless; on data that only
+    excites the strong one, it is nearly exact. Only the data error tells them apart."""
+    torch.manual_seed(3)
+    w = torch.randn(4, 2, 3, 3)
+    w[:, 1] *= 10
+    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    weight_error = family_errors(w, "pointwise-first", [1])[1]
+    errors = {}
+    for silent in (0, 1):
+        x = torch.randn(4, 2, 8, 8)
+        x[:, silent] = 0
+        patches = sample_inputs(nn.Sequential(conv), {"0": 10_000}, [x])["0"]
+        errors[silent] = family_data_errors(w, "pointwise-first", [1], patches)[1]
+    assert weight_error < 0.05
+    assert errors[1] > 0.5  # only the weak channel speaks: the block dropped it
+    assert errors[0] < weight_error  # only the strong channel speaks: what was kept
+
+
+def test_refit_error_recovers_copied_channels_and_charges_independent_ones():
+    torch.manual_seed(4)
+    base = torch.randn(4000, 6, dtype=torch.float64)
+    copies = torch.cat([base, 2 * base[:, :2]], 1)  # channels 6, 7 are scaled copies of 0, 1
+    w = torch.randn(5, 8, dtype=torch.float64)
+    keep = torch.arange(6)
+    assert refit_error(w, copies, keep, bias=False) < 1e-8
+    independent = torch.randn(4000, 8, dtype=torch.float64)
+    removed_share = float((w[:, 6:] ** 2).sum() / (w ** 2).sum())
+    assert refit_error(w, independent, keep, bias=False) == pytest.approx(removed_share, rel=0.1)
+    assert refit_error(w, independent, torch.arange(0), bias=False) == 1.0
+
+
+def test_sample_inputs_is_seeded_and_bounded(small):
+    batches = [torch.randn(16, *SMALL[1:]) for _ in range(3)]
+    names = {"blocks.2.conv1": 100, "head": 20}
+    a = sample_inputs(small, names, batches)
+    b = sample_inputs(small, names, batches)
+    conv = small.get_submodule("blocks.2.conv1")
+    assert a["blocks.2.conv1"].shape == (100, conv.in_channels * 9)
+    assert a["head"].shape == (20, small.head.in_features)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+
+
+def test_auto_plans_with_data_judge_candidates_on_the_data(small):
+    batches = [torch.randn(32, *SMALL[1:]) for _ in range(2)]
+    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, calibration=batches)
+    weights_plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5)
+    assert plan.rank_choice["judged_by"] == "data" and weights_plan.rank_choice["judged_by"] == "weights"
+    d = next(d for d in plan.decisions if d.name == "blocks.4.conv1")
+    w = next(d for d in weights_plan.decisions if d.name == "blocks.4.conv1")
+    by_data = {(c["family"], c["rank"]): c["error"] for c in d.candidates}
+    by_weights = {(c["family"], c["rank"]): c["error"] for c in w.candidates}
+    assert by_data.keys() == by_weights.keys()
+    assert any(abs(by_data[k] - by_weights[k]) > 0.01 for k in by_data)
+    assert all(0 <= e for e in by_data.values())
+    from dsrewrite.report import render_plan
+
+    assert "calibration inputs" in render_plan(plan, "markdown")
+    assert "no data" in render_plan(weights_plan, "markdown")
