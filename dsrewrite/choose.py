@@ -25,6 +25,7 @@ of planning it is pure: the timings and errors are facts gathered beforehand
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from torch import nn
@@ -66,9 +67,52 @@ class Candidate:
         return f"{self.label}: {time}error {self.error:.3f}"
 
 
+@dataclasses.dataclass
+class WidthCandidate:
+    """One channel group at a smaller width: the channels with the largest filter L1 norm kept,
+    every consumer (conv or Linear reading the group) refit by least squares on them."""
+
+    group: int
+    #: the group's key (:meth:`~dsrewrite.channels.ChannelGraph.key`)
+    members: tuple[str, ...]
+    alpha: float
+    old_width: int
+    new_width: int
+    keep: list[int]
+    #: summed squared relative output error of the consumers after their refit (:func:`dsrewrite.judge.refit_error`)
+    error: float
+    #: MACs the group's convs save, summed over their call sites
+    macs_saved: int
+    #: measured seconds the group's standard convs save (latency plans), and the first timing's provenance
+    time_saved_s: float | None = None
+    timing: dict | None = None
+    #: the convs whose cost changes: they stay dense when the group is thinned
+    modules: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    producers: tuple[str, ...] = ()
+    #: per conv whose cost changes: (module, role, share of its channels kept along that role, its dense
+    #: MACs, its dense seconds or None) — how savings of two groups on one conv combine (:func:`combined_saving`)
+    parts: tuple[tuple[str, str, float, int, float | None], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``×0.5 → 32``."""
+        return f"×{self.alpha:g} → {self.new_width}"
+
+    def saving(self, by_time: bool) -> float:
+        """What thinning the group saves: seconds or MACs."""
+        return (self.time_saved_s or 0.0) if by_time else self.macs_saved
+
+    def to_dict(self, chosen: bool = False) -> dict[str, Any]:
+        """JSON-ready, as a plan lists a group's width candidates."""
+        return {"alpha": self.alpha, "old_width": self.old_width, "new_width": self.new_width, "error": self.error,
+                "macs_saved": self.macs_saved, "time_saved_s": self.time_saved_s, "chosen": chosen}
+
+
 def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: float | None,
                 max_error: float | None) -> bool:
-    """Whether the block chooser plans (a latency target, or a target with families beyond separable).
+    """Whether the block chooser plans (a latency target, or a MAC target or error bound with families
+    beyond separable, or a MAC target with ``plan.group_widths``).
 
     ``block.family = "auto"`` without any target is a :class:`~dsrewrite.errors.ConfigError`:
     auto means "choose for a target".
@@ -80,7 +124,8 @@ def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: f
     if "auto" in families and not targeted:
         raise ConfigError("block.family = \"auto\" chooses a block per layer for a target: give --target-latency "
                           "FRACTION (or plan.target_latency), --target-macs or --max-error")
-    return target_latency is not None or (targeted and bool(families - {"separable", "keep"}))
+    return target_latency is not None or (targeted and bool(families - {"separable", "keep"})) or \
+        (target_macs is not None and bool(config.group_widths) and not config.align_groups and not config.align_width)
 
 
 #: families a channel resize (--align / --width) can follow through (dsrewrite.channels.CHAIN_ENDS, and separable)
@@ -119,7 +164,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     and errors only. Candidates with no fewer MACs than the dense conv are left out; with a
     channel ``resize`` planned, so are the families it cannot follow. Errors are the weight
     errors, or with ``calibration`` batches the output errors on the layer's sampled real
-    inputs (:func:`dsrewrite.judge.family_data_errors`).
+    inputs after the refit of each block's last conv (:func:`dsrewrite.judge.family_refit_errors`).
     """
     from .blocks import block_costs, family_errors
     from .progress import Progress
@@ -135,23 +180,24 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     samples, scales = {}, {}
     if calibration:
         from .calibrate import consumer_scales
-        from .judge import BLOCK_ROWS, sample_inputs
+        from .judge import block_rows, sample_inputs
 
-        samples = sample_inputs(model, {name: BLOCK_ROWS for name in by_module}, calibration)
+        samples = sample_inputs(model, {name: block_rows(model.get_submodule(name).weight[0].numel())
+                                        for name in by_module}, calibration)
         scales = consumer_scales(model, list(by_module), calibration[0])
 
-    def judge(name: str, weight, family: str, ranks: list[int]) -> dict[int, float]:
+    def judge(name: str, family: str, ranks: list[int]) -> dict[int, float]:
+        conv = model.get_submodule(name)
         if name in samples:
-            from .judge import family_data_errors
+            from .judge import family_refit_errors
 
-            return family_data_errors(weight, family, ranks, samples[name], scales.get(name))
-        return family_errors(weight, family, ranks)
+            return family_refit_errors(conv, family, ranks, samples[name], scales.get(name))
+        return family_errors(conv.weight, family, ranks)
 
     out: dict[str, list[Candidate]] = {}
     total = sum(len(v) for v in plans.values()) if timer is not None else 0
     with Progress("timing candidate blocks", total, enabled=progress and timer is not None) as bar:
         for name, ds in by_module.items():
-            weight = model.get_submodule(name).weight
             dense_macs = sum(d.macs_before for d in ds)
             dense_s = None
             if timer is not None:
@@ -168,7 +214,7 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
                     bar.advance(name)
                     continue
                 if family not in errors:
-                    errors[family] = judge(name, weight, family, [r for f, r in plans[name] if f == family])
+                    errors[family] = judge(name, family, [r for f, r in plans[name] if f == family])
                 time_s = timing = None
                 if timer is not None:
                     timings = [timer(convs[d.index], rank, bn, activation, family) for d in ds]
@@ -180,11 +226,114 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     return out
 
 
+def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: list, timer: Callable | None = None,
+                  progress: bool = False) -> dict[int, list[WidthCandidate]]:
+    """``group id -> [WidthCandidate, ...]`` for every resizable channel group, one per width of
+    ``config.group_widths`` (``make_divisible`` by ``align.divisor``; widths that do not shrink
+    the group are left out).
+
+    Errors come from one pass of the original over ``calibration`` (sampled inputs of every
+    consumer, :func:`dsrewrite.judge.refit_error`). A group is offered only when every layer
+    reading it can be refit (an ungrouped conv with numeric padding, or a Linear). With a
+    ``timer``, each of the group's standard convs is timed thinned against itself on its input
+    shape (``timer.thinned``; a timer without it scales the dense conv's time by the MACs).
+    """
+    import torch
+
+    from .calibrate import consumer_scales
+    from .judge import refit_error, sample_inputs, width_rows
+    from .layers import make_divisible
+    from .measure import LayerTiming
+    from .progress import Progress
+    from .resize import GroupChange, ResizePlan, group_importance, kept_positions
+
+    channels = analysis.channel_groups()
+    divisor = max(config.align_divisor, 1)
+    sites: dict[str, list] = {}
+    for c in analysis.convs:
+        if c.module_name:
+            sites.setdefault(c.module_name, []).append(c)
+
+    def readable(name: str) -> bool:
+        m = model.get_submodule(name)
+        return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and
+                                            not isinstance(m.padding, str))
+
+    offered: dict[int, tuple] = {}
+    for group in channels.resizable:
+        members = [m for m in channels.members if any(channels.group_of[s.atom] == group.id for s in m.layout)]
+        consumers = sorted({m.module for m in members if m.role == "in"})
+        if not consumers or not all(readable(n) for n in consumers):
+            continue
+        news = sorted({make_divisible(group.width * a, divisor, min_value=divisor): a for a in config.group_widths
+                       }.items(), reverse=True)
+        news = [(new, a) for new, a in news if new < group.width]
+        if news:
+            offered[group.id] = (group, members, consumers, news)
+    if not offered:
+        return {}
+    readers = sorted({n for _, _, consumers, _ in offered.values() for n in consumers})
+    rows = sample_inputs(model, {n: width_rows(model.get_submodule(n).weight[0].numel()) for n in readers},
+                         calibration)
+    scales = consumer_scales(model, readers, calibration[0])
+    out: dict[int, list[WidthCandidate]] = {}
+    total = sum(len(v[3]) for v in offered.values())
+    with Progress("judging channel widths", total, enabled=progress) as bar:
+        for gid, (group, members, consumers, news) in offered.items():
+            importance = group_importance(model, channels, gid)
+            key = channels.key(group)
+            options = []
+            for new, alpha in news:
+                keep = sorted(torch.topk(importance, new).indices.tolist())
+                change = GroupChange(gid, group.width, new, keep, "", list(group.producers), key)
+                positions = kept_positions(channels, ResizePlan(divisor, None, [change], []))
+                error = 0.0
+                for name in consumers:
+                    module = model.get_submodule(name)
+                    index = positions[(name, "in")]
+                    taps = math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
+                    cols = (index[:, None] * taps + torch.arange(taps)[None]).reshape(-1)
+                    error += refit_error(module.weight.reshape(module.weight.shape[0], -1), rows[name], cols,
+                                         scales.get(name), bias=module.bias is not None)
+                macs, seconds, timing, parts = 0, 0.0 if timer is not None else None, None, []
+                for m in members:
+                    linear = isinstance(model.get_submodule(m.module), nn.Linear)
+                    if m.role not in ("in", "out", "depthwise") or not (m.module in sites or linear):
+                        continue
+                    weight = model.get_submodule(m.module).weight
+                    size = weight.shape[1] if m.role == "in" else weight.shape[0]
+                    share = len(positions[(m.module, m.role)]) / size
+                    dense_macs = (analysis.profile.module_macs.get(m.module, 0) if linear else
+                                  sum(site.macs for site in sites[m.module]))
+                    macs += round(dense_macs * (1 - share))
+                    dense_s = None
+                    if timer is not None and m.role != "depthwise" and not linear:  # depthwise, Linear: not timed
+                        dense_s = 0.0
+                        for site in sites[m.module]:
+                            c_in = round(site.in_channels * share) if m.role == "in" else site.in_channels
+                            c_out = round(site.out_channels * share) if m.role == "out" else site.out_channels
+                            if hasattr(timer, "thinned"):
+                                t = timer.thinned(site, c_in, c_out)
+                                timing = timing or t.provenance()
+                            else:
+                                dense = timer(site, 1, False, "none", "separable").original_s
+                                t = LayerTiming(dense, dense * c_in * c_out / (site.in_channels * site.out_channels))
+                            seconds += t.original_s - t.replacement_s
+                            dense_s += t.original_s
+                    parts.append((m.module, m.role, share, dense_macs, dense_s))
+                options.append(WidthCandidate(gid, key, alpha, group.width, new, keep, error, macs, seconds, timing,
+                                              tuple(sorted({p[0] for p in parts})), tuple(consumers),
+                                              tuple(group.producers), tuple(parts)))
+                bar.advance(f"group {gid} ×{alpha:g}")
+            out[gid] = options
+    return out
+
+
 def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], *,
                   target_latency: float | None = None, target_macs: float | None = None,
                   max_error: float | None = None, original_latency_s: float | None = None,
                   environment: str = "", batch_size: int | None = None, budget: float | None = None,
-                  judged_by: str = "weights") -> ConversionPlan:
+                  judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None) -> ConversionPlan:
     """A new plan with each candidate module's block chosen (see the module docstring).
 
     Exactly one of ``target_latency`` (with ``original_latency_s``, the original model
@@ -192,6 +341,9 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
     (per layer: the cheapest candidate within the bound). ``budget``: the fraction the
     layer-sum prediction must meet, when it differs from the target (:func:`fit_latency`).
     ``judged_by``: where the candidates' errors came from, "weights" or "data" (recorded in the plan).
+    ``widths`` (:func:`gather_widths`): channel-group widths offered beside the blocks for a target
+    (:func:`_choose_with_widths`); the chosen ones become the plan's ``resize``, and the convs of a
+    thinned group stay dense.
     """
     from .rank import least_error_within
 
@@ -204,30 +356,40 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
     def cost(c: Candidate) -> float:
         return c.time_s if by_time else c.macs
 
-    notes = []
+    notes, groups = [], {}
     if max_error is not None:
         chosen = {name: min((c for c in opts if c.error <= max_error), key=cost) for name, opts in candidates.items()}
+        if widths:
+            notes.append("channel widths are chosen for a latency or MAC target, not for --max-error: every group "
+                         "keeps its width")
     else:
         if by_time:
             whole, budget_total = original_latency_s, (budget or target_latency) * original_latency_s
         else:
             whole, budget_total = plan.macs_before, target_macs * plan.macs_before
         fixed = whole - sum(cost(opts[0]) for opts in candidates.values())  # what the plan does not touch
-        floor = fixed + sum(min(cost(c) for c in opts) for opts in candidates.values())
+        floor = fixed + sum(min(cost(c) for c in opts) for opts in candidates.values()) - \
+            sum(max(w.saving(by_time) for w in opts) for opts in (widths or {}).values())
         if floor > budget_total:
             what = "latency" if by_time else "MACs"
             notes.append(f"target {target_latency if by_time else target_macs:g} of the original {what} is out of "
                          f"reach under these rules: the fastest candidate everywhere predicts "
                          f"{floor / whole:.3f}")
-        options = {name: [(i, c.error, cost(c)) for i, c in enumerate(opts)] for name, opts in candidates.items()}
-        picked = least_error_within(options, budget_total - fixed)
-        chosen = {name: candidates[name][i] for name, i in picked.items()}
+        if widths:
+            chosen, groups = _choose_with_widths(candidates, widths, cost, by_time, budget_total - fixed)
+        else:
+            options = {name: [(i, c.error, cost(c)) for i, c in enumerate(opts)] for name, opts in candidates.items()}
+            picked = least_error_within(options, budget_total - fixed)
+            chosen = {name: candidates[name][i] for name, i in picked.items()}
     predicted = None
     if by_time:
-        predicted = original_latency_s - sum(opts[0].time_s - chosen[name].time_s for name, opts in candidates.items())
+        predicted = original_latency_s - sum(opts[0].time_s - chosen[name].time_s for name, opts in candidates.items()) \
+            - combined_saving(groups.values(), True)
     goal = (f"≤{target_latency:g} of the original's latency" if by_time else
             f"≤{target_macs:g} of the MACs" if target_macs is not None else f"error ≤ {max_error:g}")
-    decisions = [_decide(d, candidates[d.module_name], chosen[d.module_name], by_time, goal, plan.config)
+    thinned = {m: w for w in groups.values() for m in w.modules}
+    decisions = [_decide(d, candidates[d.module_name], chosen[d.module_name], by_time, goal, plan.config,
+                         thinned.get(d.module_name))
                  if d.replaced and d.module_name in candidates else d for d in plan.decisions]
     choice = {"target_latency": target_latency, "target_macs": target_macs, "max_error": max_error,
               "judged_by": judged_by, "chooser": "blocks",
@@ -236,8 +398,105 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
               "predicted_fraction": predicted / original_latency_s if predicted is not None else None,
               "reachable": not notes, "environment": environment if by_time else "", "batch_size": batch_size,
               "budget": budget or target_latency if by_time else None,
-              "error": sum(c.error for c in chosen.values())}
-    return dataclasses.replace(plan, decisions=decisions, notes=plan.notes + notes, rank_choice=choice)
+              "error": sum(c.error for c in chosen.values()) + sum(w.error for w in groups.values())}
+    resize = plan.resize
+    if widths:
+        choice["widths"] = [{"group": gid, "members": list(opts[0].members), "old_width": opts[0].old_width,
+                             "chosen": groups[gid].new_width if gid in groups else opts[0].old_width,
+                             "candidates": [w.to_dict(chosen=groups.get(gid) is w) for w in opts]}
+                            for gid, opts in widths.items()]
+        resize = _resize_of(groups, by_time, goal, plan.config) if groups else None
+        choice["width_macs_saved"] = round(combined_saving(groups.values(), False))
+    return dataclasses.replace(plan, decisions=decisions, notes=plan.notes + notes, rank_choice=choice, resize=resize)
+
+
+def _choose_with_widths(candidates: dict[str, list[Candidate]], widths: dict[int, list[WidthCandidate]],
+                        cost: Callable[[Candidate], float], by_time: bool,
+                        room: float) -> tuple[dict[str, Candidate], dict[int, WidthCandidate]]:
+    """Blocks per module and a width per group, least summed error with the touched cost within ``room``.
+
+    A thinned group keeps its convs dense (their timings and errors were taken dense), which
+    couples groups and modules; so the groups are chosen by a Lagrangian search: for each price
+    λ of cost, groups are taken greedily while thinning one saves more (λ·saving) than it costs
+    in error plus the block choices its convs give up; then the modules left free get the exact
+    least-error blocks within what remains of the budget (:func:`dsrewrite.rank.least_error_within`).
+    The best plan within ``room`` over all λ wins (λ = 0: no group thinned, the blocks-only plan).
+    """
+    from .rank import least_error_within
+
+    scale = room if room > 0 else 1.0
+    best = None
+    for price in [0.0] + [10 ** (k / 4) for k in range(-16, 25)]:
+        lam = price / scale
+        free = {name: min(opts, key=lambda c: c.error + lam * cost(c)) for name, opts in candidates.items()}
+        given_up = {name: lam * cost(opts[0]) - (free[name].error + lam * cost(free[name]))
+                    for name, opts in candidates.items()}  # what forcing the module dense costs, ≥ 0
+        picked: dict[int, WidthCandidate] = {}
+        forced: set[str] = set()
+        while True:
+            top = None
+            for gid, opts in widths.items():
+                if gid in picked:
+                    continue
+                penalty = sum(given_up.get(m, 0.0) for m in opts[0].modules if m not in forced)
+                for w in opts:
+                    gain = lam * w.saving(by_time) - w.error - penalty
+                    if gain > 1e-12 and (top is None or gain > top[0]):
+                        top = (gain, gid, w)
+            if top is None:
+                break
+            picked[top[1]] = top[2]
+            forced.update(top[2].modules)
+        saved = combined_saving(picked.values(), by_time)
+        options = {name: [(i, c.error, cost(c)) for i, c in enumerate(opts) if name not in forced or i == 0]
+                   for name, opts in candidates.items()}
+        chosen = {name: candidates[name][i] for name, i in least_error_within(options, room + saved).items()}
+        spent = sum(cost(c) for c in chosen.values()) - saved
+        error = sum(c.error for c in chosen.values()) + sum(w.error for w in picked.values())
+        rank = (spent > room * (1 + 1e-9), error if spent <= room * (1 + 1e-9) else spent)
+        if best is None or rank < best[0]:
+            best = (rank, chosen, picked)
+    return best[1], best[2]
+
+
+def combined_saving(groups, by_time: bool) -> float:
+    """What thinning all of ``groups`` saves together: each conv's dense cost times 1 − the product of
+    the shares it keeps along each thinned role (a conv thinned on both its inputs and its outputs
+    keeps f_in·f_out of its cost, not 1 − (1 − f_in) − (1 − f_out)). For seconds, each part's
+    measured saving is used and only the overlap is corrected by that product rule."""
+    kept: dict[str, dict[str, float]] = {}
+    dense: dict[str, float] = {}
+    measured = 0.0
+    for w in groups:
+        measured += w.saving(by_time)
+        for module, role, share, macs, seconds in w.parts:
+            cost = seconds if by_time else macs
+            if cost is None:
+                continue
+            roles = kept.setdefault(module, {})
+            roles[role] = roles.get(role, 1.0) - (1 - share)  # two groups along one role (a concat) add up
+            dense[module] = cost
+    overlap = 0.0  # what adding the roles' savings counts twice
+    for module, roles in kept.items():
+        lost = [1 - f for f in roles.values()]
+        overlap += dense[module] * (sum(lost) - (1 - math.prod(roles.values())))
+    return measured - overlap
+
+
+def _resize_of(groups: dict[int, WidthCandidate], by_time: bool, goal: str, config: RuleConfig):
+    """The plan's channel resize for the chosen group widths."""
+    from .resize import GroupChange, ResizePlan
+
+    changes = []
+    for gid, w in sorted(groups.items()):
+        saved = (f"saves {format_seconds(w.time_saved_s)}" if by_time and w.time_saved_s is not None else
+                 f"saves {w.macs_saved:,} MACs")
+        reason = (f"chosen for {goal}: width ×{w.alpha:g} → make_divisible({w.old_width * w.alpha:g}, "
+                  f"{max(config.align_divisor, 1)}); kept the {w.new_width} channels with the largest filter L1 norm; "
+                  f"error {w.error:.3f} after the consumers' least-squares refit; {saved}")
+        changes.append(GroupChange(gid, w.old_width, w.new_width, list(w.keep), reason, list(w.producers),
+                                   tuple(w.members)))
+    return ResizePlan(max(config.align_divisor, 1), None, changes, [], chosen=True)
 
 
 #: a plan's end-to-end check counts as on target from (1 − 2·TOLERANCE) to 1 of the target; a later
@@ -248,7 +507,7 @@ TOLERANCE = 0.05
 def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], target_latency: float,
                 original_latency_s: float, time_plan: Callable[[ConversionPlan], tuple[float, float]], *,
                 rounds: int = 6, environment: str = "", batch_size: int | None = None,
-                judged_by: str = "weights") -> ConversionPlan:
+                judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None) -> ConversionPlan:
     """Blocks chosen for ``target_latency``, checked by timing the planned model end to end.
 
     Layers timed one by one do not add up to the model (threads, caches, kernels chosen
@@ -261,17 +520,20 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
     target (:data:`TOLERANCE`). The plan kept is the least-error one that measured at or below
     the target, else the fastest measured.
     A budget that gives a plan already measured is pushed 5% further without timing. Every
-    timed round is recorded in ``rank_choice["rounds"]``.
+    timed round is recorded in ``rank_choice["rounds"]``. ``widths``: channel-group widths offered
+    beside the blocks (:func:`choose_blocks`).
     """
-    if not candidates:  # nothing the rules would replace: no plan can be faster
+    if not candidates and not widths:  # nothing the rules would replace or thin: no plan can be faster
         plan = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
                              environment=environment, batch_size=batch_size, judged_by=judged_by)
         return dataclasses.replace(plan, rank_choice=dict(plan.rank_choice, reachable=False, rounds=[]))
     budget, tried, seen, nudges = target_latency, [], {}, 0
     while len(tried) < rounds and nudges <= 20:
         candidate = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
-                                  environment=environment, batch_size=batch_size, budget=budget, judged_by=judged_by)
-        signature = tuple((d.module_name, d.family, d.rank) for d in candidate.replacements)
+                                  environment=environment, batch_size=batch_size, budget=budget, judged_by=judged_by,
+                                  widths=widths)
+        signature = tuple((d.module_name, d.family, d.rank) for d in candidate.replacements) + \
+            tuple((c.group, c.new_width) for c in (candidate.resize.changed if candidate.resize else []))
         if signature in seen:  # the budget moved too little to change the plan: push it further, untimed
             nudges += 1
             budget = budget * (0.95 if tried[-1]["measured_fraction"] > target_latency else 1.05)
@@ -285,7 +547,8 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
                                      measured_planned_s=after_s)
         tried.append({"budget": budget, "predicted_fraction": candidate.rank_choice["predicted_fraction"],
                       "measured_fraction": measured, "original_s": before_s, "planned_s": after_s,
-                      "error": candidate.rank_choice["error"], "replaced": len(candidate.modules_to_replace)})
+                      "error": candidate.rank_choice["error"], "replaced": len(candidate.modules_to_replace),
+                      "thinned": len(candidate.resize.changed) if candidate.resize else 0})
         if target_latency * (1 - 2 * TOLERANCE) <= measured <= target_latency:
             break
         budget = _next_budget(tried, target_latency)
@@ -333,7 +596,7 @@ def front(options: list[Candidate], by_time: bool) -> list[Candidate]:
 
 
 def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: bool, goal: str,
-            config: RuleConfig) -> Decision:
+            config: RuleConfig, thinned: WidthCandidate | None = None) -> Decision:
     from .blocks import block_costs
 
     pareto = front(options, by_time)
@@ -347,6 +610,10 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
     timing = dict(measured_original_s=keep.time_s if by_time else None,
                   measured_replacement_s=winner.time_s if by_time and winner.family != "keep" else None,
                   timing=winner.timing if by_time else None)
+    if thinned is not None:
+        return dataclasses.replace(kept(d, "ChooseWidth", f"kept dense: its channel group ({thinned.old_width} "
+                                                          f"channels) is thinned {thinned.label} for {goal}"),
+                                   candidates=listed, **timing)
     if winner.family == "keep":
         dense = f" ({format_seconds(keep.time_s)})" if by_time else ""
         return dataclasses.replace(kept(d, "ChooseBlock", f"kept: the dense conv{dense} fits {goal}{extra}"),

@@ -258,12 +258,15 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--width", type=float, default=None, metavar="ALPHA",
               help="Scale every resizable channel group by ALPHA (0 < ALPHA <= 1), keeping the most important "
                    "channels; widths are multiples of --align (default align.divisor).")
+@click.option("--group-widths", default=None, metavar="A,B,...",
+              help="Let the planner also thin each channel group to one of these widths (e.g. 0.75,0.5) where that "
+                   "costs less error than the blocks for the target; needs --calibrate (plan.group_widths).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages or progress bars.")
 def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bool, output, state_dict,  # noqa: A002
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
             align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset, target_latency,
-            calibration_mode) -> None:
+            calibration_mode, group_widths) -> None:
     """Rewrite heavy standard convs as depthwise-separable (or other factorized) blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -308,12 +311,21 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         raise UsageError(f"--align must be a positive channel divisor such as 8, got {align}")
     if width is not None and not 0 < width <= 1:
         raise UsageError(f"--width is a multiplier between 0 and 1 (e.g. 0.75), got {width}")
+    if group_widths is not None:
+        try:
+            widths = [float(v) for v in group_widths.split(",") if v.strip()]
+        except ValueError:
+            widths = []
+        if not widths or not all(0 < v < 1 for v in widths):
+            raise UsageError(f"--group-widths takes widths between 0 and 1 separated by commas (e.g. 0.75,0.5), "
+                             f"got {group_widths!r}")
+        rule_config = dataclasses.replace(rule_config, group_widths=tuple(sorted(set(widths), reverse=True)))
     if (onnx_static or opset is not None) and not onnx_path:
         raise UsageError("--onnx-static and --opset apply to --onnx FILE")
     if plan_path:
         ctx = click.get_current_context()
         planning = [f"--{n.replace('_', '-')}" for n in ("rules", "overrides", "target_macs", "max_error", "align",
-                                                          "width", "target_latency")
+                                                          "width", "target_latency", "group_widths")
                     if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
         if planning:
             raise UsageError(f"--plan applies a saved plan, which already holds the rules and choices; drop "

@@ -52,6 +52,10 @@ class PlanFacts:
     #: ``plan_timer(plan) -> (original_s, planned_s)``: both models timed side by side (latency targets)
     plan_timer: Any = None
     batch_size: int | None = None
+    #: group id -> its :class:`~dsrewrite.choose.WidthCandidate` widths (``plan.group_widths``)
+    widths: dict[int, list] = dataclasses.field(default_factory=dict)
+    #: what the facts could not cover, said in the plan
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
@@ -72,6 +76,15 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
     facts = PlanFacts()
     if target_latency is None and target_macs is None and max_error is None:  # an explicit target wins
         target_latency = config.target_latency or None
+    widths_wanted = bool(config.group_widths)
+    if widths_wanted and (align is not None or config.align_groups or width is not None or config.align_width > 0):
+        facts.notes.append("channel widths were not chosen per group: --align / --width (align.*) resize every "
+                           "group as they say")
+        widths_wanted = False
+    if widths_wanted and target_latency is None and target_macs is None:
+        from .errors import ConfigError
+
+        raise ConfigError("plan.group_widths chooses widths for a target: give --target-latency or --target-macs")
     blockwise = uses_blocks(config, target_latency, target_macs, max_error)
     if blockwise:
         from .choose import gather_candidates
@@ -97,6 +110,15 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         else:
             say("judging each candidate block ...")
         resize = align is not None or config.align_groups or width is not None or config.align_width > 0
+        if widths_wanted:
+            if calibration:
+                from .choose import gather_widths
+
+                say("judging each channel group's widths on the calibration data ...")
+                facts.widths = gather_widths(model, analysis, config, calibration, timer_, progress is not None)
+            else:
+                facts.notes.append("channel widths were not offered: a thinned group is only usable after its "
+                                   "consumers are refit on data (give --calibrate DATA)")
         if calibration:
             say("judging each candidate block on the calibration data ...")
         facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
@@ -174,7 +196,28 @@ def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cac
             store.save()
         return timing
 
+    def thinned(conv, in_channels: int, out_channels: int):
+        """The dense conv against itself with fewer input/output channels (a thinned channel group)."""
+        from .measure import time_thinned
+
+        key = layer_key(conv, 0, False, "none", settings, False, batch_size, f"thinned {in_channels}→{out_channels}")
+        if key in this_run:
+            return this_run[key]
+        hit = store.get(key) if store else None
+        if hit is not None:
+            return hit
+        dense_key = layer_key(conv, 0, False, "none", settings, False, batch_size, "dense")
+        if dense_key not in dense:
+            dense[dense_key] = time_dense(conv, settings, batch_size)
+        timing = time_thinned(conv, in_channels, out_channels, settings, batch_size, original=dense[dense_key])
+        this_run[key] = timing
+        if store:
+            store.put(key, timing)
+            store.save()
+        return timing
+
     timer.quiet = progress is None
+    timer.thinned = thinned
     return timer
 
 

@@ -2,18 +2,18 @@
 
 Without data, a candidate block is judged by its weight error ‖W − Ŵ‖² / ‖W‖², as if every
 input direction mattered alike. Real activations do not: channels are correlated, some are
-nearly dead, neighbouring taps agree. With calibration data the planner judges a candidate
-by the error it makes **on the layer's real inputs**:
+nearly dead, neighbouring taps agree. With calibration data the planner judges
+a candidate by the error it makes **on the layer's real inputs, after the least-squares refit of
+its last conv** that calibration will give it (:func:`family_refit_errors`):
 
-    error = Σ_o s_o² ‖(W_o − Ŵ_o) · x‖² / Σ_o s_o² ‖W_o · x‖²
+    error = Σ_o s_o² ‖ŷ_o − W_o·x‖² / Σ_o s_o² ‖W_o·x‖²
 
 over a fixed random sample of the original model's input patches at that layer
 (:func:`sample_inputs`, one forward pass of the original over the calibration batches,
-memory bounded by the sample, not the data), ``s_o`` the scale of the BN that consumes
-output channel o (:func:`~dsrewrite.calibrate.consumer_scales`: an error there is amplified
-that much). It is the squared relative output error of the candidate's weight-only
-initialization — what the final calibration then starts from and improves on — and it adds
-up over layers like the weight errors it replaces.
+memory bounded by the sample, not the data), ``ŷ`` the refit block's output, fit on one half
+of the sample and judged on the other, and ``s_o`` the scale of the BN that consumes output
+channel o (:func:`~dsrewrite.calibrate.consumer_scales`: an error there is amplified that
+much). Errors add up over layers like the weight errors they replace.
 
 A channel group's width is judged the same way (:func:`width_errors`): the output error of
 each consumer (conv or Linear) after a least-squares refit on the channels it keeps, which is
@@ -26,13 +26,15 @@ import math
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .trace import eval_mode
 
-#: input patches sampled per layer for judging block candidates (errors of a fixed map: no fit, so
-#: a few thousand rows estimate them well whatever the layer's width)
-BLOCK_ROWS = 2048
+#: input patches sampled per layer for judging block candidates: twice the patch size, within these
+#: bounds and within BLOCK_VALUES values per layer
+BLOCK_ROWS = (2048, 8192)
+BLOCK_VALUES = 16 * 2 ** 20
 #: rows per unknown for a width's least-squares refit (a fit on fewer rows than unknowns would look
 #: better than it is), between WIDTH_ROWS[0] and WIDTH_ROWS[1]
 ROWS_PER_UNKNOWN = 4
@@ -84,55 +86,101 @@ def sample_inputs(model: nn.Module, rows: dict[str, int], batches: Iterable[torc
     return {name: torch.cat(parts)[:rows[name]] for name, parts in taken.items() if parts}
 
 
-def family_data_errors(weight: torch.Tensor, family: str, ranks: list[int], patches: torch.Tensor,
-                       scales: torch.Tensor | None = None) -> dict[int, float]:
-    """``{rank: squared relative output error}`` of ``family``'s weight-only block at each rank, on
-    sampled input ``patches`` [rows, C_in·K²], each output channel weighted by ``scales``² (see the
-    module docstring); 0 where the layer's output is 0 on the sample."""
-    from .blocks import family_approximations
+def family_refit_errors(conv: nn.Conv2d, family: str, ranks: list[int], patches: torch.Tensor,
+                        scales: torch.Tensor | None = None, held_out: bool = True) -> dict[int, float]:
+    """``{rank: squared relative output error}`` of ``family``'s block at each rank after the least-squares
+    refit of its last conv (what calibration does to it), on sampled input ``patches`` [rows, C_in·K²].
 
-    w = weight.detach().double().reshape(weight.shape[0], -1)
-    p = patches.double()
-    weights = scales.double() ** 2 if scales is not None else torch.ones(w.shape[0], dtype=torch.float64)
-    reference = float(((p @ w.T).square().sum(0) * weights).sum())
-    if reference == 0:
-        return {r: 0.0 for r in ranks}
+    Every family's block reads one K×K input patch per output position, and what its last conv
+    sees there is a linear function of that patch: the block's first convs run on each patch as a
+    K×K image (stride 1, no padding: the patch already holds the strided, dilated, zero-padded
+    taps) give exactly the last conv's inputs, so the refit is an ordinary least-squares problem
+    on the sampled rows (a bias column included; per output channel for the grouped last conv of
+    pointwise-first). ``held_out``: fit on half of the rows, judge on the other half.
+    """
+    from .blocks import ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d
+
+    kh, kw = conv.kernel_size
+    w = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    x = patches.double()
+    y = x @ w.T
+    images = x.reshape(-1, conv.in_channels, kh, kw)
     out = {}
-    for r, approx in family_approximations(weight, family, ranks):
-        delta = w - approx.reshape(w.shape[0], -1)
-        out[r] = float(((p @ delta.T).square().sum(0) * weights).sum()) / reference
+    for r in ranks:
+        if family == "inverted-residual":  # the planner's CP fit: the estimate's sweeps, as family_errors
+            block = InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS)
+        else:
+            block = FAMILIES[family].build(conv, r)
+        out[r] = _held_out_fit(_last_inputs(block, family, images), y, scales, True, held_out)
     return out
 
 
-def refit_error(weight: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, scales: torch.Tensor | None = None,
-                bias: bool = True, ridge: float = 1e-6) -> float:
-    """Squared relative output error of a linear map ``weight`` [out, D] on ``rows`` [N, D] after a
-    least-squares refit that may use only the columns ``keep`` (the inputs a width change leaves):
-    ‖X_K Ŵ_Kᵀ − X Wᵀ‖² / ‖X Wᵀ‖², output channels weighted by ``scales``². The rows are split in
-    two halves, fit on one and judged on the other, so a fit with many unknowns does not look
-    better than it will be on new data. ``bias``: the refit may also move the layer's bias (a
-    constant column; it absorbs the mean of what the removed inputs contributed)."""
-    w = weight.detach().double().reshape(weight.shape[0], -1)
-    x = rows.double()
-    weights = scales.double() ** 2 if scales is not None else torch.ones(w.shape[0], dtype=torch.float64)
-    half = x.shape[0] // 2
-    fit, test = x[:half], x[half:]
-    y_fit, y_test = fit @ w.T, test @ w.T
-    reference = float((y_test.square().sum(0) * weights).sum())
+def _last_inputs(block: nn.Module, family: str, images: torch.Tensor) -> torch.Tensor:
+    """What ``block``'s last conv reads at one output position, per patch image [N, C_in, K, K]:
+    [N, features], or [N, C_out, features] for a grouped last conv (pointwise-first)."""
+    def conv(x, layer, groups=1):
+        bias = layer.bias.detach().double() if layer.bias is not None else None
+        return F.conv2d(x, layer.weight.detach().double(), bias, groups=groups)
+
+    n = images.shape[0]
+    if family == "separable":
+        return conv(images, block.depthwise, block.in_channels).reshape(n, -1)
+    if family == "bottleneck":
+        return conv(conv(images, block.reduce), block.core).reshape(n, -1)
+    if family == "inverted-residual":
+        return conv(conv(images, block.expand), block.depthwise, block.rank).reshape(n, -1)
+    if family == "spatial":  # K_h×1 over the patch: one row of K_w positions, as the 1×K_w conv reads them
+        return conv(images, block.vertical).reshape(n, -1)
+    if family == "pointwise-first":
+        return conv(images, block.pointwise).reshape(n, block.out_channels, -1)
+    raise ValueError(f"unknown block family {family!r}")
+
+
+def _held_out_fit(z: torch.Tensor, y: torch.Tensor, scales: torch.Tensor | None, bias: bool, held_out: bool,
+                  ridge: float = 1e-6) -> float:
+    """Squared relative error ‖Z·A − Y‖² / ‖Y‖² of the least-squares A, fit on the first half of the rows and
+    judged on the second (``held_out``; else both on all rows); ``z`` [N, q] shared by every output, or
+    [N, C_out, q] one problem per output channel; output channels weighted by ``scales``²."""
+    weights = scales.double() ** 2 if scales is not None else torch.ones(y.shape[1], dtype=torch.float64)
+    if bias:
+        ones = torch.ones(*z.shape[:-1], 1, dtype=torch.float64)
+        z = torch.cat([z, ones], -1)
+    half = z.shape[0] // 2 if held_out else z.shape[0]
+    fit, test = (slice(0, half), slice(half, None)) if held_out else (slice(None), slice(None))
+    reference = float((y[test].square().sum(0) * weights).sum())
     if reference == 0:
         return 0.0
-    if len(keep) == 0:
+    if z.shape[-1] == 0:
         return 1.0
-    def columns(part):
-        kept = part[:, keep]
-        return torch.cat([kept, torch.ones(len(part), 1, dtype=torch.float64)], 1) if bias else kept
+    eye = torch.eye(z.shape[-1], dtype=torch.float64)
+    if z.dim() == 2:
+        gram = z[fit].T @ z[fit]
+        damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        predicted = z[test] @ torch.linalg.solve(gram + damp * eye, z[fit].T @ y[fit])
+    else:
+        gram = torch.einsum("noa,nob->oab", z[fit], z[fit])
+        damp = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+        coef = torch.linalg.solve(gram + damp[:, None, None] * eye, torch.einsum("noa,no->oa", z[fit], y[fit]))
+        predicted = torch.einsum("noa,oa->no", z[test], coef)
+    return float(((predicted - y[test]).square().sum(0) * weights).sum()) / reference
 
-    a = columns(fit)
-    gram = a.T @ a
-    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    solved = torch.linalg.solve(gram + damp * torch.eye(a.shape[1], dtype=torch.float64), a.T @ y_fit)
-    residual = columns(test) @ solved - y_test
-    return float((residual.square().sum(0) * weights).sum()) / reference
+
+def refit_error(weight: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, scales: torch.Tensor | None = None,
+                bias: bool = True, held_out: bool = True) -> float:
+    """Squared relative output error of a linear map ``weight`` [out, D] on ``rows`` [N, D] after a
+    least-squares refit that may use only the columns ``keep`` (the inputs a width change leaves):
+    ‖X_K Ŵ_Kᵀ − X Wᵀ‖² / ‖X Wᵀ‖², output channels weighted by ``scales``². ``held_out``: fit on half
+    of the rows, judged on the other half, so that a fit with many unknowns does not look better
+    than it will be on new data. ``bias``: the refit may also move the layer's bias (a constant
+    column; it absorbs the mean of what the removed inputs contributed)."""
+    x = rows.double()
+    y = x @ weight.detach().double().reshape(weight.shape[0], -1).T
+    return _held_out_fit(x[:, keep], y, scales, bias, held_out)
+
+
+def block_rows(patch_size: int) -> int:
+    """Rows :func:`sample_inputs` takes for judging a layer's block candidates (patches of ``patch_size`` values)."""
+    return max(min(max(2 * patch_size, BLOCK_ROWS[0]), BLOCK_ROWS[1], BLOCK_VALUES // max(patch_size, 1)), 256)
 
 
 def width_rows(unknowns: int) -> int:

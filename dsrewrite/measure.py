@@ -406,6 +406,22 @@ def time_dense(conv, settings: MeasureSettings, batch_size: int | None = None) -
     return measure(dense, (torch.randn(*shape),), settings)
 
 
+def time_thinned(conv, in_channels: int, out_channels: int, settings: MeasureSettings, batch_size: int | None = None,
+                 original: Timing | None = None) -> LayerTiming:
+    """The dense conv of ``conv``'s geometry against the same conv with fewer channels (a thinned
+    channel group), each on its own input shape. ``depth_multiplier`` of the result is None."""
+    import datetime
+
+    thin = dataclasses.replace(conv, in_channels=in_channels, out_channels=out_channels,
+                               input_shape=(conv.input_shape[0], in_channels, *conv.input_shape[2:]))
+    t_orig = original or time_dense(conv, settings, batch_size)
+    t_new = time_dense(thin, settings, batch_size)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return LayerTiming(t_orig.median, t_new.median, measured_at=when, environment=environment_label(settings),
+                       original_p10_p90=(t_orig.p10, t_orig.p90), replacement_p10_p90=(t_new.p10, t_new.p90),
+                       family=f"thinned {in_channels}→{out_channels}")
+
+
 def time_model(model: nn.Module, inputs: tuple, settings: MeasureSettings, fold: bool = True,
                batch_size: int | None = None) -> Timing:
     """A whole model timed end to end on ``inputs`` (repeated along the batch to ``batch_size``), BN folded

@@ -145,8 +145,10 @@ class ConversionPlan:
 
     @property
     def macs_after(self) -> int:
-        """The model's MACs once the replacements are applied (before any channel resize)."""
-        return self.macs_before - sum(d.macs_before - d.macs_after for d in self.replacements)
+        """The model's MACs once the replacements are applied, and the convs' MACs that chosen channel widths
+        save (``rank_choice["width_macs_saved"]``); a global ``--width`` / ``--align`` resize is not counted."""
+        saved = int((self.rank_choice or {}).get("width_macs_saved") or 0)
+        return self.macs_before - sum(d.macs_before - d.macs_after for d in self.replacements) - saved
 
     def to_dict(self) -> dict[str, Any]:
         """The saved-plan JSON document (``convert --dry-run --format json``; ``convert --plan`` reads it)."""
@@ -181,7 +183,9 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
        ``facts.blocks`` (:mod:`dsrewrite.choose`); otherwise, with ``target_macs`` (a fraction
        of the original MACs) or ``max_error``, each replaced module's depth multiplier is
        chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
-    3. With ``align`` (or rule key ``align.groups``) or ``width`` (or ``align.width``), every
+    3. With ``plan.group_widths`` and calibration data (``facts.widths``), the width of each
+       channel group is chosen in step 2, beside the blocks. Else with ``align`` (or rule key
+       ``align.groups``) or ``width`` (or ``align.width``), every
        resizable channel group gets its new width and kept channels (:mod:`dsrewrite.resize`),
        from ``facts.channels`` (and ``facts.importance`` for a width change).
 
@@ -194,7 +198,7 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     decisions = rule_decisions(analysis, config, facts.timings, facts.environment)
     plan = ConversionPlan(analysis.model_name, config, decisions, [tuple(s) for s in analysis.profile.input_shapes],
                           analysis.profile.macs, environment=facts.environment if facts.timings else "")
-    if facts.blocks or facts.target_latency is not None:
+    if facts.blocks or facts.widths or facts.target_latency is not None:
         from .choose import choose_blocks
 
         latency = facts.target_latency
@@ -203,11 +207,11 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
 
             plan = fit_latency(plan, facts.blocks, latency, facts.original_latency_s, facts.plan_timer,
                                environment=facts.environment, batch_size=facts.batch_size,
-                               judged_by=facts.errors_from or "weights")
+                               judged_by=facts.errors_from or "weights", widths=facts.widths)
             plan.environment = facts.environment
         else:
             plan = choose_blocks(plan, facts.blocks, target_macs=target_macs, max_error=max_error,
-                                 judged_by=facts.errors_from or "weights")
+                                 judged_by=facts.errors_from or "weights", widths=facts.widths)
     elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 
@@ -216,9 +220,10 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
             raise ValueError(f"no candidate errors for {missing[0]}: gather them first (dsrewrite.facts)")
         plan = choose_ranks(plan, facts.errors, analysis.profile.macs, target_macs=target_macs, max_error=max_error,
                             judged_by=facts.errors_from or "energy")
+    plan.notes.extend(facts.notes)
     divisor = align if align is not None else config.align_divisor
     width = width if width is not None else (config.align_width or None)
-    if align is not None or config.align_groups or width is not None:
+    if (align is not None or config.align_groups or width is not None) and not facts.widths:
         from .resize import plan_resize
 
         if facts.channels is None:

@@ -238,10 +238,13 @@ def render_plan(plan, fmt: str = "table") -> str:
     if before and any(d["macs_before"] for d in doc["decisions"]):
         lines += ["", f"Model MACs {format_count(before)} → {format_count(after)} MACs "
                       f"({before / after:.2f}× fewer) from the replacements" +
-                      (", before the channel changes below." if doc["channels"] else ".")]
+                      (" and the chosen channel widths." if (choice or {}).get("widths") is not None else
+                       ", before the channel changes below." if doc["channels"] else ".")]
     candidates = _candidates_section(doc, md, tfmt)
     if candidates:
         lines += [""] + candidates
+    if (choice or {}).get("widths"):
+        lines += [""] + _widths_section(choice, md, tfmt)
     if plan.resize is not None:
         lines += [""] + _channel_section(plan.resize.to_dict(), md, tfmt)
     for note in doc["notes"]:
@@ -259,8 +262,8 @@ def _choice_text(choice: dict) -> str:
         goal = f"error ≤ {choice['max_error']:g} per layer"
     if choice.get("chooser") == "blocks":
         families = ", ".join(choice.get("families") or []) or "none"
-        judged = ("the output error of each block's weight-only start on the layer's calibration inputs "
-                  "‖(W − Ŵ)x‖²/‖Wx‖²" if choice.get("judged_by") == "data" else
+        judged = ("the output error on the layer's calibration inputs after the least-squares refit of each "
+                  "block's last conv (and of each thinned group's consumers)" if choice.get("judged_by") == "data" else
                   "the weight error ‖W − Ŵ‖²/‖W‖² (no data)")
         text = f"Blocks chosen for {goal} from {families} (or keep), judged by {judged}."
         if choice.get("measured_fraction") is not None:
@@ -280,6 +283,23 @@ def _choice_text(choice: dict) -> str:
     judged = "output error after refit on the calibration data" if choice["judged_by"] == "data" else \
         "1 − kept SVD energy (no data)"
     return f"Depth multipliers chosen for {goal}, judged by {judged}."
+
+
+def _widths_section(choice: dict, md: bool, tfmt: str) -> list[str]:
+    """Per channel group offered a smaller width: its candidates (error after the consumers' refit, what it
+    saves), the chosen one marked."""
+    rows = []
+    for g in choice["widths"]:
+        members = ", ".join(g["members"][:3]) + (", …" if len(g["members"]) > 3 else "")
+        text = " · ".join(
+            ("✓ " if c["chosen"] else "") + f"{c['new_width']}: err {c['error']:.3f}, saves " +
+            (format_seconds(c["time_saved_s"]) if c.get("time_saved_s") is not None else
+             f"{format_count(c['macs_saved'])} MACs") for c in g["candidates"])
+        keep = "✓ " if g["chosen"] == g["old_width"] else ""
+        rows.append([g["group"], members, f"{keep}{g['old_width']}", text])
+    title = "## Channel widths considered" if md else "Channel widths considered (✓ chosen):"
+    return [title, "", tabulate(rows, headers=["group", "members", "width", "thinner (✓ chosen)"], tablefmt=tfmt,
+                                disable_numparse=True)]
 
 
 def _candidates_section(doc: dict, md: bool, tfmt: str) -> list[str]:
@@ -614,10 +634,12 @@ def timing_source(t: dict | None) -> str:
 
 def _channel_section(ch: dict, md: bool, tfmt: str) -> list[str]:
     what = (f"width ×{ch['width']:g}, multiples of {ch['divisor']}" if ch["width"] is not None
+            else f"widths chosen per group, multiples of {ch['divisor']}" if ch.get("chosen")
             else f"aligned to multiples of {ch['divisor']}")
     exact = "exact: no channel removed, outputs unchanged" if ch["exact"] else "lossy: channels removed"
-    out = [("## " if md else "") + f"Channel groups ({what}; {exact})",
-           f"{len(ch['changed'])} group(s) changed, {ch['unchanged']} unchanged, {len(ch['frozen'])} frozen."]
+    counts = (f"{len(ch['changed'])} group(s) thinned; every other group keeps its width." if ch.get("chosen") else
+              f"{len(ch['changed'])} group(s) changed, {ch['unchanged']} unchanged, {len(ch['frozen'])} frozen.")
+    out = [("## " if md else "") + f"Channel groups ({what}; {exact})", counts]
     if ch["changed"]:
         rows = [[c["group"], f"{c['old_width']} → {c['new_width']}", c["removed"], c["added"],
                  _first(c["producers"], 3), c["reason"]] for c in ch["changed"]]

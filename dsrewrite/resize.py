@@ -64,6 +64,8 @@ class ResizePlan:
     changes: list[GroupChange]
     #: frozen groups with members: (group id, width, reasons)
     frozen: list[tuple[int, int, list[str]]]
+    #: the widths were chosen group by group by the planner (``plan.group_widths``); only changed groups listed
+    chosen: bool = False
 
     @property
     def exact(self) -> bool:
@@ -77,7 +79,7 @@ class ResizePlan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the report's summary: changed groups, without kept indices)."""
-        return {"divisor": self.divisor, "width": self.width, "exact": self.exact,
+        return {"divisor": self.divisor, "width": self.width, "exact": self.exact, "chosen": self.chosen,
                 "changed": [c.to_dict() for c in self.changed],
                 "unchanged": len(self.changes) - len(self.changed),
                 "frozen": [{"group": g, "width": w, "reasons": r} for g, w, r in self.frozen]}
@@ -90,7 +92,8 @@ class ResizePlan:
         groups = [{"group": c.group, "members": list(c.members), "old_width": c.old_width, "new_width": c.new_width,
                    "keep": None if c.keep == list(range(c.old_width)) else list(c.keep), "reason": c.reason,
                    "producers": list(c.producers)} for c in self.changes]
-        return {"divisor": self.divisor, "width": self.width, "exact": self.exact, "groups": groups,
+        return {"divisor": self.divisor, "width": self.width, "exact": self.exact, "chosen": self.chosen,
+                "groups": groups,
                 "frozen": [{"group": g, "width": w, "reasons": r} for g, w, r in self.frozen]}
 
 
@@ -195,7 +198,8 @@ def resize_plan_from_dict(doc: Any, channels: ChannelGraph, where: str) -> Resiz
             raise PlanMismatch(f"{where}: group {shown} shrinks to {new} channels but keeps {len(keep)}")
         changes.append(GroupChange(group.id, old, new, keep, str(entry.get("reason") or "as the plan file says"),
                                    list(group.producers), key))
-    return ResizePlan(divisor, width if isinstance(width, (int, float)) else None, changes, _frozen(channels))
+    return ResizePlan(divisor, width if isinstance(width, (int, float)) else None, changes, _frozen(channels),
+                      doc.get("chosen") is True)
 
 
 def _frozen(channels: ChannelGraph) -> list[tuple[int, int, list[str]]]:

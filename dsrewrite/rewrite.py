@@ -79,16 +79,10 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
         result.calibration = calibrate(result.model, model, calibration, progress=progress is not None,
                                        thorough=thorough).to_dict()
     if plan.resize is not None and plan.resize.changed:
-        from .channels import model_channel_graph
-        from .profile import profile
         from .resize import apply_resize, kept_positions
-        from .trace import trace
 
         say(f"resizing {len(plan.resize.changed)} channel group(s) ...")
-        meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-        traced = trace(result.model, inputs=meta)
-        profile(traced, meta)
-        channels = model_channel_graph(traced, meta)
+        channels = _channel_graph(result.model, inputs)
         positions = kept_positions(channels, plan.resize) if calibration and not plan.resize.exact else None
         apply_resize(result.model, channels, plan.resize)
         if positions:
@@ -127,8 +121,9 @@ def _swap_blocks(model: nn.Module, plan: ConversionPlan, inputs: tuple) -> Rewri
 
 
 def skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
-    """A copy of ``model`` with each planned block in place, randomly initialized: what the plan's
-    result runs like, for timing only (weights do not change speed; no factorization is computed)."""
+    """A copy of ``model`` with each planned block in place, randomly initialized, and the plan's
+    channel groups resized: what the plan's result runs like, for timing only (weights do not
+    change speed; no factorization or refit is computed)."""
     new = copy.deepcopy(model)
     for name, d in plan.modules_to_replace.items():
         conv = plain_conv(new.get_submodule(name), d.block_padding)
@@ -139,7 +134,24 @@ def skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         else:
             block = FAMILIES[d.family].make(*geometry, d.rank)
         _set_submodule(new, name, block.to(device=conv.weight.device, dtype=conv.weight.dtype))
+    if plan.resize is not None and plan.resize.changed:
+        from .resize import apply_resize
+
+        meta = tuple(torch.empty(shape, device="meta") for shape in plan.input_shapes)
+        apply_resize(new, _channel_graph(new, meta), plan.resize)
     return new
+
+
+def _channel_graph(model: nn.Module, inputs: tuple):
+    """``model``'s own channel graph (traced on meta copies of ``inputs``): what a resize is applied through."""
+    from .channels import model_channel_graph
+    from .profile import profile
+    from .trace import trace
+
+    meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    traced = trace(model, inputs=meta)
+    profile(traced, meta)
+    return model_channel_graph(traced, meta)
 
 
 def plain_conv(conv: nn.Conv2d, padding: tuple[int, ...] | None) -> nn.Conv2d:

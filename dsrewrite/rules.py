@@ -80,6 +80,10 @@ class RuleConfig:
     #: [plan.target_latency] plan for this fraction of the original's measured latency (0: off;
     #: --target-latency overrides it).
     target_latency: float = 0.0
+    #: [plan.group_widths] widths the planner may give each resizable channel group, beside the
+    #: block families, for a target (e.g. [0.75, 0.5]; needs calibration data, whose least-squares
+    #: refit repairs the thinned groups' consumers; empty: every group keeps its width).
+    group_widths: tuple[float, ...] = ()
     #: [measure.device] where to time: auto, cpu, cuda, cuda:N, mps.
     measure_device: str = "auto"
     #: [measure.threads] CPU threads while timing (0: torch's default).
@@ -144,6 +148,7 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "block.rank": ("rank", int),
     "block.layer_family": ("layer_family", "patterns"),
     "plan.target_latency": ("target_latency", float),
+    "plan.group_widths": ("group_widths", "widths"),
     "align.divisor": ("align_divisor", int),
     "align.groups": ("align_groups", bool),
     "align.width": ("align_width", float),
@@ -303,6 +308,13 @@ def _check_type(key: str, value: Any, expected: type, where: str) -> Any:
                                   f"{f' (did you mean {close[0]!r}?)' if close else ''}; families: "
                                   f"{', '.join(FAMILY_NAMES)}, or keep")
         return tuple(value.items())
+    if expected == "widths":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value):
+            raise bad
+        return tuple(sorted({float(v) for v in value}, reverse=True))
     if expected == "rules":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad
@@ -325,7 +337,8 @@ def _type_word(t: type) -> str:
     return {bool: "true or false", int: "a non-negative integer", float: "a non-negative number",
             list: "a list of kernel sizes such as [3, 5]", str: "a string",
             "patterns": "a table of module-name globs to families such as {\"layer4.*\" = \"bottleneck\"}",
-            "rules": "a list of rule names such as [\"KeepStem\", \"ReplaceHeavyConv\"]"}[t]
+            "rules": "a list of rule names such as [\"KeepStem\", \"ReplaceHeavyConv\"]",
+            "widths": "a list of channel widths between 0 and 1 such as [0.75, 0.5]"}[t]
 
 
 def _parse_value(raw: str) -> Any:

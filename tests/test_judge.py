@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsrewrite
-from dsrewrite.blocks import FAMILIES, family_approximations, family_errors, relative_error
-from dsrewrite.judge import family_data_errors, refit_error, sample_inputs
+from dsrewrite.blocks import (ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d, family_approximations, family_errors,
+                              relative_error)
+from dsrewrite.calibrate import _conv_patches
+from dsrewrite.judge import family_refit_errors, refit_error, sample_inputs
 
 SMALL = (1, 1, 28, 28)
 
@@ -44,47 +46,66 @@ def test_approximations_are_the_truncations_the_weight_errors_judge(family):
         assert relative_error(w, got[r]) ** 2 == pytest.approx(errors[r], rel=1e-6, abs=1e-9)
 
 
+def _reference_refit(conv, block, family, x):
+    """The refit the slow way: run the real block on the whole input, take its last conv's input
+    patches at every position, solve least squares against the real conv's output (bias column)."""
+    last = {"separable": "pointwise", "bottleneck": "expand", "inverted-residual": "project",
+            "spatial": "horizontal", "pointwise-first": "spatial"}[family]
+    seen = {}
+    layer = getattr(block, last)
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.setdefault("z", a[0].detach()))
+    with torch.no_grad():
+        block(x)
+    handle.remove()
+    z = _conv_patches(layer, seen["z"]).double()
+    y = F.conv2d(x, conv.weight.detach(), None, conv.stride, conv.padding)
+    y = y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).double()
+    groups = layer.groups
+    per = z.shape[1] // groups
+    residual = 0.0
+    for o in range(conv.out_channels):
+        g = o * groups // conv.out_channels
+        a = torch.cat([z[:, g * per:(g + 1) * per], torch.ones(len(z), 1, dtype=torch.float64)], 1)
+        coef = torch.linalg.lstsq(a, y[:, o:o + 1]).solution
+        residual += float((a @ coef - y[:, o:o + 1]).square().sum())
+    return residual / float(y.square().sum())
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
-def test_data_error_is_the_output_error_of_the_block_start(family, stride, padding):
-    """Sampling every position, the error equals ‖conv(x, W − Ŵ)‖² / ‖conv(x, W)‖² over the data."""
+def test_refit_error_is_a_least_squares_fit_of_the_real_block(family, stride, padding):
+    """On every position, the error equals the refit of the block's last conv done on the real block's
+    activations; and it is never above the error of the block's weight-only start on the same data."""
     torch.manual_seed(2)
     conv = nn.Conv2d(6, 8, 3, stride=stride, padding=padding)
-    model = nn.Sequential(conv)
     # correlated, non-white inputs: two channels carry most of the energy
     x = torch.randn(3, 6, 9, 9) * torch.tensor([3.0, 2.0, 0.3, 0.3, 0.1, 0.1]).view(1, 6, 1, 1)
     positions = 3 * conv(x).shape[2] * conv(x).shape[3]
-    patches = sample_inputs(model, {"0": positions}, [x[:2], x[2:]])["0"]
+    patches = sample_inputs(nn.Sequential(conv), {"0": positions}, [x[:2], x[2:]])["0"]
     assert patches.shape == (positions, 6 * 9)
     ranks = [1, 2]
-    got = family_data_errors(conv.weight, family, ranks, patches)
+    got = family_refit_errors(conv, family, ranks, patches, held_out=False)
+    y = F.conv2d(x, conv.weight.detach(), None, stride, padding)
     for r, approx in family_approximations(conv.weight, family, ranks):
-        delta = (conv.weight.detach().double() - approx).float()
-        expect = float(F.conv2d(x, delta, None, stride, padding).square().sum() /
-                       F.conv2d(x, conv.weight.detach(), None, stride, padding).square().sum())
-        assert got[r] == pytest.approx(expect, rel=1e-4)
+        block = (InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS) if family == "inverted-residual"
+                 else FAMILIES[family].build(conv, r))
+        assert got[r] == pytest.approx(_reference_refit(conv, block, family, x), rel=1e-3, abs=1e-7)
+        start = float(F.conv2d(x, (conv.weight.detach().double() - approx).float(), None, stride, padding)
+                      .square().sum() / y.square().sum())
+        assert got[r] <= start + 1e-6
 
 
-def test_data_error_sees_which_inputs_the_data_excites():
-    """Rank 1 of each output's C_in × K² slice keeps the strong input channel: a small weight
-    error. On data that only excites the weak channel, that block is useless; on data that only
-    excites the strong one, it is nearly exact. Only the data error tells them apart."""
-    torch.manual_seed(3)
-    w = torch.randn(4, 2, 3, 3)
-    w[:, 1] *= 10
-    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(w)
-    weight_error = family_errors(w, "pointwise-first", [1])[1]
-    errors = {}
-    for silent in (0, 1):
-        x = torch.randn(4, 2, 8, 8)
-        x[:, silent] = 0
-        patches = sample_inputs(nn.Sequential(conv), {"0": 10_000}, [x])["0"]
-        errors[silent] = family_data_errors(w, "pointwise-first", [1], patches)[1]
-    assert weight_error < 0.05
-    assert errors[1] > 0.5  # only the weak channel speaks: the block dropped it
-    assert errors[0] < weight_error  # only the strong channel speaks: what was kept
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_refit_error_vanishes_at_full_rank_and_held_out_judges_honestly(family):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(8, 4, 10, 10)
+    patches = sample_inputs(nn.Sequential(conv), {"0": 4000}, [x])["0"]
+    top = FAMILIES[family].max_rank(conv)
+    top = top if isinstance(top, int) else max(top)
+    assert family_refit_errors(conv, family, [top], patches)[top] < 1e-6
+    low = family_refit_errors(conv, family, [1], patches)[1]
+    assert low >= family_refit_errors(conv, family, [1], patches, held_out=False)[1] - 1e-9
 
 
 def test_refit_error_recovers_copied_channels_and_charges_independent_ones():
