@@ -1,11 +1,13 @@
 """Accuracy at a matched *measured* latency (Fashion-MNIST, CPU): the block chooser against single families.
 
-For the ResNet-style and VGG-style CNNs of examples/fashion_cnns.py, trained a few epochs:
-each conversion is planned with ``--target-latency`` (a fraction of the original's latency
-measured here at batch 64, channels_last, BN folded), calibrated on 1024 unlabeled training
-images, then distilled for one epoch. Families: ``auto`` (the chooser picks family × rank or
-keep per layer) and each single family (the chooser picks rank or keep per layer). Every
-row's latency is measured again, after conversion, against the original side by side.
+For the ResNet-style and VGG-style CNNs of examples/fashion_cnns.py (width 32, trained one
+epoch): each conversion is planned with ``--target-latency`` (a fraction of the original's
+latency measured here at batch 64, channels_last, BN folded) and 1024 unlabeled training
+images, calibrated on them, then (some rows) distilled for one epoch. Rows: ``auto`` (family ×
+rank or keep per layer, and a width per channel group), auto without widths, widths alone,
+each single family, and Torch-Pruning (L1) at the same measured latency with the same images
+for BN re-estimation and the same distillation. Every row's latency is measured again, after
+conversion, against the original side by side, at batch 1 and 64.
 
     apt-get install -y dataset-fashion-mnist
     pip install -e '.[bench]'
@@ -35,19 +37,29 @@ from dsrewrite.data import fashion_mnist  # noqa: E402
 from dsrewrite.measure import MeasureSettings, time_model  # noqa: E402
 from dsrewrite.rules import load_rules  # noqa: E402
 
-FAMILIES = ["auto", "separable", "spatial", "bottleneck", "pointwise-first"]
+FAMILIES = ["separable", "spatial", "bottleneck", "pointwise-first", "inverted-residual"]
+#: (row label, rule overrides) — the auto preset offers every family and channel widths 0.75 / 0.5
+VARIANTS = {
+    "auto (blocks + widths)": [],
+    "auto, blocks only": ["plan.group_widths=[]"],
+    "widths only": ['block.layer_family={"*" = "keep"}'],
+    **{family: [f"block.family={family}", "plan.group_widths=[]"] for family in FAMILIES},
+}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet,vgg")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size the latency is planned and measured at")
-    parser.add_argument("--targets", default="0.5")
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--distill", default="auto", help="families distilled for one epoch (comma list, or none)")
+    parser.add_argument("--targets", default="0.5,0.33")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="rows per target (comma list of VARIANTS)")
+    parser.add_argument("--all-at", default="0.5", help="targets at which every variant runs; at the others only "
+                        "the auto rows, separable and Torch-Pruning")
+    parser.add_argument("--distill", default="auto (blocks + widths),torch-pruning",
+                        help="rows distilled for one epoch (comma list, or none)")
     parser.add_argument("-o", "--output", default=str(HERE / "results" / "latency_accuracy.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,9 +72,11 @@ def main(argv=None) -> int:
     test = loader(x_test, y_test, 1000, shuffle=False)
     calibration = [x for x, _ in loader(x_train[:1024], y_train[:1024], 128, shuffle=False)]
     shape = (args.batch_size, 1, 28, 28)
-    x_lat = torch.randn(*shape)
+    inputs = {1: torch.randn(1, 1, 28, 28), args.batch_size: torch.randn(*shape)}
     t0 = time.perf_counter()
     rows = []
+    distilled = args.distill.split(",")
+    full = {float(t) for t in args.all_at.split(",") if t}
 
     def log(msg):
         print(f"[{time.perf_counter() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -70,6 +84,19 @@ def main(argv=None) -> int:
     def flush():
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(render(rows, args))
+
+    def latencies(model, original):
+        """model ÷ original at batch 1 and at the planning batch, each pair timed back to back."""
+        return [time_model(model, (x,), settings).median / time_model(original, (x,), settings).median
+                for x in inputs.values()]
+
+    def distill(model, original, label):
+        start = time.perf_counter()
+        student = copy.deepcopy(model)
+        history = dsrewrite.distill(student, original, loader(x_train, y_train, 128, shuffle=True, seed=7),
+                                    epochs=1, lr=DISTILL_LR, eval_loader=test)
+        log(f"{label}: distilled {100 * history[-1].accuracy:.2f}%")
+        return history[-1].accuracy, time.perf_counter() - start
 
     for kind in args.models.split(","):
         torch.manual_seed(0)
@@ -89,16 +116,21 @@ def main(argv=None) -> int:
                 original(x)
             forward_s = time.perf_counter() - start
         analysis = dsrewrite.analyze(original, shape)
-        rows.append([kind, "original", "-", f"{100 * base_acc:.2f}%", "+0.00", "1.00", "-", "-", "-",
-                     f"{analysis.profile.macs / args.batch_size / 1e6:.2f}M", "-", "-", "-"])
+        macs = analysis.profile.macs
+        rows.append([kind, "original", "-", f"{100 * base_acc:.2f}%", "+0.00", "1.00 / 1.00", "-", "-",
+                     f"{macs / args.batch_size / 1e6:.2f}M", "-", "-", "-"])
         log(f"{kind}: original {100 * base_acc:.2f}%, one forward over the calibration images {forward_s:.2f}s")
         flush()
         for target in (float(t) for t in args.targets.split(",")):
-            for family in args.families.split(","):
-                config = load_rules("auto", [f"block.family={family}"])
+            for variant in args.variants.split(","):
+                if target not in full and variant not in ("auto (blocks + widths)", "auto, blocks only", "separable"):
+                    continue
+                label = f"{kind} {variant} @{target:g}"
+                config = load_rules("auto", VARIANTS[variant])
                 start = time.perf_counter()
                 plan = dsrewrite.plan_model(original, shape, config, analysis=analysis, target_latency=target,
-                                            measure_settings=settings, batch_size=args.batch_size)
+                                            measure_settings=settings, batch_size=args.batch_size,
+                                            calibration=calibration)
                 plan_s = time.perf_counter() - start
                 start = time.perf_counter()
                 with PeakMemory() as peak:
@@ -106,28 +138,73 @@ def main(argv=None) -> int:
                                                calibration=calibration)
                 cal_s = time.perf_counter() - start
                 model = result.model.eval()
-                before = time_model(original, (x_lat,), settings).median
-                after = time_model(model, (x_lat,), settings).median
+                lat = latencies(model, original)
                 acc = dsrewrite.evaluate(model, test)
-                chosen = sorted({d.family for d in plan.modules_to_replace.values()}) or ["none"]
-                row = [kind, family, f"{target:g}", f"{100 * acc:.2f}%", f"{100 * (acc - base_acc):+.2f}",
-                       f"{after / before:.2f}", f"{plan.rank_choice['measured_fraction']:.2f}",
-                       f"{len(plan.modules_to_replace)} ({', '.join(chosen)})",
-                       f"{analysis.profile.macs / plan.macs_after:.2f}×",
-                       f"{plan.macs_after / args.batch_size / 1e6:.2f}M", f"{plan_s:.0f}s",
+                chosen = sorted({d.family for d in plan.modules_to_replace.values()})
+                thinned = len(plan.resize.changed) if plan.resize is not None else 0
+                what = ", ".join(([f"{len(plan.modules_to_replace)} blocks ({', '.join(chosen)})"] if chosen else []) +
+                                 ([f"{thinned} groups thinned"] if thinned else [])) or "nothing"
+                after_macs = result.report.after["macs"]
+                row = [kind, variant, f"{target:g}", f"{100 * acc:.2f}%", f"{100 * (acc - base_acc):+.2f}",
+                       f"{lat[0]:.2f} / {lat[1]:.2f}", f"{plan.rank_choice['measured_fraction']:.2f}", what,
+                       f"{macs / after_macs:.2f}×", f"{plan_s:.0f}s",
                        f"{cal_s:.1f}s ({cal_s / forward_s:.0f}×), {peak.peak / 2 ** 20:.0f} MiB", "-"]
-                log(f"{kind} {family} @{target:g}: {100 * acc:.2f}% at {after / before:.2f}× latency")
-                if family in args.distill.split(","):
-                    start = time.perf_counter()
-                    student = copy.deepcopy(model)
-                    history = dsrewrite.distill(student, original, loader(x_train, y_train, 128, shuffle=True, seed=7),
-                                                epochs=1, lr=DISTILL_LR, eval_loader=test)
-                    row[-1] = f"{100 * history[-1].accuracy:.2f}% ({time.perf_counter() - start:.0f}s)"
-                    log(f"{kind} {family} @{target:g}: distilled {100 * history[-1].accuracy:.2f}%")
+                log(f"{label}: {100 * acc:.2f}% at {lat[0]:.2f} / {lat[1]:.2f} latency ({what})")
+                if variant in distilled:
+                    a, seconds = distill(model, original, label)
+                    row[-1] = f"{100 * a:.2f}% ({100 * (a - base_acc):+.2f}; {seconds:.0f}s)"
                 rows.append(row)
                 flush()
+            rows.append(torch_pruning_row(kind, original, target, calibration, test, base_acc, shape, settings,
+                                          latencies, log, distill if "torch-pruning" in distilled else None))
+            flush()
     log(f"wrote {args.output}")
     return 0
+
+
+def torch_pruning_row(kind, original, target, calibration, test, base_acc, shape, settings, latencies, log,
+                      distill) -> list:
+    """Torch-Pruning (L1 magnitude, every layer but the classifier at one ratio), at the least pruning ratio
+    whose measured latency at the planning batch is within the target (bisection, 7 steps), BN statistics
+    re-estimated on the calibration images, then (optionally) the same distillation epoch."""
+    import torch_pruning as tp
+
+    from bench_calibration import recalibrate_bn
+
+    example = torch.randn(1, *shape[1:])
+
+    def pruned(ratio):
+        model = copy.deepcopy(original).eval()
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=head)
+        pruner.step()
+        return model
+
+    start = time.perf_counter()
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(7):
+        ratio = (lo + hi) / 2
+        lat = latencies(pruned(ratio), original)
+        if lat[1] <= target:
+            hi, best = ratio, (ratio, lat)
+        else:
+            lo = ratio
+    if best is None:
+        best = (hi, latencies(pruned(hi), original))
+    search_s = time.perf_counter() - start
+    ratio, lat = best
+    model = recalibrate_bn(pruned(ratio), calibration)
+    acc = dsrewrite.evaluate(model, test)
+    macs = dsrewrite.analyze(original, shape).profile.macs / dsrewrite.analyze(model, shape).profile.macs
+    log(f"{kind} torch-pruning @{target:g}: ratio {ratio:.3f}, {100 * acc:.2f}% at {lat[0]:.2f} / {lat[1]:.2f}")
+    row = [kind, f"Torch-Pruning L1, ratio {ratio:.2f} + BN re-estimated", f"{target:g}", f"{100 * acc:.2f}%",
+           f"{100 * (acc - base_acc):+.2f}", f"{lat[0]:.2f} / {lat[1]:.2f}", "-", "every group at one ratio",
+           f"{macs:.2f}×", f"{search_s:.0f}s (ratio search)", "BN statistics only", "-"]
+    if distill is not None:
+        a, seconds = distill(model, original, f"{kind} torch-pruning @{target:g}")
+        row[-1] = f"{100 * a:.2f}% ({100 * (a - base_acc):+.2f}; {seconds:.0f}s)"
+    return row
 
 
 def render(rows, args) -> str:
@@ -135,17 +212,23 @@ def render(rows, args) -> str:
         "# Accuracy at a matched measured latency: Fashion-MNIST", "",
         f"Measured with `python benchmarks/bench_latency_accuracy.py` on {fingerprint()}. Originals: "
         f"examples/fashion_cnns.py, width {args.width}, trained {args.epochs} epochs (SGD one-cycle, seed 0). "
-        f"Plans: preset `auto` with `block.family` as in the row, `--target-latency` at batch {args.batch_size}, "
-        "CPU, channels_last, BN folded; each layer keeps or gets a block (the family's ranks, or every family's "
-        "under auto) by weight error within the budget, checked end to end. Calibration: 1024 unlabeled training "
-        "images (no gradients). Distillation: 1 epoch "
-        f"({DISTILL_NOTE}). No GPU was available to this run.", "",
-        "Columns: **latency** — the converted model ÷ the original, measured side by side after conversion; "
-        "**checked** — the planner's own end-to-end check of its plan; **calibration** — wall time of the "
-        "calibration, its multiple of one forward pass of the original over the same 1024 images, and peak memory "
-        "growth.", "",
-        md_table(["model", "family", "latency target", "accuracy (calibrated)", "Δ points", "latency", "checked",
-                  "layers replaced", "fewer MACs", "MACs/image", "planning", "calibration", "+ 1 epoch distillation"],
+        f"Plans: preset `auto` with the overrides of the row, `--target-latency` at batch {args.batch_size}, "
+        "CPU, channels_last, BN folded, **planned with the calibration data**: each layer keeps or gets a block "
+        "(the family's ranks, or every family's under auto), and under auto each channel group keeps its width or "
+        "is thinned to 0.75 / 0.5 (its consumers refit), for the least error on the calibration data (after the "
+        "least-squares refit of each block's last conv, and of each thinned group's consumers) within the "
+        "budget, checked end to end. Calibration: 1024 unlabeled training images (no gradients). Distillation: "
+        f"1 epoch ({DISTILL_NOTE}). Torch-Pruning: `MagnitudePruner` (L1) at the least ratio whose measured "
+        "latency meets the target, BN statistics re-estimated on the same 1024 images, the same distillation. "
+        "No GPU was available to this run.", "",
+        "Columns: **latency** — the converted model ÷ the original at batch 1 / batch "
+        f"{args.batch_size}, measured side by side after conversion (the plans target batch {args.batch_size}); "
+        "**checked** — the planner's own end-to-end check of its plan; **planning** — wall time of planning "
+        "(timing candidates, judging them on the data, end-to-end checks); **calibration** — wall time of "
+        "calibration and the width refit, its multiple of one forward pass of the original over the same 1024 "
+        "images, and peak memory growth.", "",
+        md_table(["model", "plan", "latency target", "accuracy (calibrated)", "Δ points", "latency b1 / b64",
+                  "checked", "what changed", "fewer MACs", "planning", "calibration", "+ 1 epoch distillation"],
                  rows), ""]) + "\n"
 
 

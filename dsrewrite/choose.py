@@ -110,9 +110,9 @@ class WidthCandidate:
 
 
 def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: float | None,
-                max_error: float | None) -> bool:
+                max_error: float | None, widths: bool = False) -> bool:
     """Whether the block chooser plans (a latency target, or a MAC target or error bound with families
-    beyond separable, or a MAC target with ``plan.group_widths``).
+    beyond separable, or a MAC target with channel ``widths`` to choose).
 
     ``block.family = "auto"`` without any target is a :class:`~dsrewrite.errors.ConfigError`:
     auto means "choose for a target".
@@ -125,7 +125,7 @@ def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: f
         raise ConfigError("block.family = \"auto\" chooses a block per layer for a target: give --target-latency "
                           "FRACTION (or plan.target_latency), --target-macs or --max-error")
     return target_latency is not None or (targeted and bool(families - {"separable", "keep"})) or \
-        (target_macs is not None and bool(config.group_widths) and not config.align_groups and not config.align_width)
+        (target_macs is not None and widths)
 
 
 #: families a channel resize (--align / --width) can follow through (dsrewrite.channels.CHAIN_ENDS, and separable)

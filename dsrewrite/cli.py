@@ -320,6 +320,9 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             raise UsageError(f"--group-widths takes widths between 0 and 1 separated by commas (e.g. 0.75,0.5), "
                              f"got {group_widths!r}")
         rule_config = dataclasses.replace(rule_config, group_widths=tuple(sorted(set(widths), reverse=True)))
+        if target_latency is None and target_macs is None and not rule_config.target_latency:
+            raise UsageError("--group-widths chooses each group's width for a target: give --target-latency or "
+                             "--target-macs")
     if (onnx_static or opset is not None) and not onnx_path:
         raise UsageError("--onnx-static and --opset apply to --onnx FILE")
     if plan_path:

@@ -81,11 +81,9 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         facts.notes.append("channel widths were not chosen per group: --align / --width (align.*) resize every "
                            "group as they say")
         widths_wanted = False
-    if widths_wanted and target_latency is None and target_macs is None:
-        from .errors import ConfigError
-
-        raise ConfigError("plan.group_widths chooses widths for a target: give --target-latency or --target-macs")
-    blockwise = uses_blocks(config, target_latency, target_macs, max_error)
+    if target_latency is None and target_macs is None:  # widths are chosen for a target: without one, none
+        widths_wanted = False
+    blockwise = uses_blocks(config, target_latency, target_macs, max_error, widths_wanted and bool(calibration))
     if blockwise:
         from .choose import gather_candidates
 
