@@ -41,7 +41,7 @@ FAMILIES = ["separable", "spatial", "bottleneck", "pointwise-first", "inverted-r
 #: (row label, rule overrides) — the auto preset offers every family and channel widths 0.75 / 0.5
 VARIANTS = {
     "auto (blocks + widths)": [],
-    "auto, blocks only": ["plan.group_widths=[]"],
+    "auto (blocks only)": ["plan.group_widths=[]"],
     "widths only": ['block.layer_family={"*" = "keep"}'],
     **{family: [f"block.family={family}", "plan.group_widths=[]"] for family in FAMILIES},
 }
@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size the latency is planned and measured at")
     parser.add_argument("--targets", default="0.5,0.33")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="rows per target (comma list of VARIANTS)")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="rows per target (VARIANTS, separated by ;)")
     parser.add_argument("--all-at", default="0.5", help="targets at which every variant runs; at the others only "
                         "the auto rows, separable and Torch-Pruning")
-    parser.add_argument("--distill", default="auto (blocks + widths),torch-pruning",
-                        help="rows distilled for one epoch (comma list, or none)")
+    parser.add_argument("--distill", default="auto (blocks + widths);torch-pruning",
+                        help="rows distilled for one epoch (separated by ;, or none)")
     parser.add_argument("-o", "--output", default=str(HERE / "results" / "latency_accuracy.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     inputs = {1: torch.randn(1, 1, 28, 28), args.batch_size: torch.randn(*shape)}
     t0 = time.perf_counter()
     rows = []
-    distilled = args.distill.split(",")
+    distilled = args.distill.split(";")
     full = {float(t) for t in args.all_at.split(",") if t}
 
     def log(msg):
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
         log(f"{kind}: original {100 * base_acc:.2f}%, one forward over the calibration images {forward_s:.2f}s")
         flush()
         for target in (float(t) for t in args.targets.split(",")):
-            for variant in args.variants.split(","):
-                if target not in full and variant not in ("auto (blocks + widths)", "auto, blocks only", "separable"):
+            for variant in args.variants.split(";"):
+                if target not in full and variant not in ("auto (blocks + widths)", "auto (blocks only)", "separable"):
                     continue
                 label = f"{kind} {variant} @{target:g}"
                 config = load_rules("auto", VARIANTS[variant])

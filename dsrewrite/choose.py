@@ -5,9 +5,11 @@ and each allowed block family (:mod:`dsrewrite.blocks`; all of them under
 ``block.family = "auto"``) at a few ranks (:func:`~dsrewrite.blocks.rank_ladder`). Each
 candidate has
 
-* an **error**: ‖W − Ŵ‖² / ‖W‖² of its weight-only initialization
+* an **error**: without data, ‖W − Ŵ‖² / ‖W‖² of its weight-only initialization
   (:func:`~dsrewrite.blocks.family_errors`; 1 − kept energy, as :mod:`dsrewrite.rank` judges
-  the separable ranks), summed over the layers as the objective;
+  the separable ranks); with calibration data, its squared relative output error on the
+  layer's sampled real inputs after the least-squares refit of its last conv
+  (:func:`dsrewrite.judge.family_refit_errors`); summed over the layers as the objective;
 * its exact **MACs** (:func:`~dsrewrite.blocks.block_costs`), and, for a latency target,
   its **measured time** on each call site's real input shape (the cached per-layer timer,
   :func:`dsrewrite.facts.layer_timer`), against the dense conv timed on the same shape.
@@ -17,9 +19,17 @@ while the predicted latency — the original model measured end to end, minus wh
 chosen block saves on its layers — stays within ``target_latency`` of the original
 (or the MACs within ``target_macs``): a multiple-choice knapsack
 (:func:`dsrewrite.rank.least_error_within`). Every decision keeps its candidates, and its
-reason names the winner and its neighbours on the layer's time/error front. Like the rest
-of planning it is pure: the timings and errors are facts gathered beforehand
-(:func:`gather_candidates`).
+reason names the winner and its neighbours on the layer's time/error front.
+
+With ``plan.group_widths`` and calibration data, every resizable channel group is offered
+beside the blocks at those widths (:func:`gather_widths`): its error is the summed output
+error of its consumers after their least-squares refit on the channels kept
+(:func:`dsrewrite.judge.refit_error`), its saving the measured time (or MACs) its convs save
+thinned. A thinned group keeps its convs dense; groups and blocks are chosen together
+(:func:`_choose_with_widths`) and the chosen widths become the plan's channel resize.
+
+Like the rest of planning it is pure: the timings and errors are facts gathered beforehand
+(:func:`gather_candidates`, :func:`gather_widths`).
 """
 
 from __future__ import annotations
@@ -156,7 +166,8 @@ def candidate_ranks_of(family: str, site: Decision, config: RuleConfig) -> list[
 
 def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config: RuleConfig,
                       timer: Callable | None = None, progress: bool = False,
-                      resize: bool = False, calibration: list | None = None) -> dict[str, list[Candidate]]:
+                      resize: bool = False, calibration: list | None = None,
+                      spent: dict | None = None) -> dict[str, list[Candidate]]:
     """``module -> [keep, block candidates...]`` for the modules of ``sites`` (replace decisions).
 
     With a ``timer`` (``timer(conv, rank, bn, activation, family) -> LayerTiming``) every
@@ -165,7 +176,10 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     channel ``resize`` planned, so are the families it cannot follow. Errors are the weight
     errors, or with ``calibration`` batches the output errors on the layer's sampled real
     inputs after the refit of each block's last conv (:func:`dsrewrite.judge.family_refit_errors`).
+    ``spent``: a dict that gets ``judging_s``, the seconds spent judging (sampling the data and
+    the errors; the timing is not counted).
     """
+    import time
     from .blocks import block_costs, family_errors
     from .progress import Progress
 
@@ -178,6 +192,8 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
         first = ds[0]
         plans[name] = [(f, r) for f in families_for(config, name, resize) for r in candidate_ranks_of(f, first, config)]
     samples, scales = {}, {}
+    clock = time.perf_counter()
+    judging = 0.0
     if calibration:
         from .calibrate import consumer_scales
         from .judge import block_rows, sample_inputs
@@ -185,14 +201,20 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
         samples = sample_inputs(model, {name: block_rows(model.get_submodule(name).weight[0].numel())
                                         for name in by_module}, calibration)
         scales = consumer_scales(model, list(by_module), calibration[0])
+    judging = time.perf_counter() - clock
 
     def judge(name: str, family: str, ranks: list[int]) -> dict[int, float]:
+        nonlocal judging
+        start = time.perf_counter()
         conv = model.get_submodule(name)
         if name in samples:
             from .judge import family_refit_errors
 
-            return family_refit_errors(conv, family, ranks, samples[name], scales.get(name))
-        return family_errors(conv.weight, family, ranks)
+            errors = family_refit_errors(conv, family, ranks, samples[name], scales.get(name))
+        else:
+            errors = family_errors(conv.weight, family, ranks)
+        judging += time.perf_counter() - start
+        return errors
 
     out: dict[str, list[Candidate]] = {}
     total = sum(len(v) for v in plans.values()) if timer is not None else 0
@@ -223,11 +245,13 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
                     bar.advance(f"{name} {family} {rank}")
                 options.append(Candidate(family, rank, macs, costs[0][1], errors[family][rank], time_s, timing))
             out[name] = options
+    if spent is not None:
+        spent["judging_s"] = spent.get("judging_s", 0.0) + judging
     return out
 
 
 def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: list, timer: Callable | None = None,
-                  progress: bool = False) -> dict[int, list[WidthCandidate]]:
+                  progress: bool = False, spent: dict | None = None) -> dict[int, list[WidthCandidate]]:
     """``group id -> [WidthCandidate, ...]`` for every resizable channel group, one per width of
     ``config.group_widths`` (``make_divisible`` by ``align.divisor``; widths that do not shrink
     the group are left out).
@@ -237,7 +261,10 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
     reading it can be refit (an ungrouped conv with numeric padding, or a Linear). With a
     ``timer``, each of the group's standard convs is timed thinned against itself on its input
     shape (``timer.thinned``; a timer without it scales the dense conv's time by the MACs).
+    ``spent`` gets ``judging_s``: seconds spent sampling and judging (not timing).
     """
+    import time
+
     import torch
 
     from .calibrate import consumer_scales
@@ -272,10 +299,12 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
             offered[group.id] = (group, members, consumers, news)
     if not offered:
         return {}
+    clock = time.perf_counter()
     readers = sorted({n for _, _, consumers, _ in offered.values() for n in consumers})
     rows = sample_inputs(model, {n: width_rows(model.get_submodule(n).weight[0].numel()) for n in readers},
                          calibration)
     scales = consumer_scales(model, readers, calibration[0])
+    judging = time.perf_counter() - clock
     out: dict[int, list[WidthCandidate]] = {}
     total = sum(len(v[3]) for v in offered.values())
     with Progress("judging channel widths", total, enabled=progress) as bar:
@@ -287,7 +316,7 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
                 keep = sorted(torch.topk(importance, new).indices.tolist())
                 change = GroupChange(gid, group.width, new, keep, "", list(group.producers), key)
                 positions = kept_positions(channels, ResizePlan(divisor, None, [change], []))
-                error = 0.0
+                error, clock = 0.0, time.perf_counter()
                 for name in consumers:
                     module = model.get_submodule(name)
                     index = positions[(name, "in")]
@@ -295,6 +324,7 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
                     cols = (index[:, None] * taps + torch.arange(taps)[None]).reshape(-1)
                     error += refit_error(module.weight.reshape(module.weight.shape[0], -1), rows[name], cols,
                                          scales.get(name), bias=module.bias is not None)
+                judging += time.perf_counter() - clock
                 macs, seconds, timing, parts = 0, 0.0 if timer is not None else None, None, []
                 for m in members:
                     linear = isinstance(model.get_submodule(m.module), nn.Linear)
@@ -326,6 +356,8 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
                                               tuple(group.producers), tuple(parts)))
                 bar.advance(f"group {gid} ×{alpha:g}")
             out[gid] = options
+    if spent is not None:
+        spent["judging_s"] = spent.get("judging_s", 0.0) + judging
     return out
 
 

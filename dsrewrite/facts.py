@@ -56,6 +56,8 @@ class PlanFacts:
     widths: dict[int, list] = dataclasses.field(default_factory=dict)
     #: what the facts could not cover, said in the plan
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: seconds spent judging candidates on calibration data (sampling it, the errors; not the timing)
+    judging_s: float = 0.0
 
 
 def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
@@ -113,14 +115,19 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                 from .choose import gather_widths
 
                 say("judging each channel group's widths on the calibration data ...")
-                facts.widths = gather_widths(model, analysis, config, calibration, timer_, progress is not None)
+                spent_widths: dict[str, float] = {}
+                facts.widths = gather_widths(model, analysis, config, calibration, timer_, progress is not None,
+                                             spent_widths)
+                facts.judging_s += spent_widths.get("judging_s", 0.0)
             else:
                 facts.notes.append("channel widths were not offered: a thinned group is only usable after its "
                                    "consumers are refit on data (give --calibrate DATA)")
         if calibration:
             say("judging each candidate block on the calibration data ...")
+        spent: dict[str, float] = {}
         facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
-                                         progress is not None, resize, calibration)
+                                         progress is not None, resize, calibration, spent)
+        facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
@@ -169,15 +176,17 @@ def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cac
 
     ``rank`` is the separable block's depth multiplier, or another family's rank. The dense
     conv of one geometry is timed once per run however many blocks are timed against it.
+    ``timer.thinned(conv, in_channels, out_channels) -> LayerTiming`` times the dense conv
+    against itself with fewer channels (a thinned channel group), through the same cache.
     """
-    from .measure import LatencyCache, layer_key, time_dense, time_layer
+    from .measure import LatencyCache, layer_key, time_dense, time_layer, time_thinned
 
     store = cache if cache is not None else LatencyCache()  # cache=False: no disk cache at all
     this_run: dict[str, Any] = {}  # layers of the same geometry are timed once per run, and count as fresh
     dense: dict[str, Any] = {}
 
-    def timer(conv, rank, bn, activation, family="separable"):
-        key = layer_key(conv, rank, bn, activation, settings, config.measure_fold_bn, batch_size, family)
+    def cached(key: str, conv, measure: Callable) -> Any:
+        """This run's, else the disk cache's, else a fresh timing (``measure(dense_timing)``), remembered."""
         if key in this_run:
             return this_run[key]
         hit = store.get(key) if store else None
@@ -186,33 +195,23 @@ def layer_timer(config: RuleConfig, settings, batch_size: int | None = None, cac
         dense_key = layer_key(conv, 0, False, "none", settings, False, batch_size, "dense")
         if dense_key not in dense:
             dense[dense_key] = time_dense(conv, settings, batch_size)
-        timing = time_layer(conv, rank, bn, activation, settings, config.measure_fold_bn, batch_size, family,
-                            original=dense[dense_key])
-        this_run[key] = timing
+        timing = this_run[key] = measure(dense[dense_key])
         if store:
             store.put(key, timing)
             store.save()
         return timing
+
+    def timer(conv, rank, bn, activation, family="separable"):
+        key = layer_key(conv, rank, bn, activation, settings, config.measure_fold_bn, batch_size, family)
+        return cached(key, conv, lambda original: time_layer(conv, rank, bn, activation, settings,
+                                                             config.measure_fold_bn, batch_size, family,
+                                                             original=original))
 
     def thinned(conv, in_channels: int, out_channels: int):
         """The dense conv against itself with fewer input/output channels (a thinned channel group)."""
-        from .measure import time_thinned
-
         key = layer_key(conv, 0, False, "none", settings, False, batch_size, f"thinned {in_channels}→{out_channels}")
-        if key in this_run:
-            return this_run[key]
-        hit = store.get(key) if store else None
-        if hit is not None:
-            return hit
-        dense_key = layer_key(conv, 0, False, "none", settings, False, batch_size, "dense")
-        if dense_key not in dense:
-            dense[dense_key] = time_dense(conv, settings, batch_size)
-        timing = time_thinned(conv, in_channels, out_channels, settings, batch_size, original=dense[dense_key])
-        this_run[key] = timing
-        if store:
-            store.put(key, timing)
-            store.save()
-        return timing
+        return cached(key, conv, lambda original: time_thinned(conv, in_channels, out_channels, settings, batch_size,
+                                                               original=original))
 
     timer.quiet = progress is None
     timer.thinned = thinned

@@ -39,6 +39,8 @@ BLOCK_VALUES = 16 * 2 ** 20
 #: better than it is), between WIDTH_ROWS[0] and WIDTH_ROWS[1]
 ROWS_PER_UNKNOWN = 4
 WIDTH_ROWS = (2048, 16384)
+#: ... and within this many values per layer (a wide 3×3 consumer is judged on fewer rows, pessimistically)
+WIDTH_VALUES = 8 * 2 ** 20
 
 
 def sample_inputs(model: nn.Module, rows: dict[str, int], batches: Iterable[torch.Tensor],
@@ -185,4 +187,5 @@ def block_rows(patch_size: int) -> int:
 
 def width_rows(unknowns: int) -> int:
     """Rows a width refit of a layer with ``unknowns`` inputs is judged on (both halves together)."""
-    return min(max(2 * ROWS_PER_UNKNOWN * unknowns, WIDTH_ROWS[0]), WIDTH_ROWS[1])
+    return max(min(max(2 * ROWS_PER_UNKNOWN * unknowns, WIDTH_ROWS[0]), WIDTH_ROWS[1],
+                   WIDTH_VALUES // max(unknowns, 1)), 256)

@@ -221,6 +221,8 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
         plan = choose_ranks(plan, facts.errors, analysis.profile.macs, target_macs=target_macs, max_error=max_error,
                             judged_by=facts.errors_from or "energy")
     plan.notes.extend(facts.notes)
+    if plan.rank_choice is not None and facts.errors_from == "data":
+        plan.rank_choice["judging_s"] = facts.judging_s
     divisor = align if align is not None else config.align_divisor
     width = width if width is not None else (config.align_width or None)
     if (align is not None or config.align_groups or width is not None) and not facts.widths:

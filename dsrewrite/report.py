@@ -265,7 +265,12 @@ def _choice_text(choice: dict) -> str:
         judged = ("the output error on the layer's calibration inputs after the least-squares refit of each "
                   "block's last conv (and of each thinned group's consumers)" if choice.get("judged_by") == "data" else
                   "the weight error ‖W − Ŵ‖²/‖W‖² (no data)")
-        text = f"Blocks chosen for {goal} from {families} (or keep), judged by {judged}."
+        widths = choice.get("widths")
+        thinned = sum(g["chosen"] < g["old_width"] for g in widths or [])
+        also = (f" and a width for each of {len(widths)} channel groups ({thinned} thinned)" if widths is not None
+                else "")
+        spent = f" (judging took {format_seconds(choice['judging_s'])})" if choice.get("judging_s") is not None else ""
+        text = f"Blocks chosen for {goal} from {families} (or keep){also}, judged by {judged}{spent}."
         if choice.get("measured_fraction") is not None:
             batch = f", batch {choice['batch_size']}" if choice.get("batch_size") else ""
             rounds = choice.get("rounds") or []

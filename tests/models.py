@@ -192,3 +192,17 @@ class ChannelMix(nn.Module):
         n, c, h, w = x.shape
         x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
         return self.d(torch.relu(self.c(self.b(x))))
+
+
+def fashion_resnet(width: int) -> nn.Module:
+    """The ResNet-style Fashion-MNIST net of the examples (residual adds, strides, a 1×1 shortcut), seeded, in
+    eval mode."""
+    import sys
+
+    sys.path.insert(0, "examples")
+    try:
+        from fashion_cnns import ResNetStyle
+    finally:
+        sys.path.remove("examples")
+    torch.manual_seed(0)
+    return ResNetStyle(width).eval()

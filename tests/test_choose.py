@@ -6,7 +6,6 @@ this machine where the CLI runs end to end.
 """
 
 import json
-import sys
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
 from dsrewrite.layers import DepthwiseSeparableConv2d
 from dsrewrite.plan import PlanMismatch, load_plan
+from models import fashion_resnet
 
 SHAPE = (1, 3, 64, 64)
 SMALL = (1, 1, 28, 28)
@@ -34,17 +34,7 @@ def resnet():
 
 @pytest.fixture(scope="module")
 def small():
-    """The ResNet-style Fashion-MNIST net of the examples (width 32): residual adds, strides, a 1×1 shortcut."""
-    sys.path.insert(0, "examples")
-    try:
-        from fashion_cnns import ResNetStyle
-    finally:
-        sys.path.remove("examples")
-    torch.manual_seed(0)
-    model = ResNetStyle(32).eval()
-    with torch.no_grad():  # trained-looking BN statistics, so calibration sees realistic scales
-        model(torch.randn(64, *SMALL[1:]))
-    return model
+    return fashion_resnet(32)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -4,7 +4,6 @@ Each number is checked against the quantity it stands for, computed the slow way
 conv over every position, a least-squares fit on the whole data).
 """
 
-import sys
 
 import pytest
 import torch
@@ -16,22 +15,14 @@ from dsrewrite.blocks import (ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d,
                               relative_error)
 from dsrewrite.calibrate import _conv_patches
 from dsrewrite.judge import family_refit_errors, refit_error, sample_inputs
+from models import fashion_resnet
 
 SMALL = (1, 1, 28, 28)
 
 
 @pytest.fixture(scope="module")
 def small():
-    sys.path.insert(0, "examples")
-    try:
-        from fashion_cnns import ResNetStyle
-    finally:
-        sys.path.remove("examples")
-    torch.manual_seed(0)
-    model = ResNetStyle(16).eval()
-    with torch.no_grad():
-        model(torch.randn(64, *SMALL[1:]))
-    return model
+    return fashion_resnet(16)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -6,7 +6,6 @@ ResNet-style Fashion-MNIST net, through a saved plan and the CLI's bad-input pat
 """
 
 import json
-import sys
 
 import pytest
 import torch
@@ -18,22 +17,14 @@ from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
 from dsrewrite.plan import load_plan
 from dsrewrite.rules import load_rules
+from models import fashion_resnet
 
 SMALL = (1, 1, 28, 28)
 
 
 @pytest.fixture(scope="module")
 def small():
-    sys.path.insert(0, "examples")
-    try:
-        from fashion_cnns import ResNetStyle
-    finally:
-        sys.path.remove("examples")
-    torch.manual_seed(0)
-    model = ResNetStyle(16).eval()
-    with torch.no_grad():
-        model(torch.randn(64, *SMALL[1:]))
-    return model
+    return fashion_resnet(16)
 
 
 @pytest.fixture(scope="module")
