@@ -112,6 +112,8 @@ def main(argv=None) -> int:
         say(f"{name}: target {args.target:g}: predicted {choice['predicted_fraction']:.2f}, checked "
             f"{checked}, measured {measured:.2f}; separable {sep_speed:.2f}× vs auto at its "
             f"MACs {auto_speed:.2f}×")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(render(rows, checks, families, args))  # after each model: a partial run counts
 
     text = render(rows, checks, families, args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
