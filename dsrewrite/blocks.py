@@ -309,10 +309,12 @@ class InvertedResidualConv2d(nn.Module):
         return kh * kw * min(conv.in_channels, conv.out_channels)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int, sweeps: int = CP_SWEEPS) -> "InvertedResidualConv2d":
-        """Initialized by a rank-``rank`` CP decomposition of ``conv.weight`` (:func:`cp_factors`)."""
+    def from_conv(cls, conv: nn.Conv2d, rank: int, sweeps: int = CP_SWEEPS,
+                  budget: float | None = None) -> "InvertedResidualConv2d":
+        """Initialized by a rank-``rank`` CP decomposition of ``conv.weight`` (:func:`cp_factors`; ``budget``:
+        multiply-adds per fit, default :data:`CP_BUDGET`)."""
         block = _shell(cls, conv, rank)
-        p, e, d = cp_factors(conv.weight.detach(), rank, sweeps)
+        p, e, d = cp_factors(conv.weight.detach(), rank, sweeps, budget)
         kh, kw = conv.kernel_size
         dtype = conv.weight.dtype
         with torch.no_grad():

@@ -100,7 +100,7 @@ def family_refit_errors(conv: nn.Conv2d, family: str, ranks: list[int], patches:
     on the sampled rows (a bias column included; per output channel for the grouped last conv of
     pointwise-first). ``held_out``: fit on half of the rows, judge on the other half.
     """
-    from .blocks import ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d
+    from .blocks import ESTIMATE_BUDGET, ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d
 
     kh, kw = conv.kernel_size
     w = conv.weight.detach().double().reshape(conv.out_channels, -1)
@@ -109,8 +109,8 @@ def family_refit_errors(conv: nn.Conv2d, family: str, ranks: list[int], patches:
     images = x.reshape(-1, conv.in_channels, kh, kw)
     out = {}
     for r in ranks:
-        if family == "inverted-residual":  # the planner's CP fit: the estimate's sweeps, as family_errors
-            block = InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS)
+        if family == "inverted-residual":  # the planner's CP fit: the estimate's sweeps and budget, as family_errors
+            block = InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS, budget=ESTIMATE_BUDGET)
         else:
             block = FAMILIES[family].build(conv, r)
         out[r] = _held_out_fit(_last_inputs(block, family, images), y, scales, True, held_out)
