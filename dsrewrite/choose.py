@@ -116,7 +116,8 @@ class WidthCandidate:
     def to_dict(self, chosen: bool = False) -> dict[str, Any]:
         """JSON-ready, as a plan lists a group's width candidates."""
         return {"alpha": self.alpha, "old_width": self.old_width, "new_width": self.new_width, "error": self.error,
-                "macs_saved": self.macs_saved, "time_saved_s": self.time_saved_s, "chosen": chosen}
+                "macs_saved": self.macs_saved, "time_saved_s": self.time_saved_s, "timing": self.timing,
+                "chosen": chosen}
 
 
 def uses_blocks(config: RuleConfig, target_latency: float | None, target_macs: float | None,
