@@ -231,9 +231,10 @@ def test_cli_rejects_bad_targets(in_repo, args, message):
 
 def test_cli_latency_plan_is_the_plan_applied(in_repo, tmp_path):
     plan_path = tmp_path / "plan.json"
+    # one layer planned (stages.3.0.conv2: the others are kept by rule), to keep the weight judging short
     r = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--rules", "auto", "--target-latency",
-            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=512", "--dry-run", "--format",
-            "json", "-o", plan_path, "-q")
+            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=512", "--set",
+            'block.layer_family={"stages.3.1.*" = "keep"}', "--dry-run", "--format", "json", "-o", plan_path, "-q")
     assert r.exit_code == 0, r.output
     doc = json.loads(plan_path.read_text())
     choice = doc["rank_choice"]
