@@ -168,7 +168,8 @@ def candidate_ranks_of(family: str, site: Decision, config: RuleConfig) -> list[
 def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config: RuleConfig,
                       timer: Callable | None = None, progress: bool = False,
                       resize: bool = False, calibration: list | None = None,
-                      spent: dict | None = None) -> dict[str, list[Candidate]]:
+                      spent: dict | None = None,
+                      sensitivity: dict[str, float] | None = None) -> dict[str, list[Candidate]]:
     """``module -> [keep, block candidates...]`` for the modules of ``sites`` (replace decisions).
 
     With a ``timer`` (``timer(conv, rank, bn, activation, family) -> LayerTiming``) every
@@ -178,7 +179,9 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     errors, or with ``calibration`` batches the output errors on the layer's sampled real
     inputs after the refit of each block's last conv (:func:`dsrewrite.judge.family_refit_errors`).
     ``spent``: a dict that gets ``judging_s``, the seconds spent judging (sampling the data and
-    the errors; the timing is not counted).
+    the errors; the timing is not counted). ``sensitivity`` (module -> s,
+    :func:`dsrewrite.judge.output_sensitivity`) weights each layer's data errors by how much of
+    an error there reaches the model's output, so that errors of different layers compare.
     """
     import time
     from .blocks import block_costs, family_errors
@@ -212,6 +215,8 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
             from .judge import family_refit_errors
 
             errors = family_refit_errors(conv, family, ranks, samples[name], scales.get(name))
+            weight = (sensitivity or {}).get(name, 1.0)
+            errors = {r: weight * e for r, e in errors.items()}
         else:
             errors = family_errors(conv.weight, family, ranks)
         judging += time.perf_counter() - start
@@ -252,7 +257,8 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
 
 
 def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: list, timer: Callable | None = None,
-                  progress: bool = False, spent: dict | None = None) -> dict[int, list[WidthCandidate]]:
+                  progress: bool = False, spent: dict | None = None,
+                  sensitivity: dict[str, float] | None = None) -> dict[int, list[WidthCandidate]]:
     """``group id -> [WidthCandidate, ...]`` for every resizable channel group, one per width of
     ``config.group_widths`` (``make_divisible`` by ``align.divisor``; widths that do not shrink
     the group are left out).
@@ -262,7 +268,8 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
     reading it can be refit (an ungrouped conv with numeric padding, or a Linear). With a
     ``timer``, each of the group's standard convs is timed thinned against itself on its input
     shape (``timer.thinned``; a timer without it scales the dense conv's time by the MACs).
-    ``spent`` gets ``judging_s``: seconds spent sampling and judging (not timing).
+    ``spent`` gets ``judging_s``: seconds spent sampling and judging (not timing). ``sensitivity``
+    weights each consumer's error as in :func:`gather_candidates`.
     """
     import time
 
@@ -323,8 +330,9 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
                     index = positions[(name, "in")]
                     taps = math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
                     cols = (index[:, None] * taps + torch.arange(taps)[None]).reshape(-1)
-                    error += refit_error(module.weight.reshape(module.weight.shape[0], -1), rows[name], cols,
-                                         scales.get(name), bias=module.bias is not None)
+                    error += (sensitivity or {}).get(name, 1.0) * refit_error(
+                        module.weight.reshape(module.weight.shape[0], -1), rows[name], cols, scales.get(name),
+                        bias=module.bias is not None)
                 judging += time.perf_counter() - clock
                 macs, seconds, timing, parts = 0, 0.0 if timer is not None else None, None, []
                 for m in members:

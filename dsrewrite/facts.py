@@ -58,6 +58,9 @@ class PlanFacts:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: seconds spent judging candidates on calibration data (sampling it, the errors; not the timing)
     judging_s: float = 0.0
+    #: module -> its measured output sensitivity (:func:`~dsrewrite.judge.output_sensitivity`): with calibration
+    #: data, each candidate's error at its layer is weighted by it
+    sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
@@ -110,6 +113,18 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         else:
             say("judging each candidate block ...")
         resize = align is not None or config.align_groups or width is not None or config.align_width > 0
+        if calibration:
+            import time
+
+            from .judge import output_sensitivity
+
+            say("measuring each layer's effect on the model's output ...")
+            start = time.perf_counter()
+            names = {d.module_name for d in candidate_decisions(analysis, config) if d.module_name}
+            if widths_wanted:  # every conv or Linear may read a thinned group
+                names |= {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+            facts.sensitivity = output_sensitivity(model, sorted(names), calibration)
+            facts.judging_s += time.perf_counter() - start
         if widths_wanted:
             if calibration:
                 from .choose import gather_widths
@@ -117,7 +132,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                 say("judging each channel group's widths on the calibration data ...")
                 spent_widths: dict[str, float] = {}
                 facts.widths = gather_widths(model, analysis, config, calibration, timer_, progress is not None,
-                                             spent_widths)
+                                             spent_widths, facts.sensitivity)
                 facts.judging_s += spent_widths.get("judging_s", 0.0)
             else:
                 facts.notes.append("channel widths were not offered: a thinned group is only usable after its "
@@ -126,7 +141,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
             say("judging each candidate block on the calibration data ...")
         spent: dict[str, float] = {}
         facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
-                                         progress is not None, resize, calibration, spent)
+                                         progress is not None, resize, calibration, spent, facts.sensitivity)
         facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"
     elif config.min_measured_speedup > 0:

@@ -18,6 +18,10 @@ much). Errors add up over layers like the weight errors they replace.
 A channel group's width is judged the same way (:func:`width_errors`): the output error of
 each consumer (conv or Linear) after a least-squares refit on the channels it keeps, which is
 what :func:`dsrewrite.calibrate.reconstruct` will do to the resized model.
+
+Errors of different layers do not cost alike: :func:`output_sensitivity` measures, per layer,
+how much of a relative error made there reaches the model's output, and the planner weights
+each layer's error by it, so the sum over a plan's layers estimates the model's output error.
 """
 
 from __future__ import annotations
@@ -189,3 +193,85 @@ def width_rows(unknowns: int) -> int:
     """Rows a width refit of a layer with ``unknowns`` inputs is judged on (both halves together)."""
     return max(min(max(2 * ROWS_PER_UNKNOWN * unknowns, WIDTH_ROWS[0]), WIDTH_ROWS[1],
                    WIDTH_VALUES // max(unknowns, 1)), 256)
+
+
+#: relative size of the probe :func:`output_sensitivity` adds to a layer's weight (‖G‖ = ε‖W‖: small enough
+#: that the model answers it linearly)
+SENSITIVITY_EPSILON = 0.1
+#: samples of the calibration data the sensitivities are measured on (the first batches' samples)
+SENSITIVITY_SAMPLES = 256
+#: random directions probed per layer (one forward pass each): one direction's answer varies 2-3× from seed to seed
+SENSITIVITY_PROBES = 2
+
+
+def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor],
+                       epsilon: float = SENSITIVITY_EPSILON, samples: int = SENSITIVITY_SAMPLES,
+                       probes: int = SENSITIVITY_PROBES, seed: int = 0) -> dict[str, float]:
+    """``module -> s``: how much of a relative error at that module's output reaches the model's output.
+
+    A candidate's error is judged where it is made (the layer's own output, relative to it);
+    what it costs is its effect on the model's output, and that differs from layer to layer:
+    an error in a layer whose output a wide skip path dilutes counts for less than one in the
+    layer before the classifier. Measured directly, with an error of the kind a candidate
+    makes — a wrong weight applied to the layer's real input: a random Gaussian direction G
+    (‖G‖ = ``epsilon``·‖W‖) is added to the conv's or Linear's weight, and ``s`` is the squared
+    relative change of the model's outputs ‖ỹ − y‖² / ‖y‖² divided by the squared relative change
+    it made at the layer's own output, over the first ``samples`` calibration samples, both
+    summed over ``probes`` directions (one forward pass each). The model's own outputs are the reference, so any output
+    structure (tensors in tuples or dicts) is compared as a whole. To first order, the model's
+    output error of a plan is Σ s·e over its layers' own errors e.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    names = list(dict.fromkeys(names))
+    sample, taken = [], 0
+    for x in batches:
+        if taken >= samples:
+            break
+        sample.append(x[:samples - taken])
+        taken += sample[-1].shape[0]
+    if not sample or not names:
+        return {}
+    x = torch.cat(sample)
+
+    def outputs():
+        return [t.detach().double() for t in tree_flatten(model(x))[0] if isinstance(t, torch.Tensor)
+                and t.is_floating_point()]
+
+    generator = torch.Generator().manual_seed(seed)
+    local = [0.0, 0.0]  # ‖δ‖², ‖y‖² at the probed layer
+
+    def probe(module, args, out, direction):
+        if isinstance(module, nn.Linear):
+            delta = F.linear(args[0], direction)
+        else:
+            delta = module._conv_forward(args[0], direction, None)  # its padding mode, stride, groups
+        local[0] += float(delta.double().square().sum())
+        local[1] += float(out.double().square().sum())
+        return out + delta
+
+    out: dict[str, float] = {}
+    with eval_mode(model), torch.no_grad():
+        reference = outputs()
+        energy = sum(float(t.square().sum()) for t in reference)
+        for name in names:
+            module = model.get_submodule(name)
+            weight = module.weight.detach()
+            if energy == 0 or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or \
+                    isinstance(module, nn.modules.conv._ConvTransposeNd):
+                out[name] = 1.0
+                continue
+            made = reached = 0.0
+            for _ in range(probes):
+                g = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+                direction = (g * (epsilon * float(weight.double().norm()) / float(g.norm()))).to(weight)
+                local[0] = local[1] = 0.0
+                handle = module.register_forward_hook(lambda m, a, o, d=direction: probe(m, a, o, d))
+                try:
+                    changed = outputs()
+                finally:
+                    handle.remove()
+                made += local[0] / local[1] if local[1] > 0 else 0.0
+                reached += sum(float((a - b).square().sum()) for a, b in zip(changed, reference)) / energy
+            out[name] = reached / made if made > 0 else 1.0
+    return out

@@ -223,6 +223,8 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     plan.notes.extend(facts.notes)
     if plan.rank_choice is not None and facts.errors_from == "data":
         plan.rank_choice["judging_s"] = facts.judging_s
+        if facts.sensitivity:
+            plan.rank_choice["sensitivity"] = dict(facts.sensitivity)
     divisor = align if align is not None else config.align_divisor
     width = width if width is not None else (config.align_width or None)
     if (align is not None or config.align_groups or width is not None) and not facts.widths:

@@ -265,6 +265,9 @@ def _choice_text(choice: dict) -> str:
         judged = ("the output error on the layer's calibration inputs after the least-squares refit of each "
                   "block's last conv (and of each thinned group's consumers)" if choice.get("judged_by") == "data" else
                   "the weight error ‖W − Ŵ‖²/‖W‖² (no data)")
+        if choice.get("sensitivity"):
+            judged += (", weighted by how much of an error at each layer reaches the model's output (measured: "
+                       f"{_sensitivity_range(choice['sensitivity'])})")
         widths = choice.get("widths")
         thinned = sum(g["chosen"] < g["old_width"] for g in widths or [])
         also = (f" and a width for each of {len(widths)} channel groups ({thinned} thinned)" if widths is not None
@@ -288,6 +291,13 @@ def _choice_text(choice: dict) -> str:
     judged = "output error after refit on the calibration data" if choice["judged_by"] == "data" else \
         "1 − kept SVD energy (no data)"
     return f"Depth multipliers chosen for {goal}, judged by {judged}."
+
+
+def _sensitivity_range(sensitivity: dict) -> str:
+    """The measured output sensitivities in a few words: their range and the layers at its ends."""
+    ordered = sorted(sensitivity.items(), key=lambda kv: kv[1])
+    (low, a), (high, b) = ordered[0], ordered[-1]
+    return f"{a:.3g} at {low} to {b:.3g} at {high}" if len(ordered) > 1 else f"{a:.3g} at {low}"
 
 
 def _widths_section(choice: dict, md: bool, tfmt: str) -> list[str]:

@@ -14,7 +14,7 @@ import dsrewrite
 from dsrewrite.blocks import (ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d, family_approximations, family_errors,
                               relative_error)
 from dsrewrite.calibrate import _conv_patches
-from dsrewrite.judge import family_refit_errors, refit_error, sample_inputs
+from dsrewrite.judge import family_refit_errors, output_sensitivity, refit_error, sample_inputs
 from models import fashion_resnet
 
 SMALL = (1, 1, 28, 28)
@@ -139,3 +139,52 @@ def test_auto_plans_with_data_judge_candidates_on_the_data(small):
 
     assert "calibration inputs" in render_plan(plan, "markdown")
     assert "no data" in render_plan(weights_plan, "markdown")
+
+
+class TwoPaths(nn.Module):
+    """y = head(relu(a(x)) + scale · relu(b(x))): b's errors reach the output scaled down (scale²) compared with a's."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + self.scale * torch.relu(self.b(x)))
+
+
+def test_output_sensitivity_is_what_reaches_the_output():
+    torch.manual_seed(0)
+    model = TwoPaths(0.1)
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    s = output_sensitivity(model, ["a", "b", "head"], batches)
+    assert s["head"] == pytest.approx(1.0, rel=1e-6), "the output layer's error is the output's"
+    # a and b alike but for the scale: b's share of the output energy, and of an error's, is 0.1² of a's
+    assert 0.002 < s["b"] / s["a"] < 0.05
+    assert output_sensitivity(model, ["a", "b"], batches) == {k: s[k] for k in ("a", "b")}, "seeded"
+    linear = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 1, bias=False))
+    with torch.no_grad():
+        linear[1].weight.copy_(torch.eye(8)[:, :, None, None] * 3.0)
+    assert output_sensitivity(linear, ["0"], batches)["0"] == pytest.approx(1.0, rel=1e-5), \
+        "a scaled identity after the layer passes its relative error on unchanged"
+
+
+def test_sensitivity_weights_the_data_errors(small):
+    from dsrewrite.choose import gather_candidates
+    from dsrewrite.plan import candidate_decisions
+    from dsrewrite.rules import load_rules
+
+    batches = [torch.randn(32, *SMALL[1:]) for _ in range(2)]
+    config = load_rules("auto")
+    analysis = dsrewrite.analyze(small, SMALL)
+    sites = [d for d in candidate_decisions(analysis, config) if d.module_name == "blocks.4.conv1"]
+    plain = gather_candidates(small, analysis, sites, config, calibration=batches)["blocks.4.conv1"]
+    weighted = gather_candidates(small, analysis, sites, config, calibration=batches,
+                                 sensitivity={"blocks.4.conv1": 0.25})["blocks.4.conv1"]
+    assert [c.error for c in weighted] == pytest.approx([0.25 * c.error for c in plain], rel=1e-9)
+    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, calibration=batches)
+    from dsrewrite.report import render_plan
+
+    assert set(plan.rank_choice["sensitivity"]) >= set(plan.modules_to_replace)
+    assert "reaches the model's output" in render_plan(plan, "markdown")
