@@ -41,6 +41,7 @@ import dataclasses
 import math
 import operator
 import time
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -291,18 +292,20 @@ def consumer_scales(model: nn.Module, names: Iterable[str], sample: torch.Tensor
     count as much as its error will downstream.
     """
     names = set(names)
-    outputs: dict[int, str] = {}
+    # id -> (name, a weak reference to the output): a freed output's id may be handed to a later tensor (say,
+    # a concatenation a BN reads), which must not pair that BN with the layer; the dead reference tells
+    outputs: dict[int, tuple[str, weakref.ref]] = {}
     scales: dict[str, torch.Tensor] = {}
     handles = []
     for name, m in model.named_modules():
         if name in names:
             handles.append(m.register_forward_hook(
-                lambda mod, args, out, name=name: outputs.__setitem__(id(out), name)))
+                lambda mod, args, out, name=name: outputs.__setitem__(id(out), (name, weakref.ref(out)))))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
             def pre(mod, args):
-                name = outputs.get(id(args[0]))
-                if name is not None and name not in scales:
-                    scales[name] = _bn_affine(mod)[0].abs()
+                entry = outputs.get(id(args[0]))
+                if entry is not None and entry[1]() is args[0] and entry[0] not in scales:
+                    scales[entry[0]] = _bn_affine(mod)[0].abs()
             handles.append(m.register_forward_pre_hook(pre))
     _forward_once(model, sample, handles)
     return {name: scale / scale.mean().clamp_min(1e-12) for name, scale in scales.items()}

@@ -188,3 +188,16 @@ def test_sensitivity_weights_the_data_errors(small):
 
     assert set(plan.rank_choice["sensitivity"]) >= set(plan.modules_to_replace)
     assert "reaches the model's output" in render_plan(plan, "markdown")
+
+
+def test_consumer_scales_pair_each_layer_with_its_own_bn():
+    """densenet121 at 224²: concatenations everywhere, and a freed conv output's id handed to a later tensor
+    used to pair a 32-channel conv with a 256-feature BN (the planner then failed on the shapes)."""
+    import torchvision
+
+    from dsrewrite.calibrate import consumer_scales
+
+    model = torchvision.models.densenet121(weights=None).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    scales = consumer_scales(model, names, torch.randn(2, 3, 224, 224))
+    assert scales and all(s.numel() == model.get_submodule(n).out_channels for n, s in scales.items())
