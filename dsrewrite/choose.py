@@ -256,6 +256,13 @@ def gather_candidates(model: nn.Module, analysis, sites: list[Decision], config:
     return out
 
 
+def refittable(module: nn.Module) -> bool:
+    """Whether a layer reading a thinned channel group can be refit on the channels left (and so judged):
+    a Linear, or an ungrouped conv with numeric padding."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1 and
+                                             not isinstance(module.padding, str))
+
+
 def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: list, timer: Callable | None = None,
                   progress: bool = False, spent: dict | None = None,
                   sensitivity: dict[str, float] | None = None) -> dict[int, list[WidthCandidate]]:
@@ -289,16 +296,11 @@ def gather_widths(model: nn.Module, analysis, config: RuleConfig, calibration: l
         if c.module_name:
             sites.setdefault(c.module_name, []).append(c)
 
-    def readable(name: str) -> bool:
-        m = model.get_submodule(name)
-        return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and
-                                            not isinstance(m.padding, str))
-
     offered: dict[int, tuple] = {}
     for group in channels.resizable:
         members = [m for m in channels.members if any(channels.group_of[s.atom] == group.id for s in m.layout)]
         consumers = sorted({m.module for m in members if m.role == "in"})
-        if not consumers or not all(readable(n) for n in consumers):
+        if not consumers or not all(refittable(model.get_submodule(n)) for n in consumers):
             continue
         news = sorted({make_divisible(group.width * a, divisor, min_value=divisor): a for a in config.group_widths
                        }.items(), reverse=True)

@@ -113,6 +113,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         else:
             say("judging each candidate block ...")
         resize = align is not None or config.align_groups or width is not None or config.align_width > 0
+        sites = candidate_decisions(analysis, config)
         if calibration:
             import time
 
@@ -120,9 +121,11 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 
             say("measuring each layer's effect on the model's output ...")
             start = time.perf_counter()
-            names = {d.module_name for d in candidate_decisions(analysis, config) if d.module_name}
-            if widths_wanted:  # every conv or Linear may read a thinned group
-                names |= {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+            names = {d.module_name for d in sites if d.module_name}
+            if widths_wanted:  # every layer that can be refit may read a thinned group
+                from .choose import refittable
+
+                names |= {n for n, m in model.named_modules() if refittable(m)}
             facts.sensitivity = output_sensitivity(model, sorted(names), calibration)
             facts.judging_s += time.perf_counter() - start
         if widths_wanted:
@@ -140,7 +143,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         if calibration:
             say("judging each candidate block on the calibration data ...")
         spent: dict[str, float] = {}
-        facts.blocks = gather_candidates(model, analysis, candidate_decisions(analysis, config), config, timer_,
+        facts.blocks = gather_candidates(model, analysis, sites, config, timer_,
                                          progress is not None, resize, calibration, spent, facts.sensitivity)
         facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"

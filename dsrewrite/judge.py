@@ -217,9 +217,10 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Iterable
     (‖G‖ = ``epsilon``·‖W‖) is added to the conv's or Linear's weight, and ``s`` is the squared
     relative change of the model's outputs ‖ỹ − y‖² / ‖y‖² divided by the squared relative change
     it made at the layer's own output, over the first ``samples`` calibration samples, both
-    summed over ``probes`` directions (one forward pass each). The model's own outputs are the reference, so any output
-    structure (tensors in tuples or dicts) is compared as a whole. To first order, the model's
-    output error of a plan is Σ s·e over its layers' own errors e.
+    summed over ``probes`` directions (one forward pass each). The model's own outputs are the
+    reference, so any output structure (tensors in tuples or dicts) is compared as a whole. To
+    first order, the model's output error of a plan is Σ s·e over its layers' own errors e.
+    Modules other than convs and Linears (nothing to probe) get 1.
     """
     from torch.utils._pytree import tree_flatten
 
@@ -256,11 +257,11 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Iterable
         energy = sum(float(t.square().sum()) for t in reference)
         for name in names:
             module = model.get_submodule(name)
-            weight = module.weight.detach()
             if energy == 0 or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or \
                     isinstance(module, nn.modules.conv._ConvTransposeNd):
-                out[name] = 1.0
+                out[name] = 1.0  # nothing to measure against, or no weight to probe: unweighted
                 continue
+            weight = module.weight.detach()
             made = reached = 0.0
             for _ in range(probes):
                 g = torch.randn(weight.shape, generator=generator, dtype=torch.float64)

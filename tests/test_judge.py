@@ -176,17 +176,27 @@ def test_sensitivity_weights_the_data_errors(small):
     from dsrewrite.rules import load_rules
 
     batches = [torch.randn(32, *SMALL[1:]) for _ in range(2)]
-    config = load_rules("auto")
+    # candidates in the last stage only (the data sample depends on the layers sampled: the same here and in the plan)
+    overrides = ["plan.group_widths=[]", 'block.layer_family={"blocks.0.*" = "keep", "blocks.1.*" = "keep", '
+                 '"blocks.2.*" = "keep", "blocks.3.*" = "keep"}']
+    config = load_rules("auto", overrides)
     analysis = dsrewrite.analyze(small, SMALL)
-    sites = [d for d in candidate_decisions(analysis, config) if d.module_name == "blocks.4.conv1"]
+    sites = candidate_decisions(analysis, config)
     plain = gather_candidates(small, analysis, sites, config, calibration=batches)["blocks.4.conv1"]
     weighted = gather_candidates(small, analysis, sites, config, calibration=batches,
                                  sensitivity={"blocks.4.conv1": 0.25})["blocks.4.conv1"]
     assert [c.error for c in weighted] == pytest.approx([0.25 * c.error for c in plain], rel=1e-9)
-    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, calibration=batches)
+    plan = dsrewrite.plan_model(small, SMALL, config, target_macs=0.8, calibration=batches)
     from dsrewrite.report import render_plan
 
-    assert set(plan.rank_choice["sensitivity"]) >= set(plan.modules_to_replace)
+    measured = plan.rank_choice["sensitivity"]
+    assert set(measured) >= set(plan.modules_to_replace)
+    assert measured == output_sensitivity(small, sorted(measured), batches)
+    # the plan's candidates carry the layer's errors weighted by its measured sensitivity
+    shown = next(d for d in plan.decisions if d.name == "blocks.4.conv1").candidates
+    by_key = {(c.family, c.rank): c.error for c in plain}
+    assert [c["error"] for c in shown] == pytest.approx(
+        [measured["blocks.4.conv1"] * by_key[(c["family"], c["rank"])] for c in shown], rel=1e-9)
     assert "reaches the model's output" in render_plan(plan, "markdown")
 
 

@@ -149,3 +149,25 @@ def test_widths_without_data_or_beside_a_global_resize_are_not_offered_and_the_p
 def test_cli_rejects_bad_group_widths(args, message):
     r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--dry-run", *args])
     assert r.exit_code == 2 and message in r.output
+
+
+def test_width_errors_are_weighted_by_each_readers_sensitivity(small, data):
+    from dsrewrite.choose import gather_widths
+    from dsrewrite.rules import load_rules
+
+    config = load_rules("auto", ["plan.group_widths=[0.5]"])
+    analysis = dsrewrite.analyze(small, SMALL)
+    plain = gather_widths(small, analysis, config, data)
+    readers = {n for options in plain.values() for n in options[0].consumers}
+    # one reader counted four times, the others not at all: each group's error is its readers' weighted sum
+    heavy = sorted(readers)[0]
+    weighted = gather_widths(small, analysis, config, data, sensitivity={n: 4.0 if n == heavy else 0.0
+                                                                          for n in readers})
+    for gid, options in plain.items():
+        for a, b in zip(options, weighted[gid]):
+            if heavy not in a.consumers:
+                assert b.error == 0.0
+            elif a.consumers == (heavy,):
+                assert b.error == pytest.approx(4.0 * a.error, rel=1e-9)
+            else:
+                assert 0.0 < b.error
