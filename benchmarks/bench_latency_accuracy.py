@@ -144,6 +144,10 @@ def main(argv=None) -> int:
                 thinned = len(plan.resize.changed) if plan.resize is not None else 0
                 what = ", ".join(([f"{len(plan.modules_to_replace)} blocks ({', '.join(chosen)})"] if chosen else []) +
                                  ([f"{thinned} groups thinned"] if thinned else [])) or "nothing"
+                compared = plan.rank_choice.get("compared")
+                if compared:  # plan.compare_on_data: which of the plans made for the target was kept, of how many
+                    kept = next(r for r in compared if r["chosen"])
+                    what += f"; kept '{kept['plan']}' of {len(compared)} compared"
                 after_macs = result.report.after["macs"]
                 row = [kind, variant, f"{target:g}", f"{100 * acc:.2f}%", f"{100 * (acc - base_acc):+.2f}",
                        f"{lat[0]:.2f} / {lat[1]:.2f}", f"{plan.rank_choice['measured_fraction']:.2f}", what,
@@ -217,7 +221,9 @@ def render(rows, args) -> str:
         "(the family's ranks, or every family's under auto), and under auto each channel group keeps its width or "
         "is thinned to 0.75 / 0.5 (its consumers refit), for the least error on the calibration data (after the "
         "least-squares refit of each block's last conv, and of each thinned group's consumers) within the "
-        "budget, checked end to end. Calibration: 1024 unlabeled training images (no gradients). Distillation: "
+        "budget, checked end to end; with more than one option, the plans without the widths, with the widths "
+        "alone and with each family alone are made too, and the one whose calibrated model has the least output "
+        "error on the 128 held-out calibration images is kept (`plan.compare_on_data`, \"kept … of N compared\"). Calibration: 1024 unlabeled training images (no gradients). Distillation: "
         f"1 epoch ({DISTILL_NOTE}). Torch-Pruning: `MagnitudePruner` (L1) at the least ratio whose measured "
         "latency meets the target, BN statistics re-estimated on the same 1024 images, the same distillation. "
         "No GPU was available to this run.", "",

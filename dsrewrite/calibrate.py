@@ -107,6 +107,10 @@ POSITIONS_PER_UNKNOWN = 64
 MAX_JOINT_UNKNOWNS = 4608
 
 
+#: the share of the calibration samples kept out of the fits, to measure the result on
+HELD_OUT = 0.125
+
+
 def split_held_out(data: list[torch.Tensor], fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(fit, held out): the last ``fraction`` of the samples (at least one, whole batches or a
     batch's tail) are kept out of the fit; with a single sample nothing is held out."""
@@ -127,7 +131,7 @@ def split_held_out(data: list[torch.Tensor], fraction: float) -> tuple[list[torc
 
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
               max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 10,
-              relu_aware: bool = True, progress: bool = False, held_out: float = 0.125,
+              relu_aware: bool = True, progress: bool = False, held_out: float = HELD_OUT,
               thorough: bool = False) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
@@ -204,7 +208,7 @@ class ReconstructionReport:
 
 
 def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
-                positions: dict[tuple[str, str], torch.Tensor], *, ridge: float = 1e-3, held_out: float = 0.125,
+                positions: dict[tuple[str, str], torch.Tensor], *, ridge: float = 1e-3, held_out: float = HELD_OUT,
                 thorough: bool = False, progress: bool = False) -> ReconstructionReport:
     """Refit, in place, every conv and Linear of ``resized`` that lost input channels to a width
     resize, by least squares on unlabeled data (channel pruning with reconstruction: He et al.

@@ -673,3 +673,76 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
               f"{winner.label}{speed}, error {winner.error:.3f}, for {goal}{extra}")
     return replacement(site_of(d), winner.family, winner.rank, bn, activation, macs, params, rule="ChooseBlock",
                        reason=reason, candidates=listed, **timing)
+
+
+def alternatives(candidates: dict[str, list[Candidate]], widths: dict[int, list[WidthCandidate]] | None
+                 ) -> list[tuple[str, dict[str, list[Candidate]], dict[int, list[WidthCandidate]]]]:
+    """The plans :func:`compare_on_data` weighs, as (label, block candidates, width candidates):
+    every offered option together (``all``) first; without the channel widths (``blocks only``) and
+    the widths alone (``widths only``) when widths are offered; each block family alone when more
+    than one is offered (keep stays a candidate everywhere; keep first in every list)."""
+    widths = widths or {}
+    out = [("all", candidates, widths)]
+    if widths:
+        if candidates:
+            out.append(("blocks only", candidates, {}))
+        out.append(("widths only", {name: opts[:1] for name, opts in candidates.items()}, widths))
+    families = sorted({c.family for opts in candidates.values() for c in opts} - {"keep"})
+    if len(families) > 1:
+        for family in families:
+            out.append((family, {name: [c for c in opts if c.family in ("keep", family)]
+                                 for name, opts in candidates.items()}, {}))
+    return out
+
+
+def plan_signature(plan: ConversionPlan) -> tuple:
+    """What a plan changes: each replaced module's block and each thinned group's width."""
+    return tuple(sorted((d.module_name, d.family, d.rank) for d in plan.replacements)) + \
+        tuple(sorted((c.group, c.new_width) for c in (plan.resize.changed if plan.resize else [])))
+
+
+def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[ConversionPlan, str], dict],
+                    by_time: bool, target: float) -> ConversionPlan:
+    """Of plans made for one target (``options``: (label, plan), the full-choice plan first), the one
+    whose model, applied and calibrated, has the least output error on the held-out calibration
+    samples (``judge(plan, label) -> {"relative_error", "cosine", "top1_agreement", "samples",
+    "seconds"}``), among those that meet the target: measured end to end (``by_time``) or by MACs.
+    If none meets it, the full-choice plan stays.
+
+    The per-layer errors the plans were chosen by add up single changes; changes made together
+    interact (a thinned group feeds a replaced block), and calibration repairs some families more
+    than others, so what the plans' models do is measured rather than predicted. Plans that make
+    the same changes are judged once. The comparison is recorded in the chosen plan's
+    ``rank_choice["compared"]``, one entry per option, in order.
+    """
+    judged: dict[tuple, dict] = {}
+    rows = []
+    for label, plan in options:
+        choice = plan.rank_choice or {}
+        signature = plan_signature(plan)
+        if signature not in judged:
+            judged[signature] = judge(plan, label)
+        if by_time:
+            fraction = choice.get("measured_fraction")
+            fits = fraction is not None and fraction <= target
+        else:
+            fraction = plan.macs_after / plan.macs_before if plan.macs_before else None
+            fits = fraction is not None and fraction <= target * (1 + 1e-9)
+        rows.append({"plan": label, "fraction": fraction, "by": "measured latency" if by_time else "MACs",
+                     "predicted_error": choice.get("error"), "replaced": len(plan.modules_to_replace),
+                     "thinned": len(plan.resize.changed) if plan.resize else 0, "fits": fits,
+                     "same_as": next((r["plan"] for r, (_, p) in zip(rows, options)
+                                      if plan_signature(p) == signature), None),
+                     **judged[signature]})
+    fitting = [i for i, r in enumerate(rows) if r["fits"]]
+    best = min(fitting, key=lambda i: (rows[i]["relative_error"], i)) if fitting else 0
+    for i, r in enumerate(rows):
+        r["chosen"] = i == best
+    chosen = options[best][1]
+    notes = list(chosen.notes)
+    if best:
+        first = rows[0]
+        was = f"{first['relative_error']:.4f}" + ("" if first["fits"] else ", and it missed the target")
+        notes.append(f"the plan with every option together was not kept: '{rows[best]['plan']}' measured less output "
+                     f"error on the held-out calibration samples ({rows[best]['relative_error']:.4f} vs {was})")
+    return dataclasses.replace(chosen, notes=notes, rank_choice=dict(chosen.rank_choice or {}, compared=rows))

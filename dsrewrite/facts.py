@@ -61,6 +61,9 @@ class PlanFacts:
     #: module -> its measured output sensitivity (:func:`~dsrewrite.judge.output_sensitivity`): with calibration
     #: data, each candidate's error at its layer is weighted by it
     sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: ``plan_judge(plan, label) -> fidelity``: the plan applied and calibrated, its output error on the held-out
+    #: calibration samples (``plan.compare_on_data``; :func:`data_judge`), or None
+    plan_judge: Any = None
 
 
 def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Callable | None = None,
@@ -147,6 +150,14 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                                          progress is not None, resize, calibration, spent, facts.sensitivity)
         facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"
+        if calibration and config.compare_on_data and (target_latency is not None or target_macs is not None):
+            if inputs is None:
+                import torch
+
+                inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
+            from .rewrite import real_inputs
+
+            facts.plan_judge = data_judge(model, real_inputs(inputs), calibration, say)
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)
@@ -169,6 +180,30 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
             facts.importance = {g.id: group_importance(model, facts.channels, g.id).tolist()
                                 for g in facts.channels.resizable}
     return facts
+
+
+def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable[[str], None]) -> Callable:
+    """``judge(plan, label) -> fidelity``: ``plan`` applied to ``model`` and calibrated on ``calibration`` as
+    :func:`~dsrewrite.rewrite.apply_plan` does for the conversion itself (fast mode), and the output's
+    relative error, cosine and top-1 agreement against the original measured on the samples that
+    calibration holds out (:func:`~dsrewrite.calibrate.split_held_out`), with their count and the seconds
+    it took."""
+    import time
+
+    from .calibrate import HELD_OUT, agreement, split_held_out
+    from .rewrite import apply_plan
+
+    held = split_held_out(calibration, HELD_OUT)[1] or calibration
+
+    def judge(plan, label: str) -> dict:
+        say(f"applying and calibrating the plan '{label}' to measure its error on held-out samples ...")
+        start = time.perf_counter()
+        result = apply_plan(model, plan, inputs, calibration)
+        report = result.reconstruction or result.calibration
+        fidelity = dict(report["after"]) if report else agreement(model, result.model, held)
+        return dict(fidelity, samples=sum(x.shape[0] for x in held), seconds=time.perf_counter() - start)
+
+    return judge
 
 
 def end_to_end_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,

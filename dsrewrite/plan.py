@@ -184,7 +184,10 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
        of the original MACs) or ``max_error``, each replaced module's depth multiplier is
        chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
     3. With ``plan.group_widths`` and calibration data (``facts.widths``), the width of each
-       channel group is chosen in step 2, beside the blocks. Else with ``align`` (or rule key
+       channel group is chosen in step 2, beside the blocks. With ``plan.compare_on_data``
+       (``facts.plan_judge``), step 2 also plans without the widths, with the widths alone and with
+       each family alone, and keeps the plan that measured the least output error on held-out
+       calibration samples (:func:`dsrewrite.choose.compare_on_data`). Else with ``align`` (or rule key
        ``align.groups``) or ``width`` (or ``align.width``), every
        resizable channel group gets its new width and kept channels (:mod:`dsrewrite.resize`),
        from ``facts.channels`` (and ``facts.importance`` for a width change).
@@ -202,16 +205,31 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
         from .choose import choose_blocks
 
         latency = facts.target_latency
-        if latency is not None:
-            from .choose import fit_latency
+        base = plan
 
-            plan = fit_latency(plan, facts.blocks, latency, facts.original_latency_s, facts.plan_timer,
-                               environment=facts.environment, batch_size=facts.batch_size,
-                               judged_by=facts.errors_from or "weights", widths=facts.widths)
-            plan.environment = facts.environment
+        def make(blocks, widths):
+            if latency is not None:
+                from .choose import fit_latency
+
+                made = fit_latency(base, blocks, latency, facts.original_latency_s, facts.plan_timer,
+                                   environment=facts.environment, batch_size=facts.batch_size,
+                                   judged_by=facts.errors_from or "weights", widths=widths)
+                made.environment = facts.environment
+                return made
+            return choose_blocks(base, blocks, target_macs=target_macs, max_error=max_error,
+                                 judged_by=facts.errors_from or "weights", widths=widths)
+
+        from .choose import alternatives
+
+        offered = alternatives(facts.blocks, facts.widths)
+        if facts.plan_judge is not None and len(offered) > 1 and (latency is not None or target_macs is not None):
+            from .choose import compare_on_data
+
+            options = [(label, make(blocks, widths)) for label, blocks, widths in offered]
+            plan = compare_on_data(options, facts.plan_judge, latency is not None,
+                                   latency if latency is not None else target_macs)
         else:
-            plan = choose_blocks(plan, facts.blocks, target_macs=target_macs, max_error=max_error,
-                                 judged_by=facts.errors_from or "weights", widths=facts.widths)
+            plan = make(facts.blocks, facts.widths)
     elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 

@@ -245,6 +245,8 @@ def render_plan(plan, fmt: str = "table") -> str:
         lines += [""] + candidates
     if (choice or {}).get("widths"):
         lines += [""] + _widths_section(choice, md, tfmt)
+    if (choice or {}).get("compared"):
+        lines += [""] + _compared_section(choice["compared"], md, tfmt)
     if plan.resize is not None:
         lines += [""] + _channel_section(plan.resize.to_dict(), md, tfmt)
     for note in doc["notes"]:
@@ -298,6 +300,27 @@ def _sensitivity_range(sensitivity: dict) -> str:
     ordered = sorted(sensitivity.items(), key=lambda kv: kv[1])
     (low, a), (high, b) = ordered[0], ordered[-1]
     return f"{a:.3g} at {low} to {b:.3g} at {high}" if len(ordered) > 1 else f"{a:.3g} at {low}"
+
+
+def _compared_section(compared: list[dict], md: bool, tfmt: str) -> list[str]:
+    """The plans made for the same target and measured on held-out calibration samples (plan.compare_on_data)."""
+    rows = []
+    for r in compared:
+        what = f"{r['replaced']} blocks" + (f", {r['thinned']} group{'s' * (r['thinned'] > 1)} thinned"
+                                             if r["thinned"] else "")
+        fraction = f"{r['fraction']:.2f}×" if r["fraction"] is not None else "–"
+        agree = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "–"
+        rows.append([("✓ " if r["chosen"] else "") + r["plan"], what, fraction + ("" if r["fits"] else " (misses)"),
+                     f"{r['predicted_error']:.4f}" if r.get("predicted_error") is not None else "–",
+                     f"{r['relative_error']:.4f}", agree,
+                     f"same as {r['same_as']}" if r.get("same_as") else format_seconds(r["seconds"])])
+    first = compared[0]
+    title = "## Plans compared on data" if md else "Plans compared on data (✓ kept):"
+    return [title, "", f"Each plan made for the same target, applied and calibrated as the conversion will be, and "
+                       f"its output measured against the original on the {first['samples']} held-out calibration "
+                       f"samples; the least error among the plans that meet the target ({first['by']}) is kept.", "",
+            tabulate(rows, headers=["plan", "changes", first["by"], "predicted error", "held-out relative error",
+                                    "top-1 agreement", "took"], tablefmt=tfmt, disable_numparse=True)]
 
 
 def _widths_section(choice: dict, md: bool, tfmt: str) -> list[str]:
@@ -416,6 +439,14 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
             out.append(("info" if target.get("reachable") else "bad",
                         text + ("." if target.get("reachable") else ": the target was out of reach.") +
                         " --measure times the result."))
+    compared = (target or {}).get("compared")
+    if compared:
+        kept = next(r for r in compared if r["chosen"])
+        others = ", ".join(f"{r['plan']} {r['relative_error']:.4f}" + ("" if r["fits"] else " (missed the target)")
+                           for r in compared if not r["chosen"])
+        out.append(("info", f"Plan kept: '{kept['plan']}', the least output error ({kept['relative_error']:.4f} "
+                            f"relative, on {kept['samples']} held-out calibration samples after calibration) of "
+                            f"{len(compared)} plans made for the target; the others: {others}."))
     slower = [c for c in doc["layers"] if c["measured_speedup"] is not None and c["measured_speedup"] < 1]
     if slower:
         names = ", ".join(c["name"] for c in slower[:4]) + (f" (+{len(slower) - 4} more)" if len(slower) > 4 else "")

@@ -84,6 +84,11 @@ class RuleConfig:
     #: block families, for a target (e.g. [0.75, 0.5]; needs calibration data, whose least-squares
     #: refit repairs the thinned groups' consumers; empty: every group keeps its width).
     group_widths: tuple[float, ...] = ()
+    #: [plan.compare_on_data] with calibration data and a target, also plan without the channel widths,
+    #: with the widths alone and with each block family alone, apply and calibrate every such plan, and
+    #: keep the one with the least output error on the held-out calibration samples among those that meet
+    #: the target (dsrewrite.choose.compare_on_data). Costs one calibration per distinct plan.
+    compare_on_data: bool = False
     #: [measure.device] where to time: auto, cpu, cuda, cuda:N, mps.
     measure_device: str = "auto"
     #: [measure.threads] CPU threads while timing (0: torch's default).
@@ -149,6 +154,7 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "block.layer_family": ("layer_family", "patterns"),
     "plan.target_latency": ("target_latency", float),
     "plan.group_widths": ("group_widths", "widths"),
+    "plan.compare_on_data": ("compare_on_data", bool),
     "align.divisor": ("align_divisor", int),
     "align.groups": ("align_groups", bool),
     "align.width": ("align_width", float),

@@ -125,7 +125,8 @@ def test_sample_inputs_is_seeded_and_bounded(small):
 
 def test_auto_plans_with_data_judge_candidates_on_the_data(small):
     batches = [torch.randn(32, *SMALL[1:]) for _ in range(2)]
-    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, calibration=batches)
+    plan = dsrewrite.plan_model(small, SMALL, "auto", ["plan.compare_on_data=false"], target_macs=0.5,
+                                calibration=batches)
     weights_plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5)
     assert plan.rank_choice["judged_by"] == "data" and weights_plan.rank_choice["judged_by"] == "weights"
     d = next(d for d in plan.decisions if d.name == "blocks.4.conv1")
@@ -177,7 +178,7 @@ def test_sensitivity_weights_the_data_errors(small):
 
     batches = [torch.randn(32, *SMALL[1:]) for _ in range(2)]
     # candidates in the last stage only (the data sample depends on the layers sampled: the same here and in the plan)
-    overrides = ["plan.group_widths=[]", 'block.layer_family={"blocks.0.*" = "keep", "blocks.1.*" = "keep", '
+    overrides = ["plan.group_widths=[]", "plan.compare_on_data=false", 'block.layer_family={"blocks.0.*" = "keep", "blocks.1.*" = "keep", '
                  '"blocks.2.*" = "keep", "blocks.3.*" = "keep"}']
     config = load_rules("auto", overrides)
     analysis = dsrewrite.analyze(small, SMALL)

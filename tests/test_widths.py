@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 import dsrewrite
-from dsrewrite.choose import Candidate, WidthCandidate, choose_blocks, combined_saving, gather_widths
+from dsrewrite.choose import (Candidate, WidthCandidate, alternatives, choose_blocks, combined_saving, compare_on_data,
+                              gather_widths, plan_signature)
 from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
 from dsrewrite.plan import load_plan
@@ -106,8 +107,9 @@ def test_widths_win_where_they_cost_less_error_and_their_convs_stay_dense(small)
 
 def test_plan_with_widths_is_applied_exactly_and_round_trips(small, data):
     # blocks only in the last two stages: 0.3 of the MACs is out of their reach, so groups are thinned too
-    plan = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]", 'block.layer_family={"blocks.0.*" = '
-                                '"keep", "blocks.1.*" = "keep", "blocks.2.*" = "keep"}'], target_macs=0.3,
+    plan = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]", "plan.compare_on_data=false",
+                                'block.layer_family={"blocks.0.*" = "keep", "blocks.1.*" = "keep", "blocks.2.*" = '
+                                '"keep"}'], target_macs=0.3,
                                 calibration=data)
     assert plan.resize is not None and plan.resize.changed, "at 0.3 of the MACs some group is thinned"
     assert plan.modules_to_replace, "and some blocks chosen"
@@ -171,3 +173,89 @@ def test_width_errors_are_weighted_by_each_readers_sensitivity(small, data):
                 assert b.error == pytest.approx(4.0 * a.error, rel=1e-9)
             else:
                 assert 0.0 < b.error
+
+
+def _three_families(names):
+    """Two layers, each with keep, spatial and bottleneck; the widths of :func:`_synthetic`."""
+    cands, widths = _synthetic(names)
+    for n in names:
+        cands[n].append(Candidate("bottleneck", 16, 60, 6, 0.2, 0.0025))
+    return cands, widths
+
+
+def test_alternatives_are_every_option_then_blocks_only_widths_only_and_each_family(small):
+    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5)
+    cands, widths = _three_families(list(plan.modules_to_replace)[:2])
+    options = alternatives(cands, widths)
+    assert [label for label, _, _ in options] == ["all", "blocks only", "widths only", "bottleneck", "spatial"]
+    by_label = {label: (blocks, w) for label, blocks, w in options}
+    assert by_label["all"] == (cands, widths) and by_label["blocks only"] == (cands, {})
+    assert all([c.family for c in opts] == ["keep"] for opts in by_label["widths only"][0].values())
+    assert by_label["widths only"][1] == widths
+    for family in ("bottleneck", "spatial"):
+        blocks, w = by_label[family]
+        assert w == {} and all([c.family for c in opts] == ["keep", family] for opts in blocks.values())
+    # one family and no widths: nothing to compare against
+    one = {n: opts[:2] for n, opts in cands.items()}
+    assert [label for label, _, _ in alternatives(one, {})] == ["all"]
+
+
+def test_compare_on_data_keeps_the_least_held_out_error_among_plans_that_meet_the_target(small):
+    plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5)
+    cands, widths = _three_families(list(plan.modules_to_replace)[:2])
+    measured = {"all": 0.60, "blocks only": 0.64, "widths only": 0.70, "bottleneck": 0.66, "spatial": 0.50}
+    held_out = {"all": 0.30, "blocks only": 0.20, "widths only": 0.05, "bottleneck": 0.01, "spatial": 0.25}
+    options = []
+    for label, blocks, w in alternatives(cands, widths):
+        made = choose_blocks(plan, blocks, target_latency=0.65, original_latency_s=0.01, widths=w)
+        made.rank_choice["measured_fraction"] = measured[label]
+        options.append((label, made))
+    calls = []
+
+    def judge(p, label):
+        calls.append(label)
+        return {"relative_error": held_out[label], "cosine": 1.0, "top1_agreement": 1.0, "samples": 8, "seconds": 0.1}
+
+    chosen = compare_on_data(options, judge, True, 0.65)
+    rows = chosen.rank_choice["compared"]
+    assert [r["plan"] for r in rows] == [label for label, _ in options]
+    # widths only (0.05) and bottleneck (0.01) measured above the target: the least error within it is blocks only
+    assert [r["fits"] for r in rows] == [True, True, False, False, True]
+    assert [r["chosen"] for r in rows] == [False, True, False, False, False]
+    assert plan_signature(chosen) == plan_signature(options[1][1])
+    assert any("'blocks only' measured less output error" in n for n in chosen.notes)
+    # plans making the same changes are judged once, and say which they equal
+    assert len(calls) == len({plan_signature(p) for _, p in options})
+    for r, (_, p) in zip(rows, options):
+        first = next(label for label, q in options if plan_signature(q) == plan_signature(p))
+        assert r["same_as"] == (None if first == r["plan"] else first)
+    # nothing meets the target: the plan with every option stays, unannotated
+    for _, p in options:
+        p.rank_choice["measured_fraction"] = 0.9
+    kept = compare_on_data(options, judge, True, 0.65)
+    assert plan_signature(kept) == plan_signature(options[0][1]) and kept.notes == options[0][1].notes
+
+
+def test_plans_compared_on_data_are_the_conversion_measured(small, data):
+    plan = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]"], target_macs=0.4, calibration=data)
+    rows = plan.rank_choice["compared"]
+    families = sorted({c["family"] for d in plan.decisions for c in (d.candidates or [])} - {"keep"})
+    assert [r["plan"] for r in rows] == ["all", "blocks only", "widths only", *families]
+    assert all(r["fits"] == (r["fraction"] <= 0.4 + 1e-9) for r in rows)
+    kept = next(r for r in rows if r["chosen"])
+    assert kept["relative_error"] == min(r["relative_error"] for r in rows if r["fits"])
+    assert kept["samples"] == 8  # the 1/8 of the 64 samples that calibration holds out
+    # what the comparison measured for the kept plan is what converting with it gives
+    result = dsrewrite.convert(small, SMALL, plan=plan, calibration=data)
+    fidelity = (result.report.reconstruction or result.report.calibration)["after"]
+    assert fidelity["relative_error"] == pytest.approx(kept["relative_error"], rel=1e-6)
+    from dsrewrite.report import render_plan
+
+    text = render_plan(plan)
+    assert "Plans compared on data" in text and f"✓ {kept['plan']}" in text
+    again = load_plan(json.loads(json.dumps(plan.to_dict())), dsrewrite.analyze(small, SMALL))
+    assert again.rank_choice["compared"] == rows
+    off = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]", "plan.compare_on_data=false"],
+                               target_macs=0.4, calibration=data)
+    assert "compared" not in off.rank_choice
+    assert rows[0]["predicted_error"] == pytest.approx(off.rank_choice["error"])
