@@ -227,7 +227,7 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
 
             options = [(label, make(blocks, widths)) for label, blocks, widths in offered]
             plan = compare_on_data(options, facts.plan_judge, latency is not None,
-                                   latency if latency is not None else target_macs)
+                                   latency if latency is not None else target_macs, recheck=facts.plan_timer)
         else:
             plan = make(facts.blocks, facts.widths)
     elif target_macs is not None or max_error is not None:

@@ -179,7 +179,7 @@ def _three_families(names):
     """Two layers, each with keep, spatial and bottleneck; the widths of :func:`_synthetic`."""
     cands, widths = _synthetic(names)
     for n in names:
-        cands[n].append(Candidate("bottleneck", 16, 60, 6, 0.2, 0.0025))
+        cands[n].append(Candidate("bottleneck", 16, 60, 6, 0.2, 0.0024))
     return cands, widths
 
 
@@ -229,6 +229,21 @@ def test_compare_on_data_keeps_the_least_held_out_error_among_plans_that_meet_th
     for r, (_, p) in zip(rows, options):
         first = next(label for label, q in options if plan_signature(q) == plan_signature(p))
         assert r["same_as"] == (None if first == r["plan"] else first)
+    # timed again in order of error, a plan whose two checks average above the target is passed over
+    again = {plan_signature(options[1][1]): 0.70, plan_signature(options[4][1]): 0.52}
+    rechecked = []
+
+    def recheck(p):
+        rechecked.append(plan_signature(p))
+        return 1.0, again.get(plan_signature(p), 0.60)
+
+    chosen = compare_on_data(options, judge, True, 0.65, recheck=recheck)
+    rows = chosen.rank_choice["compared"]
+    spatial = next(r for r in rows if r["plan"] == "spatial")
+    assert rows[1]["checks"] == pytest.approx([0.64, 0.70]) and not rows[1]["fits"]
+    assert spatial["checks"] == pytest.approx([0.50, 0.52]) and spatial["fraction"] == pytest.approx(0.51)
+    assert spatial["chosen"] and rechecked == [plan_signature(options[1][1]), plan_signature(options[4][1])]
+    assert "checks" not in rows[0]  # never reached: its error is higher than the kept plan's
     # nothing meets the target: the plan with every option stays, unannotated
     for _, p in options:
         p.rank_choice["measured_fraction"] = 0.9
