@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from finetune_fashion_mnist import loader, train  # noqa: E402
 
 import dsrewrite  # noqa: E402
 from dsrewrite.data import fashion_mnist  # noqa: E402
-from dsrewrite.measure import MeasureSettings, time_model  # noqa: E402
+from dsrewrite.measure import MeasureSettings, time_side_by_side  # noqa: E402
 from dsrewrite.rules import load_rules  # noqa: E402
 
 FAMILIES = ["separable", "spatial", "bottleneck", "pointwise-first", "inverted-residual"]
@@ -86,9 +87,14 @@ def main(argv=None) -> int:
         Path(args.output).write_text(render(rows, args))
 
     def latencies(model, original):
-        """model ÷ original at batch 1 and at the planning batch, each pair timed back to back."""
-        return [time_model(model, (x,), settings).median / time_model(original, (x,), settings).median
-                for x in inputs.values()]
+        """model ÷ original at batch 1 and at the planning batch, each pair timed side by side in 5 interleaved
+        rounds of 6 repeats (drift on this shared machine hits both alike)."""
+        steady = dataclasses.replace(settings, repeats=30, warmup=5)
+        out = []
+        for x in inputs.values():
+            before, after = time_side_by_side([original, model], (x,), steady, rounds=5)
+            out.append(after / before)
+        return out
 
     def distill(model, original, label):
         start = time.perf_counter()
@@ -228,7 +234,8 @@ def render(rows, args) -> str:
         "latency meets the target, BN statistics re-estimated on the same 1024 images, the same distillation. "
         "No GPU was available to this run.", "",
         "Columns: **latency** — the converted model ÷ the original at batch 1 / batch "
-        f"{args.batch_size}, measured side by side after conversion (the plans target batch {args.batch_size}); "
+        f"{args.batch_size}, measured after conversion side by side in 5 interleaved rounds of 6 runs each, BN "
+        f"folded, channels_last (the plans target batch {args.batch_size}); "
         "**checked** — the planner's own end-to-end check of its plan; **planning** — wall time of planning "
         "(timing candidates, judging them on the data, end-to-end checks); **calibration** — wall time of "
         "calibration and the width refit, its multiple of one forward pass of the original over the same 1024 "

@@ -206,6 +206,10 @@ def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable
     return judge
 
 
+#: interleaved rounds of a plan's end-to-end check (each with measure.repeats // rounds runs, at least 3)
+CHECK_ROUNDS = 5
+
+
 def end_to_end_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batch_size: int | None,
                      say: Callable[[str], None]) -> Callable:
     """``timer(plan) -> (original_s, planned_s)``: the original and the plan's model (:func:`~dsrewrite.rewrite.skeleton`)
@@ -218,7 +222,8 @@ def end_to_end_timer(model: nn.Module, inputs: tuple, settings, fold: bool, batc
         if plan is None:
             return time_model(model, inputs, settings, fold, batch_size).median, None
         say(f"timing the planned model ({len(plan.modules_to_replace)} block(s)) against the original ...")
-        before, after = time_side_by_side([model, skeleton(model, plan)], inputs, settings, fold, batch_size)
+        before, after = time_side_by_side([model, skeleton(model, plan)], inputs, settings, fold, batch_size,
+                                          rounds=CHECK_ROUNDS)
         return before, after
 
     return timer
