@@ -212,6 +212,9 @@ class ConversionReport:
     chosen_by: str = "MACs"
     #: the latency target's plan facts (``plan.rank_choice``: target, prediction, end-to-end check), or None
     latency_target: dict[str, Any] | None = None
+    #: the plans made for the target and measured on held-out calibration data (``plan.rank_choice["compared"]``,
+    #: ``plan.compare_on_data``), or None
+    plans_compared: list[dict[str, Any]] | None = None
 
     def ratios(self) -> dict[str, float]:
         """before / after for params, MACs and parameter bytes (>1 means smaller)."""
@@ -235,6 +238,7 @@ class ConversionReport:
             "fidelity_inputs": self.fidelity_inputs,
             "chosen_by": self.chosen_by,
             "latency_target": self.latency_target,
+            "plans_compared": self.plans_compared,
             "measurement": self.measurement,
             "calibration": self.calibration,
             "reconstruction": self.reconstruction,
@@ -402,6 +406,7 @@ def convert(
     latency_plan = (plan.rank_choice or {}).get("target_latency") is not None
     report.chosen_by = "measured latency" if config.min_measured_speedup > 0 or latency_plan else "MACs"
     report.latency_target = dict(plan.rank_choice) if latency_plan else None
+    report.plans_compared = (plan.rank_choice or {}).get("compared")
     report.notes.extend(plan.notes)
     if measure:
         say("timing the original and the converted model ...")

@@ -101,6 +101,9 @@ def render_conversion_html(report, plan) -> str:
                   f"speedup (MACs) {meas['theoretical_speedup']:.2f}×.</p>"]
         if meas.get("breakdown"):
             parts += ["<h2>Where the time goes</h2>", _breakdown_chart(meas)]
+    compared = (plan.rank_choice or {}).get("compared")
+    if compared:
+        parts += ["<h2>Plans compared on data</h2>", _compared_chart(compared)]
     parts += ["<h2>Where the MACs are, conv by conv</h2>",
               "<div class='legend'>" + f"<span><i class='sw' style='background:{BEFORE}'></i>before</span>"
               f"<span><i class='sw' style='background:{AFTER}'></i>after</span></div>",
@@ -146,6 +149,32 @@ def _breakdown_chart(meas) -> str:
     out.append(f"<text x='66' y='84'>Blue: the replaced convs, each timed alone; grey: everything else. "
                f"Their own speedups predict {bd['predicted_speedup']:.2f}× end to end; measured "
                f"{meas['speedup']:.2f}×.</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _compared_chart(compared: list[dict]) -> str:
+    """One bar per plan made for the target: its output error on the held-out calibration samples after
+    calibration (blue: kept; grey: met the target; red: missed it), with its latency or MAC fraction."""
+    top = max(r["relative_error"] for r in compared) or 1
+    label_w, bar_w, row_h = 150, 480, 24
+    height = row_h * len(compared) + 30
+    out = [f"<svg width='{label_w + bar_w + 330}' height='{height}' role='img' aria-label='plans compared on data'>"]
+    for i, r in enumerate(compared):
+        y = 4 + i * row_h
+        color = AFTER if r["chosen"] else BEFORE if r["fits"] else "#d62728"
+        w = bar_w * r["relative_error"] / top
+        fraction = f"{r['fraction']:.2f}× {'latency' if r['by'] == 'measured latency' else 'MACs'}" \
+            if r["fraction"] is not None else ""
+        verdict = "kept" if r["chosen"] else "meets the target" if r["fits"] else "misses the target"
+        out.append(f"<text x='{label_w - 6}' y='{y + 15}' text-anchor='end'>{_e(r['plan'])}</text>")
+        out.append(f"<rect x='{label_w}' y='{y + 3}' width='{max(w, 0.5):.1f}' height='16' fill='{color}'>"
+                   f"<title>{_e(r['plan'])}: {r['replaced']} blocks, {r['thinned']} groups thinned</title></rect>")
+        out.append(f"<text x='{label_w + w + 6:.1f}' y='{y + 15}'>{r['relative_error']:.4f} · {_e(fraction)} · "
+                   f"{verdict}</text>")
+    samples = compared[0]["samples"]
+    out.append(f"<text x='{label_w}' y='{height - 6}'>Output relative error against the original on the {samples} "
+               "held-out calibration samples, each plan applied and calibrated as the conversion is.</text>")
     out.append("</svg>")
     return "".join(out)
 

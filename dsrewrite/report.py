@@ -443,14 +443,16 @@ def conversion_findings(doc: dict) -> list[tuple[str, str]]:
             out.append(("info" if target.get("reachable") else "bad",
                         text + ("." if target.get("reachable") else ": the target was out of reach.") +
                         " --measure times the result."))
-    compared = (target or {}).get("compared")
+    compared = doc.get("plans_compared")
     if compared:
         kept = next(r for r in compared if r["chosen"])
         others = ", ".join(f"{r['plan']} {r['relative_error']:.4f}" + ("" if r["fits"] else " (missed the target)")
                            for r in compared if not r["chosen"])
-        out.append(("info", f"Plan kept: '{kept['plan']}', the least output error ({kept['relative_error']:.4f} "
-                            f"relative, on {kept['samples']} held-out calibration samples after calibration) of "
-                            f"{len(compared)} plans made for the target; the others: {others}."))
+        out.append(("info" if kept["fits"] else "bad",
+                    f"Plan kept: '{kept['plan']}', " + ("the least output error" if kept["fits"] else
+                                                        "none of the plans met the target; the one with every option")
+                    + f" ({kept['relative_error']:.4f} relative, on {kept['samples']} held-out calibration samples "
+                      f"after calibration) of {len(compared)} plans made for the target; the others: {others}."))
     slower = [c for c in doc["layers"] if c["measured_speedup"] is not None and c["measured_speedup"] < 1]
     if slower:
         names = ", ".join(c["name"] for c in slower[:4]) + (f" (+{len(slower) - 4} more)" if len(slower) > 4 else "")

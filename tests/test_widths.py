@@ -264,10 +264,15 @@ def test_plans_compared_on_data_are_the_conversion_measured(small, data):
     result = dsrewrite.convert(small, SMALL, plan=plan, calibration=data)
     fidelity = (result.report.reconstruction or result.report.calibration)["after"]
     assert fidelity["relative_error"] == pytest.approx(kept["relative_error"], rel=1e-6)
-    from dsrewrite.report import render_plan
+    from dsrewrite.html import render_conversion_html
+    from dsrewrite.report import render_conversion, render_plan
 
     text = render_plan(plan)
     assert "Plans compared on data" in text and f"✓ {kept['plan']}" in text
+    assert result.report.to_dict()["plans_compared"] == rows
+    assert f"Plan kept: '{kept['plan']}', the least output error" in render_conversion(result.report, plan)
+    page = render_conversion_html(result.report, plan)
+    assert "Plans compared on data" in page and f"{kept['relative_error']:.4f}" in page
     again = load_plan(json.loads(json.dumps(plan.to_dict())), dsrewrite.analyze(small, SMALL))
     assert again.rank_choice["compared"] == rows
     off = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]", "plan.compare_on_data=false"],
