@@ -701,6 +701,10 @@ def plan_signature(plan: ConversionPlan) -> tuple:
         tuple(sorted((c.group, c.new_width) for c in (plan.resize.changed if plan.resize else [])))
 
 
+#: fewer held-out samples than this and the plan says the comparison on data is noisy
+FEW_HELD_OUT = 64
+
+
 def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[ConversionPlan, str], dict],
                     by_time: bool, target: float,
                     recheck: Callable[[ConversionPlan], tuple[float, float]] | None = None) -> ConversionPlan:
@@ -759,6 +763,11 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
         r["chosen"] = i == best
     chosen = options[best][1]
     notes = list(chosen.notes)
+    samples = rows[0].get("samples") or 0
+    if samples < FEW_HELD_OUT:
+        notes.append(f"the plans were compared on only {samples} held-out calibration samples (1/8 of the data): "
+                     f"errors that close are noise at that size; give more --calibrate data (≥{8 * FEW_HELD_OUT} "
+                     "samples) for a comparison to rely on")
     if best:
         first = rows[0]
         was = f"{first['relative_error']:.4f}" + ("" if first["fits"] else ", and it missed the target")
