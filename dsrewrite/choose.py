@@ -575,8 +575,7 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
         candidate = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
                                   environment=environment, batch_size=batch_size, budget=budget, judged_by=judged_by,
                                   widths=widths)
-        signature = tuple((d.module_name, d.family, d.rank) for d in candidate.replacements) + \
-            tuple((c.group, c.new_width) for c in (candidate.resize.changed if candidate.resize else []))
+        signature = plan_signature(candidate)
         if signature in seen:  # the budget moved too little to change the plan: push it further, untimed
             nudges += 1
             budget = budget * (0.95 if tried[-1]["measured_fraction"] > target_latency else 1.05)
