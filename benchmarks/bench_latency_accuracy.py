@@ -234,8 +234,9 @@ def render(rows, args) -> str:
         f"1 epoch ({DISTILL_NOTE}). Torch-Pruning: `MagnitudePruner` (L1) at the least ratio whose measured "
         "latency meets the target, BN statistics re-estimated on the same 1024 images, the same distillation. "
         "No GPU was available to this run.", "",
-        "Columns: **latency** — the converted model ÷ the original at batch 1 / batch 64, measured after conversion side by side in 5 interleaved rounds of 6 runs each, BN "
-        "folded, channels_last (the plans target batch {args.batch_size}); "
+        "Columns: **latency** — the converted model ÷ the original at batch 1 / batch 64, measured after "
+        "conversion side by side in 5 interleaved rounds of 6 runs each, BN folded, channels_last (the plans "
+        f"target batch {args.batch_size}); "
         "**checked** — the planner's own end-to-end check of its plan; **planning** — wall time of planning "
         "(timing candidates, judging them on the data, end-to-end checks); **calibration** — wall time of "
         "calibration and the width refit, its multiple of one forward pass of the original over the same 1024 "
