@@ -681,16 +681,20 @@ def alternatives(candidates: dict[str, list[Candidate]], widths: dict[int, list[
     the widths alone (``widths only``) when widths are offered; each block family alone when more
     than one is offered (keep stays a candidate everywhere; keep first in every list)."""
     widths = widths or {}
-    out = [("all", candidates, widths)]
+    options = [("all", candidates, widths)]
     if widths:
-        if candidates:
-            out.append(("blocks only", candidates, {}))
-        out.append(("widths only", {name: opts[:1] for name, opts in candidates.items()}, widths))
+        if any(len(opts) > 1 for opts in candidates.values()):  # some block is offered
+            options.append(("blocks only", candidates, {}))
+        options.append(("widths only", {name: opts[:1] for name, opts in candidates.items()}, widths))
     families = sorted({c.family for opts in candidates.values() for c in opts} - {"keep"})
     if len(families) > 1:
         for family in families:
-            out.append((family, {name: [c for c in opts if c.family in ("keep", family)]
-                                 for name, opts in candidates.items()}, {}))
+            options.append((family, {name: [c for c in opts if c.family in ("keep", family)]
+                                     for name, opts in candidates.items()}, {}))
+    out: list = []
+    for label, blocks, offered in options:  # the same choices under another name (no block to offer): planned once
+        if not any(blocks == b and offered == w for _, b, w in out):
+            out.append((label, blocks, offered))
     return out
 
 

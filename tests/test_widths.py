@@ -198,6 +198,8 @@ def test_alternatives_are_every_option_then_blocks_only_widths_only_and_each_fam
     # one family and no widths: nothing to compare against
     one = {n: opts[:2] for n, opts in cands.items()}
     assert [label for label, _, _ in alternatives(one, {})] == ["all"]
+    # no block offered anywhere: the widths alone are every option, nothing to compare
+    assert [label for label, _, _ in alternatives({n: opts[:1] for n, opts in cands.items()}, widths)] == ["all"]
 
 
 def test_compare_on_data_keeps_the_least_held_out_error_among_plans_that_meet_the_target(small):
