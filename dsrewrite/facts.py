@@ -96,18 +96,21 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         from .choose import gather_candidates
 
         timer_ = None
-        if target_latency is not None:
+
+        def examples() -> tuple:
+            """Concrete example inputs: the given ones, else seeded samples of the analyzed shapes."""
+            import torch
+
             from .rewrite import real_inputs
 
+            shaped = inputs or tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
+            return real_inputs(shaped)
+
+        if target_latency is not None:
             settings = settings or config.measure_settings()
             timer_ = timer or layer_timer(config, settings, batch_size, cache, progress)
             if plan_timer is None:
-                if inputs is None:
-                    import torch
-
-                    inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
-                plan_timer = end_to_end_timer(model, real_inputs(inputs), settings, config.measure_fold_bn,
-                                              batch_size, say)
+                plan_timer = end_to_end_timer(model, examples(), settings, config.measure_fold_bn, batch_size, say)
             say("timing the original model end to end ...")
             facts.original_latency_s = plan_timer(None)[0]  # None: the original alone (the budget's scale)
             facts.plan_timer = plan_timer
@@ -151,13 +154,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"
         if calibration and config.compare_on_data and (target_latency is not None or target_macs is not None):
-            if inputs is None:
-                import torch
-
-                inputs = tuple(torch.empty(s, device="meta") for s in analysis.profile.input_shapes)
-            from .rewrite import real_inputs
-
-            facts.plan_judge = data_judge(model, real_inputs(inputs), calibration, say)
+            facts.plan_judge = data_judge(model, examples(), calibration, say)
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)
@@ -193,15 +190,17 @@ def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable
     from .calibrate import HELD_OUT, agreement, split_held_out
     from .rewrite import apply_plan
 
-    held = split_held_out(calibration, HELD_OUT)[1] or calibration
-
     def judge(plan, label: str) -> dict:
         say(f"applying and calibrating the plan '{label}' to measure its error on held-out samples ...")
         start = time.perf_counter()
         result = apply_plan(model, plan, inputs, calibration)
         report = result.reconstruction or result.calibration
-        fidelity = dict(report["after"]) if report else agreement(model, result.model, held)
-        return dict(fidelity, samples=sum(x.shape[0] for x in held), seconds=time.perf_counter() - start)
+        if report:  # measured by the calibration itself, on the samples it held out
+            fidelity, samples = dict(report["after"]), report["held_out_samples"]
+        else:  # nothing was refit (a plan that changes nothing): measured here, on the same samples
+            held = split_held_out(calibration, HELD_OUT)[1]
+            fidelity, samples = agreement(model, result.model, held or calibration), sum(x.shape[0] for x in held)
+        return dict(fidelity, samples=samples, seconds=time.perf_counter() - start)
 
     return judge
 

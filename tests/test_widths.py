@@ -283,3 +283,31 @@ def test_plans_compared_on_data_are_the_conversion_measured(small, data):
                                target_macs=0.4, calibration=data)
     assert "compared" not in off.rank_choice
     assert rows[0]["predicted_error"] == pytest.approx(off.rank_choice["error"])
+
+
+def test_latency_plans_are_compared_on_data_and_the_kept_one_is_timed_twice(small, data):
+    from dsrewrite.measure import LayerTiming
+
+    def layer_timer(conv, rank, bn, activation, family="separable"):  # every block halves its layer's time
+        return LayerTiming(1e-3, 5e-4)
+
+    checks = []
+
+    def plan_timer(plan):  # the model in context: each block or thinned group saves 7% of the original
+        if plan is None:
+            return 1.0, None
+        changes = len(plan.modules_to_replace) + (len(plan.resize.changed) if plan.resize else 0)
+        checks.append(changes)
+        return 1.0, max(1.0 - 0.07 * changes, 0.05)
+
+    plan = dsrewrite.plan_model(small, SMALL, "auto", ["plan.group_widths=[0.5]"], target_latency=0.6,
+                                calibration=data, layer_timer=layer_timer, plan_timer=plan_timer)
+    rows = plan.rank_choice["compared"]
+    assert rows[0]["plan"] == "all" and all(r["by"] == "measured latency" for r in rows)
+    kept = next(r for r in rows if r["chosen"])
+    assert kept["fits"] and len(kept["checks"]) == 2 and kept["fraction"] == pytest.approx(sum(kept["checks"]) / 2)
+    assert kept["fraction"] <= 0.6
+    # the timing model is exact here, so the first plan timed again in order of error is kept
+    assert kept["relative_error"] == min(r["relative_error"] for r in rows if r["fits"])
+    assert all("checks" not in r for r in rows if r["relative_error"] > kept["relative_error"])
+    assert plan.rank_choice["measured_fraction"] == pytest.approx(kept["checks"][0])
