@@ -271,14 +271,15 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
                analysis: Analysis | None = None, calibration=None, target_macs: float | None = None,
                max_error: float | None = None, align: int | None = None, width: float | None = None,
                measure_settings=None, batch_size: int | None = None, layer_timer=None, cache=None,
-               progress=None, target_latency: float | None = None, plan_timer=None) -> ConversionPlan:
+               progress=None, target_latency: float | None = None, plan_timer=None,
+               calibration_memory: int | None | str = "default") -> ConversionPlan:
     """The whole conversion plan (:class:`~dsrewrite.plan.ConversionPlan`); the model is not changed.
 
     Takes the same planning arguments as :func:`convert`, gathers the facts they need
     (:func:`dsrewrite.facts.gather_facts`: timings for a latency-aware rule set, candidate
     errors for a MAC target or error bound, candidate blocks timed for a latency target, the
     channel graph for alignment or width) and decides (:func:`dsrewrite.plan.plan_conversion`).
-    ``convert`` applies exactly this plan.
+    ``convert`` applies exactly this plan. ``calibration_memory`` as in :func:`convert`.
     """
     from .facts import gather_facts
     from .plan import plan_conversion
@@ -293,7 +294,7 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
                          max_error=max_error, align=align, width=width, settings=measure_settings,
                          batch_size=batch_size, cache=cache, progress=progress, target_latency=target_latency,
                          inputs=_inputs_from(example_inputs, None) if example_inputs is not None else None,
-                         plan_timer=plan_timer)
+                         plan_timer=plan_timer, calibration_memory=calibration_memory)
     return plan_conversion(analysis, config, facts, target_macs=target_macs, max_error=max_error, align=align,
                            width=width)
 
@@ -329,6 +330,7 @@ def convert(
     target_latency: float | None = None,
     plan_timer=None,
     calibration_mode: str = "fast",
+    calibration_memory: int | None | str = "default",
 ) -> ConversionResult:
     """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
@@ -348,7 +350,10 @@ def convert(
 
     ``calibration`` (an iterable of input batches, or (inputs, labels) pairs) refits every
     replaced block on that data (:func:`dsrewrite.calibrate`; ``calibration_mode`` ``fast``, each
-    fit on a sample of positions, or ``thorough``, on every position). ``target_macs`` (a fraction of
+    fit on a sample of positions, or ``thorough``, on every position). Calibration streams the data
+    through both models once and keeps at most ``calibration_memory`` bytes of activations in memory
+    (``"default"``: :data:`dsrewrite.calibrate.MEMORY_LIMIT`, 1 GiB; None: no bound), the rest in a
+    temporary directory, removed when it ends. ``target_macs`` (a fraction of
     the original MACs) or ``max_error`` chooses each layer's depth multiplier
     (:mod:`dsrewrite.rank`), judged from the calibration data when given, else from the
     weights' kept energy. ``target_latency`` (a fraction of the original's latency measured
@@ -386,10 +391,11 @@ def convert(
         plan = plan_model(model, inputs, config, analysis=before, calibration=batches, target_macs=target_macs,
                           max_error=max_error, align=align, width=width, measure_settings=settings,
                           batch_size=batch_size, layer_timer=timer, progress=progress, target_latency=target_latency,
-                          plan_timer=plan_timer)
+                          plan_timer=plan_timer, calibration_memory=calibration_memory)
     if calibration_mode not in ("fast", "thorough"):
         raise ValueError(f"calibration_mode must be 'fast' or 'thorough', not {calibration_mode!r}")
-    rewritten = apply_plan(model, plan, real, batches, progress, thorough=calibration_mode == "thorough")
+    rewritten = apply_plan(model, plan, real, batches, progress, thorough=calibration_mode == "thorough",
+                           memory=calibration_memory)
     say("analyzing the converted model and checking output fidelity ...")
     after = analyze(rewritten.model, inputs, name=before.model_name)
     layer_timings = {}

@@ -32,6 +32,12 @@ least-squares problem sees a fixed random sample of :data:`POSITIONS_PER_UNKNOWN
 positions per unknown (``thorough=True``: every position), so their cost stops growing with
 the data. A block the graph does not reach (inside code fx cannot trace) gets its data by
 running both models up to it on each batch.
+
+The stream holds the activations live at one point of the network for all batches; past
+``memory`` bytes (:data:`MEMORY_LIMIT` by default) further batch values go to a temporary
+directory and are read back one batch at a time when used (:class:`_Spill`), bit for bit, so
+memory is bounded by the limit, one batch per live node and the fits' statistics, not by the
+amount of data. The directory is removed when the calibration ends, also on an error.
 """
 
 from __future__ import annotations
@@ -40,9 +46,12 @@ import copy
 import dataclasses
 import math
 import operator
+import os
+import shutil
+import tempfile
 import time
 import weakref
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +86,10 @@ class CalibrationReport:
     mode: str = "fast"
     #: wall time of the whole calibration, seconds
     seconds: float = 0.0
-
+    #: bytes of activations the stream kept in memory at most (``memory``), and what it wrote to disk beyond
+    memory_limit: int | None = None
+    activations_peak: int = 0
+    spilled_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -107,6 +119,10 @@ POSITIONS_PER_UNKNOWN = 64
 MAX_JOINT_UNKNOWNS = 4608
 
 
+#: activations the calibration stream keeps in memory by default, bytes (beyond: on disk, :class:`_Spill`)
+MEMORY_LIMIT = 1 << 30
+
+
 #: the share of the calibration samples kept out of the fits, to measure the result on
 HELD_OUT = 0.125
 
@@ -132,7 +148,7 @@ def split_held_out(data: list[torch.Tensor], fraction: float) -> tuple[list[torc
 def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, ridge: float = 1e-3,
               max_batches: int | None = None, refit_depthwise: bool = True, iterations: int = 10,
               relu_aware: bool = True, progress: bool = False, held_out: float = HELD_OUT,
-              thorough: bool = False) -> CalibrationReport:
+              thorough: bool = False, memory: int | None = MEMORY_LIMIT) -> CalibrationReport:
     """Refit every replaced block of ``converted`` in place (see the module docstring).
 
     ``batches`` is a list (or iterable) of input tensors or (inputs, labels) pairs;
@@ -145,6 +161,8 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     the report's fidelity before/after is measured on them, so it is not flattered by the fit.
     Each least-squares fit uses a fixed sample of :data:`POSITIONS_PER_UNKNOWN` output positions
     per unknown (:meth:`_LayerData.positions`); ``thorough`` uses every position.
+    ``memory`` bounds the bytes of activations the streamed pass keeps in memory (None: no bound);
+    beyond it they go to a temporary directory, removed when the calibration ends (:class:`_Spill`).
     """
     per_unknown = None if thorough else POSITIONS_PER_UNKNOWN
     started = time.perf_counter()
@@ -155,9 +173,9 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
     graph = _graph_of(original)
     gates = relu_gates(original, blocks, graph=graph) if relu_aware else {}
     joint = 0
-    with eval_mode(converted), eval_mode(original), torch.no_grad():
+    with eval_mode(converted), eval_mode(original), torch.no_grad(), _Spill(memory) as spill:
         before = agreement(original, converted, judge)
-        source = _Source(original, converted, graph, data)
+        source = _Source(original, converted, graph, data, spill)
         with Progress("calibrating blocks", len(blocks), enabled=progress) as bar:
             for name in blocks:
                 block = converted.get_submodule(name)
@@ -184,7 +202,7 @@ def calibrate(converted: nn.Module, original: nn.Module, batches: Iterable, *, r
         after = agreement(original, converted, judge)
     return CalibrationReport(before, after, len(blocks), len(data), sum(x.shape[0] for x in data), joint,
                              sum(x.shape[0] for x in held), streamed, "thorough" if thorough else "fast",
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, memory, spill.peak, spill.written)
 
 
 @dataclasses.dataclass
@@ -201,6 +219,9 @@ class ReconstructionReport:
     streamed_layers: int = 0
     mode: str = "fast"
     seconds: float = 0.0
+    memory_limit: int | None = None
+    activations_peak: int = 0
+    spilled_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -209,7 +230,7 @@ class ReconstructionReport:
 
 def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
                 positions: dict[tuple[str, str], torch.Tensor], *, ridge: float = 1e-3, held_out: float = HELD_OUT,
-                thorough: bool = False, progress: bool = False) -> ReconstructionReport:
+                thorough: bool = False, progress: bool = False, memory: int | None = MEMORY_LIMIT) -> ReconstructionReport:
     """Refit, in place, every conv and Linear of ``resized`` that lost input channels to a width
     resize, by least squares on unlabeled data (channel pruning with reconstruction: He et al.
     2017, ThiNet): each reproduces the original layer's output — on the channels it keeps
@@ -219,7 +240,7 @@ def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
     the channels that stay, instead of being dropped.
 
     Refit: plain and grouped convs (not depthwise ones, whose inputs and outputs are removed
-    together) and Linears. ``held_out`` and ``thorough`` as in :func:`calibrate`.
+    together) and Linears. ``held_out``, ``thorough`` and ``memory`` as in :func:`calibrate`.
     """
     started = time.perf_counter()
     per_unknown = None if thorough else POSITIONS_PER_UNKNOWN
@@ -241,9 +262,9 @@ def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
 
     layers = _modules_in_order(resized, data[0], lost_inputs)
     graph = _graph_of(original)
-    with eval_mode(resized), eval_mode(original), torch.no_grad():
+    with eval_mode(resized), eval_mode(original), torch.no_grad(), _Spill(memory) as spill:
         before = agreement(original, resized, judge)
-        source = _Source(original, resized, graph, data)
+        source = _Source(original, resized, graph, data, spill)
         with Progress("refitting pruned layers", len(layers), enabled=progress) as bar:
             for name in layers:
                 module = resized.get_submodule(name)
@@ -259,7 +280,8 @@ def reconstruct(resized: nn.Module, original: nn.Module, batches: Iterable,
         del source  # the activations it holds
         after = agreement(original, resized, judge)
     return ReconstructionReport(before, after, layers, sum(x.shape[0] for x in data), sum(x.shape[0] for x in held),
-                                streamed, "thorough" if thorough else "fast", time.perf_counter() - started)
+                                streamed, "thorough" if thorough else "fast", time.perf_counter() - started,
+                                memory, spill.peak, spill.written)
 
 
 def _refit_linear(linear: nn.Linear, layer: _LayerData, ridge: float, out_index: torch.Tensor | None) -> None:
@@ -415,14 +437,20 @@ class _LayerData:
     """What one block is fitted on, per batch: its input in the converted model, the original
     conv's output, and behind a residual gate the shortcut operand flattened, (original, converted)."""
 
-    inputs: list[torch.Tensor]
-    targets: list[torch.Tensor]
-    offsets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    inputs: Sequence[torch.Tensor]
+    targets: Sequence[torch.Tensor]
+    #: per batch, the residual operand [B, C, H, W] in the original and in the converted model
+    offsets: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def offset(self, i: int, keep: torch.Tensor | None = None):
+        """Batch ``i``'s residual operands as rows (original, converted), at the positions ``keep``."""
         if self.offsets is None:
             return None
-        return tuple(t if keep is None else t[keep] for t in self.offsets[i])
+        return tuple(_flat(t, keep) for t in self.offsets[i])
+
+    def target_positions(self) -> list[int]:
+        """Output positions per batch (from the shapes alone: nothing is read back from disk)."""
+        return [s[0] * math.prod(s[2:]) for s in _shapes(self.targets)]
 
     def positions(self, unknowns: int, per_unknown: int | None) -> list[torch.Tensor | None]:
         """Per batch, the output positions a least-squares fit with ``unknowns`` unknowns per
@@ -430,7 +458,7 @@ class _LayerData:
         ``per_unknown × unknowns`` spread over the batches — the normal equations' cost is
         positions × unknowns², and beyond a few dozen positions per unknown more of them
         barely move the solution. The same sample every round, so the rounds stay monotone."""
-        sizes = [y.shape[0] * math.prod(y.shape[2:]) for y in self.targets]
+        sizes = self.target_positions()
         total = sum(sizes)
         if per_unknown is None or total <= per_unknown * unknowns:
             return [None] * len(sizes)
@@ -444,9 +472,9 @@ class _Source:
     reaches the layer, else by running both models up to it on every batch (:func:`_captured`)."""
 
     def __init__(self, original: nn.Module, converted: nn.Module, graph: torch.fx.Graph | None,
-                 data: list[torch.Tensor]):
+                 data: list[torch.Tensor], spill: "_Spill | None" = None):
         self.original, self.converted, self.graph, self.data = original, converted, graph, data
-        self.stream = _Stream.build(graph, original, converted, data) if graph is not None else None
+        self.stream = _Stream.build(graph, original, converted, data, spill) if graph is not None else None
         self.offsets: _Offsets | None = None
         #: layers served by the stream
         self.streamed = 0
@@ -489,7 +517,9 @@ class _Stream:
     batches.
     """
 
-    def __init__(self, graph: torch.fx.Graph, original: nn.Module, converted: nn.Module, data: list[torch.Tensor]):
+    def __init__(self, graph: torch.fx.Graph, original: nn.Module, converted: nn.Module, data: list[torch.Tensor],
+                 spill: "_Spill | None" = None):
+        self.spill = spill or _Spill(None)
         self.nodes = [n for n in graph.nodes if n.op != "output"]
         self.output = next(n for n in graph.nodes if n.op == "output")
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -507,7 +537,7 @@ class _Stream:
         self.start = {w: 0 for w in self.roots}  # every node before this index has run
 
     @classmethod
-    def build(cls, graph, original, converted, data) -> "_Stream | None":
+    def build(cls, graph, original, converted, data, spill: "_Spill | None" = None) -> "_Stream | None":
         """A stream, after checking on the first batch that the graph computes both models' outputs."""
         try:
             probe = cls(graph, original, converted, data[:1])
@@ -522,7 +552,7 @@ class _Stream:
                     return None
         except Exception:  # noqa: BLE001 - a graph that does not run both models: block by block instead
             return None
-        return cls(graph, original, converted, data)
+        return cls(graph, original, converted, data, spill)
 
     def layer(self, name: str, other: str | None) -> _LayerData | None:
         """The data for the block called ``name`` (first call site); None when it is not a node."""
@@ -534,13 +564,19 @@ class _Stream:
         if before is not None:
             self.run_to("converted", before, hold=node)
         self.run_to("original", node)
-        inputs = [node_arguments(node.args[0], lambda n, b=b: converted_env[n][b]) for b in range(len(self.data))]
-        layer = _LayerData(inputs, list(original_env[node]))
+        argument = node.args[0]
+        if isinstance(argument, torch.fx.Node):
+            inputs = converted_env[argument]
+        else:  # the values it is built from, held by this layer whatever the stream drops meanwhile
+            held = {n: converted_env[n] for n in node.all_input_nodes}
+            inputs = _Lazy(len(self.data), lambda b: node_arguments(argument, lambda n: held[n][b]))
+        layer = _LayerData(inputs, original_env[node])
         if other is not None and other in self.by_name:
             operand = self.by_name[other]
             self.run_to("original", operand)
             self.run_to("converted", operand, hold=node)
-            layer.offsets = [(_flat(a), _flat(b)) for a, b in zip(original_env[operand], converted_env[operand])]
+            a, b = original_env[operand], converted_env[operand]
+            layer.offsets = _Lazy(len(self.data), lambda i: (a[i], b[i]))
         return layer
 
     def run_to(self, which: str, target: torch.fx.Node, hold: torch.fx.Node | None = None) -> None:
@@ -564,7 +600,10 @@ class _Stream:
 
     def _run(self, which: str, n: torch.fx.Node) -> None:
         root, env, pending = self.roots[which], self.env[which], self.pending[which]
-        values = []
+        values = _Values()
+        # a value read after an in-place op changed it must stay the one object in memory
+        values.counted = (n.op in ("call_module", "call_function", "call_method") and bool(n.users)
+                          and not (len(n.users) > 1 and any(_mutates(u, n, root) for u in n.users)))
         for b, x in enumerate(self.data):
             def load(a, b=b):
                 return env[a][b]
@@ -576,25 +615,157 @@ class _Stream:
             else:
                 args, kwargs = node_arguments(n.args, load), node_arguments(n.kwargs, load)
                 if n.op == "call_module":
-                    values.append(root.get_submodule(n.target)(*args, **kwargs))
+                    value = root.get_submodule(n.target)(*args, **kwargs)
                 elif n.op == "call_function":
-                    values.append(n.target(*args, **kwargs))
+                    value = n.target(*args, **kwargs)
                 else:
-                    values.append(getattr(args[0], n.target)(*args[1:], **kwargs))
+                    value = getattr(args[0], n.target)(*args[1:], **kwargs)
+                del args, kwargs
+                values.append(self.spill.keep(value) if values.counted else value)
         env[n] = values
         self.done[which].add(n)
         for a in n.all_input_nodes:
             pending[a] -= 1
             if pending[a] == 0:
-                env.pop(a, None)
+                self.spill.release(env.pop(a, None))
         if not n.users:
-            env.pop(n, None)
+            self.spill.release(env.pop(n, None))
 
 
 def _tensors(value) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_flatten
 
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+class _OnDisk:
+    """One batch of one node's value, written to a file of the spill directory; the file goes
+    when the last reference to this handle does."""
+
+    __slots__ = ("path", "shape", "__weakref__")
+
+    def __init__(self, path: str, value: torch.Tensor):
+        # a view would drag its whole base storage along: write only what the tensor covers
+        whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        torch.save(value if whole else value.clone(), path)
+        self.path, self.shape = path, value.shape
+        weakref.finalize(self, _remove, path)
+
+    def load(self) -> torch.Tensor:
+        return torch.load(self.path, weights_only=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class _Values(list):
+    """A node's value per batch, some perhaps on disk (:class:`_OnDisk`): indexing and iteration
+    read those back, one batch at a time. ``counted``: its tensors count against the spill limit."""
+
+    counted = False
+
+    def __getitem__(self, i):
+        value = super().__getitem__(i)
+        if isinstance(i, slice):
+            return [v.load() if isinstance(v, _OnDisk) else v for v in value]
+        return value.load() if isinstance(value, _OnDisk) else value
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def shapes(self) -> list:
+        return [v.shape for v in super().__iter__()]
+
+
+class _Lazy(Sequence):
+    """``n`` values computed on access by ``get(i)`` (nothing held beyond what ``get`` closes over)."""
+
+    def __init__(self, n: int, get: Callable[[int], Any]):
+        self.n, self.get = n, get
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.get(k) for k in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.get(i % self.n)
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand,
+                      operator.ior, operator.ixor}
+
+
+def _mutates(user: torch.fx.Node, node: torch.fx.Node, root: nn.Module) -> bool:
+    """Whether ``user`` may change ``node``'s value in place (an in-place module, method or operator)."""
+    first = user.args[0] if user.args else None
+    if user.op == "call_module":
+        return first is node and bool(getattr(root.get_submodule(user.target), "inplace", False))
+    if user.kwargs.get("inplace"):
+        return first is node
+    if user.op == "call_method":
+        return first is node and str(user.target).endswith("_")
+    name = getattr(user.target, "__name__", "")
+    return (user.op == "call_function" and first is node
+            and (user.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))))
+
+
+def _shapes(values: Sequence) -> list:
+    return values.shapes() if isinstance(values, _Values) else [v.shape for v in values]
+
+
+class _Spill:
+    """Keeps the stream's activations in memory up to ``limit`` bytes (None: no limit); beyond it,
+    each further batch value goes to a file in a temporary directory, read back when it is used
+    and deleted when it is dropped. So a calibration holds about ``limit`` bytes of activations
+    however much data it is given (plus one batch per live node and the fits' statistics);
+    :meth:`close` removes the directory, whatever was left in it."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.held = 0  # bytes of the values kept in memory, live
+        self.peak = 0
+        self.written = 0  # bytes written to disk in all
+        self.files = 0
+        self.directory: str | None = None
+
+    def keep(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        size = value.numel() * value.element_size()
+        if self.limit is None or self.held + size <= self.limit:
+            self.held += size
+            self.peak = max(self.peak, self.held)
+            return value
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="dsrewrite-calibration-")
+        self.files += 1
+        self.written += size
+        return _OnDisk(os.path.join(self.directory, f"{self.files}.pt"), value)
+
+    def release(self, values) -> None:
+        """``values`` (a node's, per batch) are dropped by the stream: they no longer count."""
+        if isinstance(values, _Values) and values.counted:
+            for v in list.__iter__(values):
+                if isinstance(v, torch.Tensor):
+                    self.held -= v.numel() * v.element_size()
+
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "_Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Offsets:
@@ -610,7 +781,7 @@ class _Offsets:
                        torch.fx.GraphModule(converted, copy.deepcopy(graph))]
 
     def __call__(self, x: torch.Tensor, node: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(_flat(_run_until(gm, x, node)) for gm in self.models)
+        return tuple(_run_until(gm, x, node) for gm in self.models)
 
 
 def _run_until(gm: torch.fx.GraphModule, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -797,7 +968,7 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
     w2 = (channel_weights.double() ** 2 if channel_weights is not None
           else torch.ones(block.out_channels, dtype=torch.float64))
     keep = layer.positions(n, per_unknown)
-    positions = sum(y.shape[0] * math.prod(y.shape[2:]) for y in layer.targets)
+    positions = sum(layer.target_positions())
     if positions < 4 * mid * taps:
         return None  # too few positions to pin the filters down: the SVD filters stand
     rounds = GATED_ROUNDS if gate is not None else 1
@@ -957,7 +1128,7 @@ PATCH_BUDGET = 2 ** 24
 def _round_cache(layer: _LayerData, keep: list, unknowns: int, rounds: int) -> dict[int, torch.Tensor] | None:
     """A per-batch store for the rows a multi-round fit would otherwise rebuild every round, or None
     when there is one round or the rows (``unknowns`` wide) would exceed :data:`PATCH_BUDGET`."""
-    used = sum(len(k) if k is not None else y.shape[0] * math.prod(y.shape[2:]) for k, y in zip(keep, layer.targets))
+    used = sum(len(k) if k is not None else n for k, n in zip(keep, layer.target_positions()))
     return {} if rounds > 1 and used * unknowns <= PATCH_BUDGET else None
 
 

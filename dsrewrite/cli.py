@@ -95,6 +95,19 @@ def _parse_memory(text: str | None) -> float | None:
     return SizeText(value, byte_style(text))
 
 
+def _memory_limit(text: str) -> int | None:
+    """``--calibration-memory``: bytes, or None for 'none' (no bound); 0 keeps every activation on disk."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    from .units import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except ValueError:
+        raise UsageError(f"--calibration-memory takes a size such as 512MiB (0: everything on disk) or 'none', "
+                         f"got {text!r}") from None
+
+
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -245,6 +258,9 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
 @click.option("--calibration-mode", type=click.Choice(("fast", "thorough")), default="fast", show_default=True,
               help="fast: one streamed pass, each least-squares fit on a sample of output positions; "
                    "thorough: every position (slower, rarely better).")
+@click.option("--calibration-memory", default="1GiB", show_default=True, metavar="SIZE|none",
+              help="Activations calibration keeps in memory at most (e.g. 512MiB); beyond it they go to a "
+                   "temporary directory, removed when calibration ends. 'none': no bound.")
 @click.option("--target-macs", type=float, default=None, metavar="FRACTION",
               help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
 @click.option("--max-error", type=float, default=None, metavar="E",
@@ -266,7 +282,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
             export_code, onnx_path, report_path, measure: bool, device, threads, batch_size, memory_format,
             measure_dtype, fold_bn, repeats, calibrate_spec, calibration_batches, target_macs, max_error,
             align, width, quiet: bool, plan_path, no_cache: bool, onnx_static: bool, opset, target_latency,
-            calibration_mode, group_widths) -> None:
+            calibration_mode, group_widths, calibration_memory) -> None:
     """Rewrite heavy standard convs as depthwise-separable (or other factorized) blocks.
 
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
@@ -294,6 +310,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     measure_flags = {"measure_device": device, "measure_threads": threads, "measure_memory_format": memory_format,
                      "measure_dtype": measure_dtype, "measure_fold_bn": fold_bn, "measure_repeats": repeats}
     rule_config = dataclasses.replace(rule_config, **{k: v for k, v in measure_flags.items() if v is not None})
+    memory_limit = _memory_limit(calibration_memory)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     targets = [f"--{n}" for n, v in (("target-latency", target_latency), ("target-macs", target_macs),
@@ -365,7 +382,7 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
         except (TypeError, ValueError) as e:
             raise UsageError(f"--calibrate {calibrate_spec}: {e}") from e
     planning = dict(calibration=calibration, target_macs=target_macs, max_error=max_error, align=align, width=width,
-                    target_latency=target_latency,
+                    target_latency=target_latency, calibration_memory=memory_limit,
                     batch_size=batch_size, progress=None if quiet else say, cache=False if no_cache else None)
     plan = None
     if saved_plan is not None:

@@ -70,12 +70,15 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                  calibration: list | None = None, target_macs: float | None = None, max_error: float | None = None,
                  align: int | None = None, width: float | None = None, settings=None, batch_size: int | None = None,
                  cache=None, progress: Callable[[str], None] | None = None, target_latency: float | None = None,
-                 inputs: tuple | None = None, plan_timer: Callable | None = None) -> PlanFacts:
+                 inputs: tuple | None = None, plan_timer: Callable | None = None,
+                 calibration_memory: int | None | str = "default") -> PlanFacts:
     """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings.
 
     ``inputs``: example inputs (meta tensors are filled with seeded samples) for timing the
     whole model, which a latency target needs; ``plan_timer`` replaces that end-to-end timing
     (:func:`end_to_end_timer`'s signature: ``plan_timer(None)`` gives the original's latency).
+    ``calibration_memory``: as ``memory`` of :func:`~dsrewrite.rewrite.apply_plan`, for the plans
+    calibrated to be compared on data.
     """
     from .choose import uses_blocks
     from .measure import environment_label
@@ -154,7 +157,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
         facts.judging_s += spent.get("judging_s", 0.0)
         facts.errors_from = "data" if calibration else "weights"
         if calibration and config.compare_on_data and (target_latency is not None or target_macs is not None):
-            facts.plan_judge = data_judge(model, examples(), calibration, say)
+            facts.plan_judge = data_judge(model, examples(), calibration, say, calibration_memory)
     elif config.min_measured_speedup > 0:
         settings = settings or config.measure_settings()
         timer = timer or layer_timer(config, settings, batch_size, cache, progress)
@@ -179,7 +182,8 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
     return facts
 
 
-def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable[[str], None]) -> Callable:
+def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable[[str], None],
+               memory: int | None | str = "default") -> Callable:
     """``judge(plan, label) -> fidelity``: ``plan`` applied to ``model`` and calibrated on ``calibration`` as
     :func:`~dsrewrite.rewrite.apply_plan` does for the conversion itself (fast mode), and the output's
     relative error, cosine and top-1 agreement against the original measured on the samples that
@@ -193,7 +197,7 @@ def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable
     def judge(plan, label: str) -> dict:
         say(f"applying and calibrating the plan '{label}' to measure its error on held-out samples ...")
         start = time.perf_counter()
-        result = apply_plan(model, plan, inputs, calibration)
+        result = apply_plan(model, plan, inputs, calibration, memory=memory)
         report = result.reconstruction or result.calibration
         if report:  # measured by the calibration itself, on the samples it held out
             fidelity, samples = dict(report["after"]), report["held_out_samples"]

@@ -611,7 +611,7 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                 f"{cal['mode']} mode ({fits}), {cal['seconds']:.1f} s; {cal['streamed_blocks']} of {cal['blocks']} "
                 "blocks fit from one streamed pass of both models"
                 + (f", {rest} by running both models up to the block per batch (inside code the graph does not "
-                   "reach)" if rest else ""))
+                   "reach)" if rest else "") + _memory_note(cal))
         out.append("")
     ch = doc.get("channels")
     if ch:
@@ -624,7 +624,7 @@ def render_conversion(report, plan, fmt: str = "table", color: bool = False) -> 
                 f"after the resize: {_fidelity_line(rec['before'])}",
                 f"after the refit:  {_fidelity_line(rec['after'])}",
                 f"{rec['mode']} mode, {rec['seconds']:.1f} s; refit: {', '.join(rec['layers'][:8])}"
-                + (f" and {len(rec['layers']) - 8} more" if len(rec["layers"]) > 8 else ""), ""]
+                + (f" and {len(rec['layers']) - 8} more" if len(rec["layers"]) > 8 else "") + _memory_note(rec), ""]
     f = doc["fidelity"]
     what = "seeded random inputs" if doc["fidelity_inputs"] == "random" else "the model's example inputs"
     out += [("## " if md else "") + f"Output on {what}" + (" (not your data; see Calibration)" if cal else ""),
@@ -736,6 +736,18 @@ def render_groups(graph, fmt: str = "table", model_name: str = "", show_all: boo
     if limit is not None and any(len(g.members) > limit for g in shown):
         out += ["", "Member lists are cut at 6; --all shows every member."]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _memory_note(cal: dict) -> str:
+    """How much of the streamed pass's activations stayed in memory and how much went to disk."""
+    if "activations_peak" not in cal:
+        return ""
+    limit = cal.get("memory_limit")
+    text = (f"; activations held in memory: {format_bytes(cal['activations_peak'])} at most"
+            + (f" (limit {format_bytes(limit)})" if limit is not None else " (no limit)"))
+    if cal.get("spilled_bytes"):
+        text += f", {format_bytes(cal['spilled_bytes'])} written to a temporary directory (removed)"
+    return text
 
 
 def duration(seconds) -> str:

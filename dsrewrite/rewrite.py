@@ -62,13 +62,17 @@ def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
 
 
 def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibration: list | None = None,
-               progress=None, thorough: bool = False) -> RewriteResult:
+               progress=None, thorough: bool = False, memory: int | None | str = "default") -> RewriteResult:
     """A copy of ``model`` with ``plan`` executed on it (see the module docstring); ``model`` is not touched.
 
     ``inputs`` are real example tensors (:func:`real_inputs`): they place each inserted BN in
     its activation's linear range. ``calibration`` is a list of input batches, or None;
-    ``thorough`` fits them on every position (:func:`~dsrewrite.calibrate.calibrate`).
+    ``thorough`` fits them on every position and ``memory`` bounds the activations calibration keeps
+    in memory, bytes (``"default"``: :data:`~dsrewrite.calibrate.MEMORY_LIMIT`; None: no bound;
+    :func:`~dsrewrite.calibrate.calibrate`).
     """
+    if memory == "default":
+        from .calibrate import MEMORY_LIMIT as memory
     say = progress or (lambda message: None)
     say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
     result = _swap_blocks(model, plan, inputs)
@@ -77,7 +81,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
 
         say(f"calibrating on {sum(x.shape[0] for x in calibration)} samples ...")
         result.calibration = calibrate(result.model, model, calibration, progress=progress is not None,
-                                       thorough=thorough).to_dict()
+                                       thorough=thorough, memory=memory).to_dict()
     if plan.resize is not None and plan.resize.changed:
         from .resize import apply_resize, kept_positions
 
@@ -90,7 +94,7 @@ def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibratio
 
             say(f"refitting the layers that lost input channels on {sum(x.shape[0] for x in calibration)} samples ...")
             result.reconstruction = reconstruct(result.model, model, calibration, positions, thorough=thorough,
-                                                progress=progress is not None).to_dict()
+                                                progress=progress is not None, memory=memory).to_dict()
     return result
 
 

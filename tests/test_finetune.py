@@ -313,10 +313,19 @@ def test_cli_calibrate_and_target(tmp_path):
     assert cal["mode"] == "thorough" and cal["streamed_blocks"] == cal["blocks"] > 0 and cal["seconds"] > 0
     assert doc["findings"][-1]["text"].startswith("Output fidelity on 2 held-out calibration samples")
     assert doc["after"]["macs"] <= 0.4 * doc["before"]["macs"]
+    assert cal["memory_limit"] == 2 ** 30 and cal["spilled_bytes"] == 0 < cal["activations_peak"]
+    r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", "--rules", "finetune",
+                                 "--calibrate", f"{data}:batches", "--calibration-memory", "64KiB",
+                                 "--report", str(report), "-q"])
+    assert r.exit_code == 0, r.output
+    cal = json.loads(report.read_text())["calibration"]
+    assert cal["memory_limit"] == 65536 and cal["activations_peak"] <= 65536 and cal["spilled_bytes"] > 0
     for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
                         (["--calibrate", f"{data}:missing"], "defines no 'missing'"),
                         (["--target-macs", "0.5", "--max-error", "0.1"], "one target"),
-                        (["--target-macs", "3"], "between 0 and 1")]:
+                        (["--target-macs", "3"], "between 0 and 1"),
+                        (["--calibration-memory", "lots"], "--calibration-memory"),
+                        (["--calibration-memory", "-1MiB"], "takes a size such as 512MiB")]:
         r = CliRunner().invoke(cli, ["convert", "examples/resnet.py", "--input-shape", "1,3,32,32", *args, "-q"])
         assert r.exit_code == 2 and words in r.output, (args, r.output)
 
@@ -509,6 +518,75 @@ def test_streamed_calibration_fits_what_block_by_block_fits(monkeypatch, make, o
         assert dsrewrite.calibrate(b, model, data).streamed_blocks == 0
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6), name
+
+
+class InPlaceShared(nn.Module):
+    """A value read again after an in-place op changed it (eager semantics: the changed value)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv0, self.conv1, self.conv2 = (nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1),
+                                              nn.Conv2d(12, 12, 3, padding=1))
+
+    def forward(self, x):
+        a = self.conv0(x)
+        b = self.conv1(a)
+        a.relu_()
+        return self.conv2(a + b).mean((2, 3))
+
+
+@pytest.mark.parametrize("make, overrides, width", [
+    (small_cnn, [], None),
+    (lambda: Residual().eval(), ["block.activation=none"], None),  # the residual operand read back too
+    (small_cnn, ["block.family=bottleneck"], None),
+    (InPlaceShared, [], None),  # the value an in-place op changes stays in memory
+    (small_cnn, ["replace.min_in_channels=100000"], 0.5),  # the width refit (reconstruct)
+])
+def test_calibration_bounded_in_memory_fits_exactly_what_unbounded_fits(monkeypatch, tmp_path, make, overrides,
+                                                                         width):
+    """Activations beyond the memory limit go to disk and come back bit for bit: the same weights; the
+    spill directory is gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = make().eval()
+    data = batches(n=5)
+    results = {memory: dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + overrides, width=width,
+                                         calibration=data, calibration_memory=memory)
+               for memory in (None, 0, 2 ** 30)}
+    reports = {m: r.report.reconstruction if width else r.report.calibration for m, r in results.items()}
+    assert reports[0]["spilled_bytes"] > 0 and reports[None]["spilled_bytes"] == reports[2 ** 30]["spilled_bytes"] == 0
+    assert reports[None]["activations_peak"] == reports[2 ** 30]["activations_peak"] > 0
+    assert reports[0]["memory_limit"] == 0 and reports[None]["memory_limit"] is None
+    assert reports[0]["after"] == reports[None]["after"]
+    for m in (0, 2 ** 30):
+        for (name, a), b in zip(results[None].model.state_dict().items(), results[m].model.state_dict().values()):
+            assert torch.equal(a, b), (m, name)
+    assert list(tmp_path.iterdir()) == [], "the spill directory is removed"
+    text = render_conversion(results[0].report, results[0].plan, "table")
+    assert "written to a temporary directory (removed)" in text and "limit 0 B" in text
+
+
+def test_spill_directory_is_removed_when_calibration_fails(monkeypatch, tmp_path):
+    import importlib
+    import tempfile
+
+    cal = importlib.import_module("dsrewrite.calibrate")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = small_cnn()
+    converted = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE).model
+    seen = []
+
+    def fail(block, layer):
+        seen.append([p.name for p in tmp_path.iterdir()])
+        raise RuntimeError("fit failed")
+
+    monkeypatch.setattr(cal, "_reset_bn", fail)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        dsrewrite.calibrate(converted, model, batches(), memory=0)
+    assert seen and seen[0], "activations were on disk while fitting"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_calibration_runs_each_batch_through_the_model_once():
