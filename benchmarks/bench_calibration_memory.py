@@ -3,12 +3,13 @@
 The streamed calibration holds the activations live at one point of the network for every
 calibration image; past ``--calibration-memory`` (``calibrate(memory=...)``, default 1 GiB)
 further batch values go to a temporary directory and are read back one batch at a time. This
-benchmark converts a model once (no calibration) and calibrates copies of it on the same images
-with several limits, one after another in one process, and reports for each: time (and its
-multiple of one forward pass of the original over the same images, measured in the same run),
-peak RSS growth (sampled every millisecond), the activations the stream held in memory at most,
-what went to disk, the held-out error, and whether the weights are bit-identical to those of the
-unbounded run. Run with more images to see the memory stay put while the data grow.
+benchmark converts a model (no calibration) and calibrates it on the same images with several
+limits, **each in a fresh process** (so one run's freed memory does not hide the next one's
+growth), one after another, and reports for each: time (and its multiple of one forward pass of
+the original over the same images, measured in the same process), peak RSS growth (sampled every
+millisecond), the activations the stream held in memory at most, what went to disk, the held-out
+error, and whether the weights are bit-identical to those of the unbounded run. Run with more
+images to see the memory stay put while the data grow.
 
     pip install -e '.[bench]'
     python benchmarks/bench_calibration_memory.py   # writes benchmarks/results/calibration_memory.md
@@ -17,8 +18,10 @@ unbounded run. Run with more images to see the memory stay put while the data gr
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,15 +29,33 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_calibration import forward_seconds  # noqa: E402
 from common import PeakMemory, fingerprint, md_table  # noqa: E402
 
 import dsrewrite  # noqa: E402
 from dsrewrite.units import format_bytes, parse_bytes  # noqa: E402
 
 
-def limit_of(text: str) -> int | None:
-    return None if text == "none" else int(parse_bytes(text))
+def one(model_name: str, count: int, batch: int, limit: str, threads: int, weights: str) -> dict:
+    """Convert, then calibrate with one memory limit, in this process; the weights go to ``weights``."""
+    import torchvision
+
+    from bench_calibration import forward_seconds
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    original = torchvision.models.get_model(model_name, weights=None).eval()
+    converted = dsrewrite.convert(original, (1, 3, 224, 224), "default").model.eval()
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randn(batch, 3, 224, 224, generator=generator) for _ in range(count // batch)]
+    forward = forward_seconds(original, data)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        report = dsrewrite.calibrate(converted, original, data, memory=None if limit == "none" else int(parse_bytes(limit)))
+        seconds = time.perf_counter() - start
+    torch.save(converted.state_dict(), weights)
+    return dict(forward=forward, seconds=seconds, peak=peak.peak, held=report.activations_peak,
+                written=report.spilled_bytes, before=report.before["relative_error"],
+                after=report.after["relative_error"])
 
 
 def main(argv=None) -> int:
@@ -44,44 +65,40 @@ def main(argv=None) -> int:
     parser.add_argument("--limits", default="none,1GiB,256MiB", help="memory limits, 'none' for no bound")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=3, metavar=("COUNT", "LIMIT", "WEIGHTS"), help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", default=str(HERE / "results" / "calibration_memory.md"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    import torchvision
-
+    if args.one:
+        count, limit, weights = args.one
+        print(json.dumps(one(args.model, int(count), args.batch, limit, args.threads, weights)))
+        return 0
     t0 = time.perf_counter()
 
     def log(msg):
         print(f"[{time.perf_counter() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    torch.manual_seed(0)
-    original = torchvision.models.get_model(args.model, weights=None).eval()
-    converted = dsrewrite.convert(original, (1, 3, 224, 224), "default").model.eval()
     rows = []
-    for count in (int(n) for n in args.images.split(",")):
-        generator = torch.Generator().manual_seed(1)
-        data = [torch.randn(args.batch, 3, 224, 224, generator=generator) for _ in range(count // args.batch)]
-        forward = forward_seconds(original, data)
-        reference = None
-        for text in args.limits.split(","):
-            model = copy.deepcopy(converted)
-            with PeakMemory() as peak:
-                start = time.perf_counter()
-                report = dsrewrite.calibrate(model, original, data, memory=limit_of(text))
-                seconds = time.perf_counter() - start
-            if reference is None:
-                reference = model.state_dict()
-                same = "(reference)"
-            else:
-                same = "yes" if all(torch.equal(a, b) for a, b in zip(reference.values(),
-                                                                         model.state_dict().values())) else "**no**"
-            rows.append([f"{args.model}, {count} images", text, f"{forward:.2f}s",
-                         f"{seconds:.1f}s (**{seconds / forward:.1f}×**)", f"{peak.peak / 2 ** 20:.0f} MiB",
-                         format_bytes(report.activations_peak), format_bytes(report.spilled_bytes),
-                         f"{report.before['relative_error']:.3f} → {report.after['relative_error']:.4f}", same])
-            log(" | ".join(rows[-1]))
-            del model
-            write(args.output, rows, args)
+    with tempfile.TemporaryDirectory() as scratch:
+        for count in (int(n) for n in args.images.split(",")):
+            reference = None
+            for limit in args.limits.split(","):
+                weights = str(Path(scratch) / f"{count}-{limit}.pt")
+                done = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
+                                       "--threads", str(args.threads), "--one", str(count), limit, weights],
+                                      capture_output=True, text=True, check=True)
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                state = torch.load(weights, weights_only=True)
+                if reference is None:
+                    reference, same = state, "(reference)"
+                else:
+                    same = "yes" if all(torch.equal(a, b) for a, b in zip(reference.values(), state.values())) \
+                        else "**no**"
+                rows.append([f"{args.model}, {count} images", limit, f"{r['forward']:.2f}s",
+                             f"{r['seconds']:.1f}s (**{r['seconds'] / r['forward']:.1f}×**)",
+                             f"{r['peak'] / 2 ** 20:.0f} MiB", format_bytes(r["held"]), format_bytes(r["written"]),
+                             f"{r['before']:.3f} → {r['after']:.4f}", same])
+                log(" | ".join(rows[-1]))
+                write(args.output, rows, args)
     log(f"wrote {args.output}")
     return 0
 
@@ -93,12 +110,13 @@ def write(path: str, rows: list, args) -> None:
         f"Measured with `python benchmarks/bench_calibration_memory.py` on {fingerprint()}. torchvision "
         f"{args.model} (random weights), converted with the `default` preset (no calibration), then calibrated "
         f"(fast mode) on N(0,1) images at 224², batches of {args.batch}, with each memory limit "
-        "(`--calibration-memory`, `calibrate(memory=...)`), one after another in one process. **one forward**: "
-        "the original over the same images (eval, no grad; median of 3), measured in the same run. **peak RSS "
-        "growth**: the process's resident memory, sampled every millisecond, over its level before the "
-        "calibration (the images themselves, 19 MiB per 32, are already in memory). **held in memory**: the "
-        "stream's activations kept in memory at most; **to disk**: what it wrote to its temporary directory "
-        "(removed at the end). **same weights**: bit-identical to the unbounded run on the same images.", "",
+        "(`--calibration-memory`, `calibrate(memory=...)`), each row in a fresh process, one after another. "
+        "**one forward**: the original over the same images (eval, no grad; median of 3), measured in the same "
+        "process. **peak RSS growth**: the process's resident memory, sampled every millisecond, over its level "
+        "before the calibration (the images themselves, 18.4 MiB per 32, were already in memory). **held in "
+        "memory**: the stream's activations kept in memory at most; **to disk**: what it wrote to its temporary "
+        "directory (removed at the end). **same weights**: bit-identical to the unbounded run on the same "
+        "images. No GPU was available to this run.", "",
         md_table(["model, images", "memory limit", "one forward", "calibration (× one forward)", "peak RSS growth",
                   "held in memory", "to disk", "held-out error before → after", "same weights"], rows), ""]))
 

@@ -20,6 +20,11 @@ traces (``--export-code``) and exports to ONNX like any other module.
   (canonical polyadic) decomposition of W as a C_out × C_in × K² tensor (Lebedev et al. 2015),
   fitted by alternating least squares from the separable block's SVD start; exact from
   r = K²·min(C_in, C_out).
+* ``mbconv`` — :class:`MBConvConv2d`: the inverted-residual block with squeeze-and-excitation
+  on its r depthwise outputs (MBConv, as in EfficientNet), the gate started as the identity
+  (:class:`SqueezeExcite`: exactly 1 everywhere until training moves it), so it computes the
+  inverted-residual block's function; training can then learn the gate. Not among ``auto``'s
+  candidates (at its start it is the inverted-residual block at more cost): name it.
 
 The depthwise-separable block (``separable``, :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`)
 is the fourth family; :data:`FAMILIES` lists them all by name.
@@ -32,6 +37,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -333,6 +339,74 @@ class InvertedResidualConv2d(nn.Module):
         return torch.einsum("or,ri,rkl->oikl", p, e, d)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x · 2σ(W₂ silu(W₁ avgpool(x) + b₁) + b₂)``, per channel (SiLU as in
+    EfficientNet's MBConv).
+
+    Started as the identity: ``W₂ = 0, b₂ = 0`` give ``2σ(0) = 1`` exactly, while ``W₁`` keeps its
+    random start, so the first gradient step already moves ``W₂`` (a gate saturated at 1, such as
+    a hard sigmoid at its top, would never learn; nor would a ReLU hidden unit that starts dead).
+    The factor 2 lets the gate also amplify a channel.
+    """
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, squeeze, 1)
+        self.expand = nn.Conv2d(squeeze, channels, 1)
+        self.reset()
+
+    def reset(self, seed: int = 0) -> None:
+        """The identity start: ``W₂ = 0, b₂ = 0``, and ``W₁`` drawn from a generator seeded with ``seed``
+        (uniform ±1/√channels, torch's default bound for a conv), so a plan applied twice builds the
+        same model."""
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1 / math.sqrt(self.reduce.in_channels)
+        with torch.no_grad():
+            w = torch.empty(self.reduce.weight.shape, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+            self.reduce.weight.copy_(w)
+            self.reduce.bias.zero_()
+            self.expand.weight.zero_()
+            self.expand.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (2 * torch.sigmoid(self.expand(F.silu(self.reduce(self.pool(x))))))
+
+
+def squeeze_width(rank: int) -> int:
+    """The SE bottleneck of an MBConv block with ``rank`` mid channels: a quarter, at least 1."""
+    return max(1, rank // 4)
+
+
+class MBConvConv2d(InvertedResidualConv2d):
+    """1×1 expand (C_in → ``rank``), depthwise K×K, squeeze-and-excitation, 1×1 project (→ C_out).
+
+    Initialized as :class:`InvertedResidualConv2d` (a CP decomposition of the conv's weight) with
+    the gate at the identity (:class:`SqueezeExcite`), so it starts as exactly that block;
+    :meth:`dense_weight` is the K×K weight it computes while the gate is the identity.
+    """
+
+    family = "mbconv"
+    refit = "project"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 rank: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, rank, bias)
+        self.se = SqueezeExcite(rank, squeeze_width(rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.se(self.depthwise(self.expand(x))))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int, sweeps: int = CP_SWEEPS,
+                  budget: float | None = None) -> "MBConvConv2d":
+        """The inverted-residual block's CP initialization, the gate at the identity (seeded: the same
+        conv gives the same block)."""
+        block = super().from_conv(conv, rank, sweeps, budget)
+        block.se.reset(seed=rank)
+        return block
+
+
 def cp_factors(weight: torch.Tensor, rank: int, sweeps: int = CP_SWEEPS,
                budget: float | None = None, svd: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Factors (P [C_out, r], E [C_in, r], D [K², r]) with W ≈ Σ_m P[:, m] ⊗ E[:, m] ⊗ D[:, m], in float64.
@@ -461,6 +535,12 @@ def _inverted_residual_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
             positions_in * c_in * rank + positions_out * rank * (k + c_out))
 
 
+def _mbconv_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
+    params, macs = _inverted_residual_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch)
+    s = squeeze_width(rank)
+    return params + 2 * rank * s + s + rank, macs + batch * 2 * rank * s
+
+
 def _pointwise_first_costs(c_in, c_out, kernel, in_hw, out_hw, rank, batch=1):
     k = math.prod(kernel)
     mid = c_out * rank
@@ -510,10 +590,12 @@ FAMILIES: dict[str, BlockFamily] = {f.name: f for f in [
     BlockFamily("inverted-residual", InvertedResidualConv2d.from_conv, InvertedResidualConv2d.max_rank,
                 _inverted_residual_costs, InvertedResidualConv2d, lambda c_in, c_out, r: r,
                 "1×1 → {r} → dw K×K → 1×1"),
+    BlockFamily("mbconv", MBConvConv2d.from_conv, MBConvConv2d.max_rank, _mbconv_costs, MBConvConv2d,
+                lambda c_in, c_out, r: r, "1×1 → {r} → dw K×K → SE → 1×1"),
 ]}
 
 #: the families' block classes (what calibration looks for in a converted model), separable excluded
-FAMILY_BLOCKS = (SpatialSeparableConv2d, Tucker2Conv2d, PointwiseFirstConv2d, InvertedResidualConv2d)
+FAMILY_BLOCKS = (SpatialSeparableConv2d, Tucker2Conv2d, PointwiseFirstConv2d, InvertedResidualConv2d, MBConvConv2d)
 
 
 def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[int, ...]) -> int:
@@ -522,7 +604,8 @@ def max_rank_of(family: str, in_channels: int, out_channels: int, kernel: tuple[
     return {"separable": min(kh * kw, out_channels), "pointwise-first": min(in_channels, kh * kw),
             "spatial": min(in_channels * kh, kw * out_channels),
             "bottleneck": max(in_channels, out_channels),
-            "inverted-residual": kh * kw * min(in_channels, out_channels)}[family]
+            "inverted-residual": kh * kw * min(in_channels, out_channels),
+            "mbconv": kh * kw * min(in_channels, out_channels)}[family]
 
 
 def block_costs(family: str, rank: int, in_channels: int, out_channels: int, kernel: tuple[int, ...],
@@ -608,11 +691,13 @@ def family_errors(weight: torch.Tensor, family: str, ranks: list[int]) -> dict[i
     if family == "spatial":
         s = torch.linalg.svdvals(SpatialSeparableConv2d.unfolding(w)).square()
         return {r: max(float(s[r:].sum()) / total, 0.0) for r in ranks}
-    if family == "inverted-residual":
+    if family in ("inverted-residual", "mbconv"):  # mbconv: its gate starts as the identity
         # a CP fit per rank (no one decomposition answers them all), with ESTIMATE_SWEEPS sweeps: the
         # built block starts from the same point and sweeps more, so this bounds its error from above
         svd = torch.linalg.svd(w.reshape(c_out, c_in, -1).permute(1, 0, 2), full_matrices=False)
         return {r: cp_error(w, *cp_factors(w, r, ESTIMATE_SWEEPS, ESTIMATE_BUDGET, svd)) for r in ranks}
+    if family != "bottleneck":
+        raise ValueError(f"unknown block family {family!r}")
     # bottleneck: the HOSVD truncation, every rank from one rotation of W into the leading
     # singular bases of its channel modes (an upper bound of the HOOI block's error)
     u_out = torch.linalg.eigh(w.reshape(c_out, -1) @ w.reshape(c_out, -1).T)[1].flip(1)
@@ -643,7 +728,7 @@ def family_approximations(weight: torch.Tensor, family: str, ranks: list[int]):
         u, s, vh = torch.linalg.svd(SpatialSeparableConv2d.unfolding(w), full_matrices=False)
         for r in ranks:
             yield r, ((u[:, :r] * s[:r]) @ vh[:r]).reshape(c_in, kh, kw, c_out).permute(3, 0, 1, 2)
-    elif family == "inverted-residual":
+    elif family in ("inverted-residual", "mbconv"):
         svd = torch.linalg.svd(w.reshape(c_out, c_in, k).permute(1, 0, 2), full_matrices=False)
         for r in ranks:
             p, e, d = cp_factors(w, r, ESTIMATE_SWEEPS, ESTIMATE_BUDGET, svd)

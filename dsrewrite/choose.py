@@ -41,7 +41,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .plan import ConversionPlan, Decision, kept, replacement, site_of
-from .rules import FAMILY_NAMES, RuleConfig, candidate_label
+from .rules import AUTO_FAMILIES, RuleConfig, candidate_label
 from .units import format_seconds
 
 
@@ -150,7 +150,7 @@ def families_for(config: RuleConfig, module_name: str | None, resize: bool = Fal
     if family == "keep":
         return ()
     if family == "auto":
-        return RESIZABLE_FAMILIES if resize else FAMILY_NAMES
+        return RESIZABLE_FAMILIES if resize else AUTO_FAMILIES
     return (family,)
 
 

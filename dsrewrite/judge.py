@@ -113,7 +113,8 @@ def family_refit_errors(conv: nn.Conv2d, family: str, ranks: list[int], patches:
     images = x.reshape(-1, conv.in_channels, kh, kw)
     out = {}
     for r in ranks:
-        if family == "inverted-residual":  # the planner's CP fit: the estimate's sweeps and budget, as family_errors
+        if family in ("inverted-residual", "mbconv"):  # the planner's CP fit: the estimate's sweeps and budget, as family_errors
+            # (mbconv's SE gate starts as the identity: the same block up to its last conv)
             block = InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS, budget=ESTIMATE_BUDGET)
         else:
             block = FAMILIES[family].build(conv, r)
@@ -133,7 +134,7 @@ def _last_inputs(block: nn.Module, family: str, images: torch.Tensor) -> torch.T
         return conv(images, block.depthwise, block.in_channels).reshape(n, -1)
     if family == "bottleneck":
         return conv(conv(images, block.reduce), block.core).reshape(n, -1)
-    if family == "inverted-residual":
+    if family in ("inverted-residual", "mbconv"):  # mbconv: its gate starts as the identity
         return conv(conv(images, block.expand), block.depthwise, block.rank).reshape(n, -1)
     if family == "spatial":  # K_h×1 over the patch: one row of K_w positions, as the 1×K_w conv reads them
         return conv(images, block.vertical).reshape(n, -1)

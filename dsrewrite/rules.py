@@ -169,7 +169,9 @@ SCHEMA: dict[str, tuple[str, type]] = {
     "plan.rules": ("rules", "rules"),
 }
 #: block families by name (dsrewrite.blocks.FAMILIES; listed here so that rules load without torch work)
-FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck", "inverted-residual")
+FAMILY_NAMES = ("separable", "pointwise-first", "spatial", "bottleneck", "inverted-residual", "mbconv")
+#: the families ``block.family = "auto"`` chooses among (mbconv starts as inverted-residual at more cost)
+AUTO_FAMILIES = ("separable", "pointwise-first", "spatial", "bottleneck", "inverted-residual")
 
 
 def candidate_label(family: str, rank: int | None) -> str:

@@ -10,8 +10,8 @@ from torch import nn
 
 import dsrewrite
 from dsrewrite import export
-from dsrewrite.blocks import (FAMILIES, InvertedResidualConv2d, PointwiseFirstConv2d, SpatialSeparableConv2d,
-                              Tucker2Conv2d, cp_factors, family_errors, tucker2)
+from dsrewrite.blocks import (FAMILIES, InvertedResidualConv2d, MBConvConv2d, PointwiseFirstConv2d,
+                              SpatialSeparableConv2d, Tucker2Conv2d, cp_factors, family_errors, tucker2)
 
 # (in, out, kernel, stride, padding, dilation, bias, input H×W)
 CONVS = {
@@ -83,6 +83,7 @@ def test_tucker2_hooi_is_never_worse_than_hosvd():
     Tucker2Conv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 4, 6),
     PointwiseFirstConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 2),
     InvertedResidualConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 12),
+    MBConvConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), 12),
 ], ids=lambda b: b.family)
 def test_blocks_are_ordinary_modules(block, tmp_path):
     x = torch.randn(2, 8, 10, 10)
@@ -124,8 +125,27 @@ def _init_args(block):
                 kernel_size=block.spatial.kernel_size, padding=block.spatial.padding, multiplier=block.multiplier)
 
 
+@pytest.mark.parametrize("case", sorted(CONVS))
+def test_mbconv_starts_as_the_inverted_residual_block_and_its_gate_learns(case):
+    conv, x = make(case)
+    mb, ir = MBConvConv2d.from_conv(conv, 5), InvertedResidualConv2d.from_conv(conv, 5)
+    with torch.no_grad():
+        assert torch.equal(mb(x), ir(x)), "the SE gate starts as exactly 1"
+        assert torch.equal(mb.se(x.new_ones(2, 5, 3, 3) * 7), x.new_ones(2, 5, 3, 3) * 7)
+    assert mb.se.reduce.out_channels == 1 and FAMILIES["mbconv"].weight_error(conv, 5) == pytest.approx(
+        FAMILIES["inverted-residual"].weight_error(conv, 5))
+    opt = torch.optim.SGD(mb.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    target = torch.randn_like(mb(x))
+    (mb(x) - target).square().mean().backward()
+    assert mb.se.expand.weight.grad.abs().sum() > 0, "the gate's last layer gets a gradient from the first step"
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(mb.se(mb.depthwise(mb.expand(x))), mb.depthwise(mb.expand(x)))
+
+
 def test_refuses_what_does_not_factor_exactly():
-    for family in ("spatial", "bottleneck", "pointwise-first", "inverted-residual"):
+    for family in ("spatial", "bottleneck", "pointwise-first", "inverted-residual", "mbconv"):
         with pytest.raises(ValueError, match="standard nn.Conv2d"):
             FAMILIES[family].build(nn.Conv2d(8, 8, 3, groups=2), 2)
         with pytest.raises(ValueError, match="padding mode 'reflect'"):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import dsrewrite
 from dsrewrite.blocks import FAMILIES, FAMILY_BLOCKS, block_costs, family_errors, rank_ladder
+from dsrewrite.rules import AUTO_FAMILIES
 from dsrewrite.choose import TOLERANCE, Candidate, choose_blocks, fit_latency, front
 from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
@@ -57,7 +58,7 @@ def test_each_family_is_planned_applied_and_reloaded_exactly(small, family):
     assert result.report.after["macs"] == plan.macs_after, "the planned MACs are the analyzer's count"
 
 
-@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first", "inverted-residual"])
+@pytest.mark.parametrize("family", ["spatial", "bottleneck", "pointwise-first", "inverted-residual", "mbconv"])
 def test_full_rank_blocks_are_exact_through_convert(small, family):
     result = dsrewrite.convert(small, SMALL, "auto", [f"block.family={family}", "plan.target_latency=0",
                                                       "block.rank=100000", "replace.min_mac_reduction=0"])
@@ -67,7 +68,7 @@ def test_full_rank_blocks_are_exact_through_convert(small, family):
 
 
 @pytest.mark.parametrize("family,rank", [("spatial", 0), ("bottleneck", 0), ("pointwise-first", 2),
-                                         ("inverted-residual", 0)])
+                                         ("inverted-residual", 0), ("mbconv", 0)])
 def test_calibration_refits_family_blocks(small, family, rank):
     torch.manual_seed(1)
     data = [torch.randn(12, *SMALL[1:]) for _ in range(2)]
@@ -76,6 +77,37 @@ def test_calibration_refits_family_blocks(small, family, rank):
     cal = result.report.calibration
     assert cal["blocks"] == len(result.plan.modules_to_replace)
     assert cal["after"]["relative_error"] < 0.6 * cal["before"]["relative_error"]
+
+
+def test_mbconv_converts_calibrates_and_exports_as_the_inverted_residual_block_plus_an_identity_gate(small, tmp_path):
+    """Same plan, same weights after calibration (the refit sees the gate's identity output), the same
+    function; the SE layers are extra parameters and MACs, counted exactly; code export carries them."""
+    import importlib.util
+
+    from dsrewrite.export import export_code
+
+    torch.manual_seed(1)
+    data = [torch.randn(12, *SMALL[1:]) for _ in range(2)]
+    results = {f: dsrewrite.convert(small, SMALL, "auto", [f"block.family={f}", "plan.target_latency=0",
+                                                          "block.rank=48"], calibration=data)
+               for f in ("inverted-residual", "mbconv")}
+    ir, mb = results["inverted-residual"], results["mbconv"]
+    assert [(d.name, d.rank) for d in ir.plan.replacements] == [(d.name, d.rank) for d in mb.plan.replacements]
+    ir_state = ir.model.state_dict()
+    for name, value in mb.model.state_dict().items():
+        if ".se." not in name:
+            assert torch.equal(value, ir_state[name]), name
+    x = torch.randn(4, *SMALL[1:])
+    with torch.no_grad():
+        assert torch.equal(mb.model(x), ir.model(x))
+    assert mb.report.after["macs"] == mb.plan.macs_after > ir.plan.macs_after
+    assert all("SE" in d.block_text for d in mb.plan.replacements)
+    path = export_code(mb.model, (x,), tmp_path / "code")
+    spec = importlib.util.spec_from_file_location("exported_mbconv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.no_grad():
+        assert torch.allclose(module.load_model()(x), mb.model(x), atol=1e-6)
 
 
 def test_layer_family_patterns_and_keep(resnet):
@@ -129,7 +161,7 @@ def test_candidates_cover_every_family_with_exact_costs_and_weight_errors(small)
     plan = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5)
     d = next(d for d in plan.decisions if d.name == "blocks.4.conv1")
     families = {c["family"] for c in d.candidates}
-    assert families == {"keep", *FAMILIES}
+    assert families == {"keep", *AUTO_FAMILIES} and "mbconv" not in families
     conv = small.get_submodule("blocks.4.conv1")
     for c in d.candidates:
         if c["family"] == "keep":

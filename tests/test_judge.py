@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsrewrite
-from dsrewrite.blocks import (ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d, family_approximations, family_errors,
-                              relative_error)
+from dsrewrite.blocks import (ESTIMATE_SWEEPS, FAMILIES, InvertedResidualConv2d, MBConvConv2d, family_approximations,
+                              family_errors, relative_error)
 from dsrewrite.calibrate import _conv_patches
 from dsrewrite.judge import family_refit_errors, output_sensitivity, refit_error, sample_inputs
 from models import fashion_resnet
@@ -40,7 +40,7 @@ def test_approximations_are_the_truncations_the_weight_errors_judge(family):
 def _reference_refit(conv, block, family, x):
     """The refit the slow way: run the real block on the whole input, take its last conv's input
     patches at every position, solve least squares against the real conv's output (bias column)."""
-    last = {"separable": "pointwise", "bottleneck": "expand", "inverted-residual": "project",
+    last = {"separable": "pointwise", "bottleneck": "expand", "inverted-residual": "project", "mbconv": "project",
             "spatial": "horizontal", "pointwise-first": "spatial"}[family]
     seen = {}
     layer = getattr(block, last)
@@ -62,6 +62,10 @@ def _reference_refit(conv, block, family, x):
     return residual / float(y.square().sum())
 
 
+#: the CP-initialized families, built as the planner's estimate builds them (ESTIMATE_SWEEPS)
+FAMILY_CLASSES = {"inverted-residual": InvertedResidualConv2d, "mbconv": MBConvConv2d}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
 def test_refit_error_is_a_least_squares_fit_of_the_real_block(family, stride, padding):
@@ -78,7 +82,7 @@ def test_refit_error_is_a_least_squares_fit_of_the_real_block(family, stride, pa
     got = family_refit_errors(conv, family, ranks, patches, held_out=False)
     y = F.conv2d(x, conv.weight.detach(), None, stride, padding)
     for r, approx in family_approximations(conv.weight, family, ranks):
-        block = (InvertedResidualConv2d.from_conv(conv, r, sweeps=ESTIMATE_SWEEPS) if family == "inverted-residual"
+        block = (FAMILY_CLASSES[family].from_conv(conv, r, sweeps=ESTIMATE_SWEEPS) if family in FAMILY_CLASSES
                  else FAMILIES[family].build(conv, r))
         assert got[r] == pytest.approx(_reference_refit(conv, block, family, x), rel=1e-3, abs=1e-7)
         start = float(F.conv2d(x, (conv.weight.detach().double() - approx).float(), None, stride, padding)
