@@ -27,7 +27,7 @@ traces (``--export-code``) and exports to ONNX like any other module.
   candidates (at its start it is the inverted-residual block at more cost): name it.
 
 The depthwise-separable block (``separable``, :class:`~dsrewrite.layers.DepthwiseSeparableConv2d`)
-is the fourth family; :data:`FAMILIES` lists them all by name.
+is one more; :data:`FAMILIES` lists them all by name.
 """
 
 from __future__ import annotations

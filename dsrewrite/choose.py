@@ -674,6 +674,26 @@ def _decide(d: Decision, options: list[Candidate], winner: Candidate, by_time: b
                        reason=reason, candidates=listed, **timing)
 
 
+def fast_enough(candidates: dict[str, list[Candidate]], threshold: float,
+                environment: str = "") -> tuple[dict[str, list[Candidate]], str]:
+    """The candidates a planner may choose under ``replace.min_measured_speedup = threshold``: keep, and
+    the blocks measured at least ``threshold``× faster than their dense conv (a block with no timing
+    is not offered); and a note saying how many were left out (empty when none or ``threshold`` ≤ 0)."""
+    if threshold <= 0:
+        return candidates, ""
+    out, dropped, total = {}, 0, 0
+    for name, opts in candidates.items():
+        dense = opts[0].time_s
+        kept = [opts[0]] + [c for c in opts[1:] if dense and c.time_s and dense / c.time_s >= threshold]
+        dropped += len(opts) - len(kept)
+        total += len(opts) - 1
+        out[name] = kept
+    note = (f"{dropped} of {total} candidate blocks measured less than {threshold:g}× faster than their dense conv"
+            f"{' on ' + environment if environment else ''} (replace.min_measured_speedup) and were not offered"
+            if dropped else "")
+    return out, note
+
+
 def alternatives(candidates: dict[str, list[Candidate]], widths: dict[int, list[WidthCandidate]] | None
                  ) -> list[tuple[str, dict[str, list[Candidate]], dict[int, list[WidthCandidate]]]]:
     """The plans :func:`compare_on_data` weighs, as (label, block candidates, width candidates):

@@ -120,6 +120,10 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
             facts.environment = environment_label(settings)
             facts.target_latency, facts.batch_size = target_latency, batch_size
         else:
+            if config.min_measured_speedup > 0:  # a block is offered only where it measured fast enough
+                settings = settings or config.measure_settings()
+                timer_ = timer or layer_timer(config, settings, batch_size, cache, progress)
+                facts.environment = environment_label(settings)
             say("judging each candidate block ...")
         resize = align is not None or config.align_groups or width is not None or config.align_width > 0
         sites = candidate_decisions(analysis, config)

@@ -198,14 +198,18 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     from .facts import PlanFacts
 
     facts = facts or PlanFacts()
-    decisions = rule_decisions(analysis, config, facts.timings, facts.environment)
+    blockwise = bool(facts.blocks or facts.widths or facts.target_latency is not None)
+    # a block planner applies replace.min_measured_speedup to each candidate block (below), not to the site
+    decided = dataclasses.replace(config, min_measured_speedup=0.0) if blockwise else config
+    decisions = rule_decisions(analysis, decided, facts.timings, facts.environment)
     plan = ConversionPlan(analysis.model_name, config, decisions, [tuple(s) for s in analysis.profile.input_shapes],
                           analysis.profile.macs, environment=facts.environment if facts.timings else "")
-    if facts.blocks or facts.widths or facts.target_latency is not None:
-        from .choose import choose_blocks
+    if blockwise:
+        from .choose import choose_blocks, fast_enough
 
         latency = facts.target_latency
         base = plan
+        blocks, slow_note = fast_enough(facts.blocks, config.min_measured_speedup, facts.environment)
 
         def make(blocks, widths):
             if latency is not None:
@@ -216,12 +220,15 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
                                    judged_by=facts.errors_from or "weights", widths=widths)
                 made.environment = facts.environment
                 return made
-            return choose_blocks(base, blocks, target_macs=target_macs, max_error=max_error,
+            made = choose_blocks(base, blocks, target_macs=target_macs, max_error=max_error,
                                  judged_by=facts.errors_from or "weights", widths=widths)
+            if config.min_measured_speedup > 0:
+                made.environment = facts.environment
+            return made
 
         from .choose import alternatives
 
-        offered = alternatives(facts.blocks, facts.widths)
+        offered = alternatives(blocks, facts.widths)
         if facts.plan_judge is not None and len(offered) > 1 and (latency is not None or target_macs is not None):
             from .choose import compare_on_data
 
@@ -229,7 +236,9 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
             plan = compare_on_data(options, facts.plan_judge, latency is not None,
                                    latency if latency is not None else target_macs, recheck=facts.plan_timer)
         else:
-            plan = make(facts.blocks, facts.widths)
+            plan = make(blocks, facts.widths)
+        if slow_note:
+            plan.notes.append(slow_note)
     elif target_macs is not None or max_error is not None:
         from .rank import choose_ranks
 

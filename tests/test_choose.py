@@ -174,6 +174,25 @@ def test_candidates_cover_every_family_with_exact_costs_and_weight_errors(small)
     assert sum(c["chosen"] for c in d.candidates) == 1
 
 
+def test_min_measured_speedup_leaves_out_slow_blocks_under_a_mac_target(small):
+    """With a block planner, ``replace.min_measured_speedup`` keeps out each candidate block measured below
+    it (it used to keep every site, for want of a site timing), and the plan says how many it left out."""
+    from dsrewrite.measure import LayerTiming
+
+    def timer(conv, rank, bn, activation, family="separable"):  # dense 1 ms; spatial, bottleneck 2× faster
+        return LayerTiming(1e-3, 5e-4 if family in ("spatial", "bottleneck") else 2e-3)
+
+    plan = dsrewrite.plan_model(small, SMALL, "auto", ["replace.min_measured_speedup=1.5"], target_macs=0.5,
+                                layer_timer=timer)
+    offered = {c["family"] for d in plan.decisions for c in (d.candidates or [])}
+    assert offered == {"keep", "spatial", "bottleneck"}
+    assert plan.replacements and plan.macs_after <= 0.5 * plan.macs_before
+    assert any("min_measured_speedup" in n and "not offered" in n for n in plan.notes)
+    free = dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, layer_timer=timer)
+    assert {c["family"] for d in free.decisions for c in (d.candidates or [])} == {"keep", *AUTO_FAMILIES}
+    assert not any("min_measured_speedup" in n for n in free.notes)
+
+
 def test_rank_ladder_stays_under_the_dense_macs_and_aligns():
     for family in ("spatial", "bottleneck"):
         ranks = rank_ladder(family, 256, 256, (3, 3), (1, 256, 14, 14), (1, 256, 14, 14))
