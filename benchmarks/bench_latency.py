@@ -55,9 +55,17 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=16,
                         help="N(0,1) images the planner judges candidates on (0: none; then no channel widths are "
                              "offered). Latency does not depend on the weights, so the applied plan is not calibrated")
-    parser.add_argument("-o", "--output", default=str(HERE / "results" / "latency.md"))
+    parser.add_argument("--macs-only", action="store_true",
+                        help="only the comparison with the separable-only plan at its MAC count, with auto also "
+                             "planned under replace.min_measured_speedup (--min-speedup); writes latency_macs.md")
+    parser.add_argument("--min-speedup", type=float, default=1.0)
+    parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
 
+    if args.output is None:
+        args.output = str(HERE / "results" / ("latency_macs.md" if args.macs_only else "latency.md"))
+    if args.macs_only:
+        return macs_only(args)
     torch.set_num_threads(args.threads)
     settings = MeasureSettings(device="cpu", threads=args.threads, memory_format="channels_last", repeats=10,
                                warmup=3)
@@ -120,6 +128,82 @@ def main(argv=None) -> int:
     Path(args.output).write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def macs_only(args) -> int:
+    """Separable-only (preset ``default``) against ``auto`` at its MAC fraction, planned by weight error alone
+    and with ``replace.min_measured_speedup`` (every candidate block timed on its layer; slower ones not
+    offered), all timed end to end in the same interleaved rounds."""
+    import dataclasses
+
+    torch.set_num_threads(args.threads)
+    settings = MeasureSettings(device="cpu", threads=args.threads, memory_format="channels_last", repeats=10,
+                               warmup=3)
+    shape = (args.batch_size, 3, args.size, args.size)
+    rows, t0 = [], time.perf_counter()
+
+    def say(message):
+        print(f"[{time.perf_counter() - t0:.0f}s] {message}", file=sys.stderr, flush=True)
+
+    for name in args.models.split(","):
+        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+        analysis = dsrewrite.analyze(model, shape, name=name)
+        config = _config("auto", args)
+        separable = dsrewrite.convert(model, shape, _config("default", args), analysis=analysis)
+        fraction = separable.plan.macs_after / separable.plan.macs_before
+        say(f"{name}: auto at the separable plan's MAC fraction {fraction:.3f}, by weight error ...")
+        plain = dsrewrite.convert(model, shape, config, analysis=analysis, target_macs=fraction)
+        say(f"{name}: ... and with replace.min_measured_speedup={args.min_speedup:g} ...")
+        start = time.perf_counter()
+        timed = dsrewrite.convert(model, shape, dataclasses.replace(config, min_measured_speedup=args.min_speedup),
+                                  analysis=analysis, target_macs=fraction, measure_settings=settings)
+        planning_s = time.perf_counter() - start
+        say(f"{name}: timing end to end ...")
+        latency = interleaved(model, {"separable": separable.model, "plain": plain.model, "timed": timed.model},
+                              shape, settings, args.rounds)
+        speed = {k: latency["original"] / latency[k] for k in ("separable", "plain", "timed")}
+
+        def verdict(k):
+            return "yes" if speed[k] >= speed["separable"] else (
+                "tie (within 3%)" if speed[k] >= 0.97 * speed["separable"] else "**no**")
+
+        def macs(result):
+            return f"{result.plan.macs_after / result.plan.macs_before:.3f}"
+
+        dropped = next((n.split(" candidate")[0] for n in timed.plan.notes if "min_measured_speedup" in n), "0")
+        rows.append([name, f"{fraction:.3f}", f"{1e3 * latency['original']:.1f}", f"{speed['separable']:.2f}×",
+                     f"{speed['plain']:.2f}× ({macs(plain)}; {len(plain.plan.replacements)} blocks)",
+                     verdict("plain"),
+                     f"{speed['timed']:.2f}× ({macs(timed)}; {len(timed.plan.replacements)} blocks)",
+                     verdict("timed"), dropped, f"{planning_s:.0f}s"])
+        say(" | ".join(rows[-1]))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(render_macs(rows, args))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def render_macs(rows, args) -> str:
+    wins = sum(r[7] != "**no**" for r in rows)
+    return "\n".join([
+        "# At the separable-only plan's MAC count: does auto measure at least as fast?", "",
+        f"Measured with `python benchmarks/bench_latency.py --macs-only` on {fingerprint()}; CPU, {args.threads} "
+        f"threads, channels_last, BN folded, float32, batch {args.batch_size}, {args.size}×{args.size}, torchvision "
+        "models with random weights. No GPU was available to this run.", "",
+        "Per model: today's separable-only plan (preset `default`), then `auto` at that plan's MAC fraction "
+        "(`--target-macs`), once choosing by weight error alone (no timing: fewer MACs is not lower latency) and "
+        f"once with `--set replace.min_measured_speedup={args.min_speedup:g}` (every candidate block timed on its "
+        "layer's input shape and offered only if it measured at least that much faster than the dense conv). "
+        f"Speedups: the original's latency ÷ the converted model's, median of {args.rounds} interleaved rounds, "
+        "all four models in the same rounds. In brackets: the MAC fraction reached and the blocks placed. "
+        "**planning**: the timed plan, timing included.", "",
+        md_table(["model", "MAC target", "original ms", "separable-only", "auto, by weight error",
+                  "≥ separable", f"auto, min speedup {args.min_speedup:g}", "≥ separable",
+                  "candidate blocks left out", "planning"], rows), "",
+        f"auto with the speed floor measures at least as fast as separable-only (or within 3%) on **{wins} of "
+        f"{len(rows)}** models.", ""]) + "\n"
 
 
 def _config(preset: str, args):
