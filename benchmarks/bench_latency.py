@@ -161,8 +161,10 @@ def macs_only(args) -> int:
                                   analysis=analysis, target_macs=fraction, measure_settings=settings)
         planning_s = time.perf_counter() - start
         say(f"{name}: timing end to end ...")
-        latency = interleaved(model, {"separable": separable.model, "plain": plain.model, "timed": timed.model},
-                              shape, settings, args.rounds)
+        results = {"separable": separable, "plain": plain, "timed": timed}
+        plans = {k: sorted((d.name, d.family, d.rank) for d in r.plan.replacements) for k, r in results.items()}
+        # the same plan is the same architecture: timed once, so that noise cannot rank a plan against itself
+        latency = interleaved(model, {k: r.model for k, r in results.items()}, shape, settings, args.rounds, plans)
         speed = {k: latency["original"] / latency[k] for k in ("separable", "plain", "timed")}
 
         def verdict(k):
@@ -176,7 +178,8 @@ def macs_only(args) -> int:
         rows.append([name, f"{fraction:.3f}", f"{1e3 * latency['original']:.1f}", f"{speed['separable']:.2f}×",
                      f"{speed['plain']:.2f}× ({macs(plain)}; {len(plain.plan.replacements)} blocks)",
                      verdict("plain"),
-                     f"{speed['timed']:.2f}× ({macs(timed)}; {len(timed.plan.replacements)} blocks)",
+                     f"{speed['timed']:.2f}× ({macs(timed)}; {len(timed.plan.replacements)} blocks"
+                     + ("; the same plan)" if plans["timed"] == plans["plain"] else ")"),
                      verdict("timed"), dropped, f"{planning_s:.0f}s"])
         say(" | ".join(rows[-1]))
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +200,8 @@ def render_macs(rows, args) -> str:
         f"once with `--set replace.min_measured_speedup={args.min_speedup:g}` (every candidate block timed on its "
         "layer's input shape and offered only if it measured at least that much faster than the dense conv). "
         f"Speedups: the original's latency ÷ the converted model's, median of {args.rounds} interleaved rounds, "
-        "all four models in the same rounds. In brackets: the MAC fraction reached and the blocks placed. "
+        "all four models in the same rounds (identical plans timed once). In brackets: the MAC fraction reached, "
+        "the blocks placed, and whether the speed floor changed the plan. "
         "**planning**: the timed plan, timing included.", "",
         md_table(["model", "MAC target", "original ms", "separable-only", "auto, by weight error",
                   "≥ separable", f"auto, min speedup {args.min_speedup:g}", "≥ separable",
