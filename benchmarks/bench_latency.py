@@ -61,26 +61,13 @@ def main(argv=None) -> int:
     parser.add_argument("--min-speedup", type=float, default=1.0)
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
-
     if args.output is None:
         args.output = str(HERE / "results" / ("latency_macs.md" if args.macs_only else "latency.md"))
     if args.macs_only:
         return macs_only(args)
-    torch.set_num_threads(args.threads)
-    settings = MeasureSettings(device="cpu", threads=args.threads, memory_format="channels_last", repeats=10,
-                               warmup=3)
-    shape = (args.batch_size, 3, args.size, args.size)
+    settings, shape, say = _setup(args)
     rows, checks, families = [], [], []
-    t0 = time.perf_counter()
-
-    def say(message):
-        print(f"[{time.perf_counter() - t0:.0f}s] {message}", file=sys.stderr, flush=True)
-
-    for name in args.models.split(","):
-        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-        analysis = dsrewrite.analyze(model, shape, name=name)
+    for name, model, analysis in _zoo(args, shape):
         config = _config("auto", args)
         say(f"{name}: planning for {args.target:g} of the measured latency ...")
         start = time.perf_counter()
@@ -130,26 +117,37 @@ def main(argv=None) -> int:
     return 0
 
 
+def _setup(args):
+    """(timing settings, input shape, a logger with elapsed seconds), threads set."""
+    torch.set_num_threads(args.threads)
+    settings = MeasureSettings(device="cpu", threads=args.threads, memory_format="channels_last", repeats=10,
+                               warmup=3)
+    t0 = time.perf_counter()
+
+    def say(message):
+        print(f"[{time.perf_counter() - t0:.0f}s] {message}", file=sys.stderr, flush=True)
+
+    return settings, (args.batch_size, 3, args.size, args.size), say
+
+
+def _zoo(args, shape):
+    """(name, model with random weights in eval mode, its analysis) for each of ``--models``."""
+    for name in args.models.split(","):
+        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+        yield name, model, dsrewrite.analyze(model, shape, name=name)
+
+
 def macs_only(args) -> int:
     """Separable-only (preset ``default``) against ``auto`` at its MAC fraction, planned by weight error alone
     and with ``replace.min_measured_speedup`` (every candidate block timed on its layer; slower ones not
     offered), all timed end to end in the same interleaved rounds."""
     import dataclasses
 
-    torch.set_num_threads(args.threads)
-    settings = MeasureSettings(device="cpu", threads=args.threads, memory_format="channels_last", repeats=10,
-                               warmup=3)
-    shape = (args.batch_size, 3, args.size, args.size)
-    rows, t0 = [], time.perf_counter()
-
-    def say(message):
-        print(f"[{time.perf_counter() - t0:.0f}s] {message}", file=sys.stderr, flush=True)
-
-    for name in args.models.split(","):
-        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-        analysis = dsrewrite.analyze(model, shape, name=name)
+    settings, shape, say = _setup(args)
+    rows = []
+    for name, model, analysis in _zoo(args, shape):
         config = _config("auto", args)
         separable = dsrewrite.convert(model, shape, _config("default", args), analysis=analysis)
         fraction = separable.plan.macs_after / separable.plan.macs_before
