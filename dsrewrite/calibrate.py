@@ -717,6 +717,12 @@ def _mutates(user: torch.fx.Node, node: torch.fx.Node, root: nn.Module) -> bool:
             and (user.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))))
 
 
+def _size(n: int | None) -> str:
+    from .units import format_bytes
+
+    return "no limit" if n is None else format_bytes(n)
+
+
 def _shapes(values: Sequence) -> list:
     return values.shapes() if isinstance(values, _Values) else [v.shape for v in values]
 
@@ -747,8 +753,16 @@ class _Spill:
         if self.directory is None:
             self.directory = tempfile.mkdtemp(prefix="dsrewrite-calibration-")
         self.files += 1
+        try:
+            handle = _OnDisk(os.path.join(self.directory, f"{self.files}.pt"), value)
+        except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
+            from .errors import UsageError
+
+            raise UsageError(f"calibration could not write its activations beyond the memory limit "
+                             f"({_size(self.limit)}) to {self.directory} after {_size(self.written)}: {e}; free "
+                             f"space there, point TMPDIR elsewhere, or raise --calibration-memory") from e
         self.written += size
-        return _OnDisk(os.path.join(self.directory, f"{self.files}.pt"), value)
+        return handle
 
     def release(self, values) -> None:
         """``values`` (a node's, per batch) are dropped by the stream: they no longer count."""

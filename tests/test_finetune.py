@@ -589,6 +589,29 @@ def test_spill_directory_is_removed_when_calibration_fails(monkeypatch, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_while_calibrating_is_one_clear_error_and_leaves_nothing(monkeypatch, tmp_path):
+    import tempfile
+
+    from dsrewrite.errors import UsageError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = small_cnn()
+    converted = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE).model
+    calls = []
+
+    def save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UsageError, match="No space left on device.*TMPDIR.*--calibration-memory"):
+        dsrewrite.calibrate(converted, model, batches(), memory=0)
+    assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
+
+
 def test_calibration_runs_each_batch_through_the_model_once():
     """Streamed: the original's first layer sees each fit batch once, however many blocks follow it."""
     model = small_cnn()
