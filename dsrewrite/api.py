@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibrate import MEMORY_LIMIT
 from .load import LoadedModel, as_input_tuple, load_model, make_inputs, resolve_inputs
 from .plan import ConversionPlan
 from .profile import ModelProfile, profile
@@ -272,7 +273,7 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
                max_error: float | None = None, align: int | None = None, width: float | None = None,
                measure_settings=None, batch_size: int | None = None, layer_timer=None, cache=None,
                progress=None, target_latency: float | None = None, plan_timer=None,
-               calibration_memory: int | None | str = "default") -> ConversionPlan:
+               calibration_memory: int | None = MEMORY_LIMIT) -> ConversionPlan:
     """The whole conversion plan (:class:`~dsrewrite.plan.ConversionPlan`); the model is not changed.
 
     Takes the same planning arguments as :func:`convert`, gathers the facts they need
@@ -330,7 +331,7 @@ def convert(
     target_latency: float | None = None,
     plan_timer=None,
     calibration_mode: str = "fast",
-    calibration_memory: int | None | str = "default",
+    calibration_memory: int | None = MEMORY_LIMIT,
 ) -> ConversionResult:
     """Plan (:func:`plan_model`) and apply (:func:`dsrewrite.rewrite.apply_plan`); ``model`` is left untouched.
 
@@ -352,7 +353,7 @@ def convert(
     replaced block on that data (:func:`dsrewrite.calibrate`; ``calibration_mode`` ``fast``, each
     fit on a sample of positions, or ``thorough``, on every position). Calibration streams the data
     through both models once and keeps at most ``calibration_memory`` bytes of activations in memory
-    (``"default"``: :data:`dsrewrite.calibrate.MEMORY_LIMIT`, 1 GiB; None: no bound), the rest in a
+    (default :data:`dsrewrite.calibrate.MEMORY_LIMIT`, 1 GiB; None: no bound), the rest in a
     temporary directory, removed when it ends. ``target_macs`` (a fraction of
     the original MACs) or ``max_error`` chooses each layer's depth multiplier
     (:mod:`dsrewrite.rank`), judged from the calibration data when given, else from the

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .calibrate import MEMORY_LIMIT
 from .plan import ConversionPlan, candidate_decisions, rule_decisions
 from .rules import RuleConfig
 
@@ -71,7 +72,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
                  align: int | None = None, width: float | None = None, settings=None, batch_size: int | None = None,
                  cache=None, progress: Callable[[str], None] | None = None, target_latency: float | None = None,
                  inputs: tuple | None = None, plan_timer: Callable | None = None,
-                 calibration_memory: int | None | str = "default") -> PlanFacts:
+                 calibration_memory: int | None = MEMORY_LIMIT) -> PlanFacts:
     """Collect exactly the facts :func:`~dsrewrite.plan.plan_conversion` will need for these settings.
 
     ``inputs``: example inputs (meta tensors are filled with seeded samples) for timing the
@@ -187,7 +188,7 @@ def gather_facts(model: nn.Module, analysis, config: RuleConfig, *, timer: Calla
 
 
 def data_judge(model: nn.Module, inputs: tuple, calibration: list, say: Callable[[str], None],
-               memory: int | None | str = "default") -> Callable:
+               memory: int | None = MEMORY_LIMIT) -> Callable:
     """``judge(plan, label) -> fidelity``: ``plan`` applied to ``model`` and calibrated on ``calibration`` as
     :func:`~dsrewrite.rewrite.apply_plan` does for the conversion itself (fast mode), and the output's
     relative error, cosine and top-1 agreement against the original measured on the samples that

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .blocks import FAMILIES, numeric_padding, relative_error
+from .calibrate import MEMORY_LIMIT
 from .errors import InputError
 from .layers import DepthwiseSeparableConv2d
 from .plan import ConversionPlan
@@ -62,17 +63,14 @@ def real_inputs(inputs: tuple, seed: int = 0) -> tuple:
 
 
 def apply_plan(model: nn.Module, plan: ConversionPlan, inputs: tuple, calibration: list | None = None,
-               progress=None, thorough: bool = False, memory: int | None | str = "default") -> RewriteResult:
+               progress=None, thorough: bool = False, memory: int | None = MEMORY_LIMIT) -> RewriteResult:
     """A copy of ``model`` with ``plan`` executed on it (see the module docstring); ``model`` is not touched.
 
     ``inputs`` are real example tensors (:func:`real_inputs`): they place each inserted BN in
     its activation's linear range. ``calibration`` is a list of input batches, or None;
     ``thorough`` fits them on every position and ``memory`` bounds the activations calibration keeps
-    in memory, bytes (``"default"``: :data:`~dsrewrite.calibrate.MEMORY_LIMIT`; None: no bound;
-    :func:`~dsrewrite.calibrate.calibrate`).
+    in memory, bytes (None: no bound; :func:`~dsrewrite.calibrate.calibrate`).
     """
-    if memory == "default":
-        from .calibrate import MEMORY_LIMIT as memory
     say = progress or (lambda message: None)
     say(f"rewriting {len(plan.modules_to_replace)} conv module(s) ...")
     result = _swap_blocks(model, plan, inputs)
