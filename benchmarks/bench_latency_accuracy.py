@@ -1,7 +1,7 @@
 """Accuracy at a matched *measured* latency (Fashion-MNIST, CPU): the block chooser against single families.
 
-For the ResNet-style and VGG-style CNNs of examples/fashion_cnns.py (width 32, trained one
-epoch): each conversion is planned with ``--target-latency`` (a fraction of the original's
+For the ResNet-style and VGG-style CNNs of examples/fashion_cnns.py (width 32, trained 3 epochs
+as benchmarks/bench_accuracy.py trains them): each conversion is planned with ``--target-latency`` (a fraction of the original's
 latency measured here at batch 64, channels_last, BN folded) and 1024 unlabeled training
 images, calibrated on them, then (some rows) distilled for one epoch. Rows: ``auto`` (family ×
 rank or keep per layer, and a width per channel group), auto without widths, widths alone,
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet,vgg")
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the originals (bench_accuracy.py's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size the latency is planned and measured at")
     parser.add_argument("--targets", default="0.5,0.33")
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     inputs = {b: torch.randn(b, 1, 28, 28) for b in sorted({1, 64, args.batch_size})}
     t0 = time.perf_counter()
     rows = []
+    facts = []  # (model, target, variant, calibrated accuracy − original, distilled − original or None), for the targets
     distilled = args.distill.split(";")
     full = {float(t) for t in args.all_at.split(",") if t}
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
 
     def flush():
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(render(rows, args))
+        Path(args.output).write_text(render(rows, facts, args))
 
     def latencies(model, original):
         """{batch: model ÷ original} at batch 1, 64 and the planning batch, each pair timed side by side in 5
@@ -161,13 +162,19 @@ def main(argv=None) -> int:
                        f"{macs / after_macs:.2f}×", f"{plan_s:.0f}s",
                        f"{cal_s:.1f}s ({cal_s / forward_s:.0f}×), {peak.peak / 2 ** 20:.0f} MiB", "-"]
                 log(f"{label}: {100 * acc:.2f}% at {lat[1]:.2f} / {lat[64]:.2f} latency ({what})")
+                fact = {"model": kind, "target": target, "variant": variant, "calibrated": acc - base_acc,
+                        "distilled": None, "latency": lat[args.batch_size], "checked": plan.rank_choice["measured_fraction"]}
                 if variant in distilled:
                     a, seconds = distill(model, original, label)
                     row[-1] = f"{100 * a:.2f}% ({100 * (a - base_acc):+.2f}; {seconds:.0f}s)"
+                    fact["distilled"] = a - base_acc
+                facts.append(fact)
                 rows.append(row)
                 flush()
-            rows.append(torch_pruning_row(kind, original, target, calibration, test, base_acc, shape, settings,
-                                          latencies, log, distill if "torch-pruning" in distilled else None))
+            row, fact = torch_pruning_row(kind, original, target, calibration, test, base_acc, shape, settings,
+                                          latencies, log, distill if "torch-pruning" in distilled else None)
+            rows.append(row)
+            facts.append(fact)
             flush()
     log(f"wrote {args.output}")
     return 0
@@ -212,13 +219,62 @@ def torch_pruning_row(kind, original, target, calibration, test, base_acc, shape
     row = [kind, f"Torch-Pruning L1, ratio {ratio:.2f} + BN re-estimated", f"{target:g}", f"{100 * acc:.2f}%",
            f"{100 * (acc - base_acc):+.2f}", f"{lat[1]:.2f} / {lat[64]:.2f}", "-", "every group at one ratio",
            f"{macs:.2f}×", f"{search_s:.0f}s (ratio search)", "BN statistics only", "-"]
+    fact = {"model": kind, "target": target, "variant": "torch-pruning", "calibrated": acc - base_acc,
+            "distilled": None, "latency": lat[shape[0]], "checked": None}
     if distill is not None:
         a, seconds = distill(model, original, f"{kind} torch-pruning @{target:g}")
         row[-1] = f"{100 * a:.2f}% ({100 * (a - base_acc):+.2f}; {seconds:.0f}s)"
-    return row
+        fact["distilled"] = a - base_acc
+    return row, fact
 
 
-def render(rows, args) -> str:
+AUTO = "auto (blocks + widths)"
+
+
+def targets(facts: list[dict], batch: int) -> list[list[str]]:
+    """The issue's accuracy targets, read off the measured rows: one line per model, target and check."""
+    out = []
+
+    def pts(x):
+        return f"{100 * x:+.2f}"
+
+    for model in dict.fromkeys(f["model"] for f in facts):
+        for target in dict.fromkeys(f["target"] for f in facts if f["model"] == model):
+            at = {f["variant"]: f for f in facts if f["model"] == model and f["target"] == target}
+            auto = at.get(AUTO)
+            if auto is None:
+                continue
+            where = f"{model} @{target:g}"
+            lat = f"measured {auto['latency']:.2f} at b{batch}"
+            if target == 0.5:
+                out.append([where, "calibration only within 0.5 points", f"{pts(auto['calibrated'])} ({lat})",
+                            _verdict(round(100 * auto["calibrated"], 2) >= -0.5)])
+            if auto["distilled"] is not None and target <= 0.34:
+                out.append([where, "+ 1 epoch distillation within 0.3 points", f"{pts(auto['distilled'])} ({lat})",
+                            _verdict(round(100 * auto["distilled"], 2) >= -0.3)])
+            tp = at.get("torch-pruning")
+            if tp is not None:
+                out.append([where, "above Torch-Pruning, calibrated", f"{pts(auto['calibrated'])} vs "
+                            f"{pts(tp['calibrated'])} (TP at {tp['latency']:.2f})",
+                            _verdict(auto["calibrated"] > tp["calibrated"])])
+                if auto["distilled"] is not None and tp["distilled"] is not None:
+                    out.append([where, "above Torch-Pruning, + 1 epoch", f"{pts(auto['distilled'])} vs "
+                                f"{pts(tp['distilled'])}", _verdict(auto["distilled"] > tp["distilled"])])
+            singles = {v: f for v, f in at.items() if v not in (AUTO, "torch-pruning")}
+            if singles:
+                best_v, best = max(singles.items(), key=lambda kv: kv[1]["calibrated"])
+                out.append([where, "auto ≥ every single family, calibrated", f"{pts(auto['calibrated'])} vs best "
+                            f"{best_v} {pts(best['calibrated'])} ({best['latency']:.2f})",
+                            _verdict(auto["calibrated"] >= best["calibrated"])])
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render(rows, facts, args) -> str:
+    goals = targets(facts, args.batch_size)
     return "\n".join([
         "# Accuracy at a matched measured latency: Fashion-MNIST", "",
         f"Measured with `python benchmarks/bench_latency_accuracy.py` on {fingerprint()}. Originals: "
@@ -243,7 +299,9 @@ def render(rows, args) -> str:
         "images, and peak memory growth.", "",
         md_table(["model", "plan", "latency target", "accuracy (calibrated)", "Δ points", "latency b1 / b64",
                   "checked", "what changed", "fewer MACs", "planning", "calibration", "+ 1 epoch distillation"],
-                 rows), ""]) + "\n"
+                 rows), ""] + (["## Targets", "", "Read off the rows above (accuracy in points against the "
+                 "original; a single family's latency in brackets, all measured at the planning batch).", "",
+                 md_table(["where", "target", "measured", "verdict"], goals), ""] if goals else [])) + "\n"
 
 
 if __name__ == "__main__":
