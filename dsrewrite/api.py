@@ -289,8 +289,8 @@ def plan_model(model: nn.Module, example_inputs: Any = None, rules: Any = "defau
     if analysis is None:
         analysis = analyze(model, example_inputs, name=name)
     batches = _batches(calibration)
-    if sum(x is not None for x in (target_latency, target_macs, max_error)) > 1:
-        raise ValueError("give at most one of target_latency, target_macs and max_error")
+    if max_error is not None and (target_latency is not None or target_macs is not None):
+        raise ValueError("max_error bounds each layer's error: give it without target_latency and target_macs")
     facts = gather_facts(model, analysis, config, timer=layer_timer, calibration=batches, target_macs=target_macs,
                          max_error=max_error, align=align, width=width, settings=measure_settings,
                          batch_size=batch_size, cache=cache, progress=progress, target_latency=target_latency,
@@ -360,7 +360,9 @@ def convert(
     weights' kept energy. ``target_latency`` (a fraction of the original's latency measured
     here, or rule key ``plan.target_latency``) chooses each layer's block — family × rank, or
     keep — from candidates timed on this machine (:mod:`dsrewrite.choose`); so do the MAC and
-    error targets when ``block.family`` is not separable. ``plan_timer(plan) -> (original_s,
+    error targets when ``block.family`` is not separable. ``target_latency`` and ``target_macs``
+    together: the least-error plan within both (a size budget beside the speed one); ``max_error``
+    goes alone. ``plan_timer(plan) -> (original_s,
     planned_s)`` (``plan`` None: the original alone) replaces the end-to-end check of a latency plan (timing the original and the
     planned model side by side; tests use a fake one, a user may time on the target device).
 

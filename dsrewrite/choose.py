@@ -376,12 +376,15 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
                   target_latency: float | None = None, target_macs: float | None = None,
                   max_error: float | None = None, original_latency_s: float | None = None,
                   environment: str = "", batch_size: int | None = None, budget: float | None = None,
-                  judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None) -> ConversionPlan:
+                  judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None,
+                  macs_cap: float | None = None) -> ConversionPlan:
     """A new plan with each candidate module's block chosen (see the module docstring).
 
     Exactly one of ``target_latency`` (with ``original_latency_s``, the original model
     measured end to end), ``target_macs`` (fractions of the original) or ``max_error``
-    (per layer: the cheapest candidate within the bound). ``budget``: the fraction the
+    (per layer: the cheapest candidate within the bound). ``macs_cap``: with ``target_latency``,
+    the MACs must stay within this fraction of the original too (:func:`_within_macs`), for a
+    size budget beside the latency one. ``budget``: the fraction the
     layer-sum prediction must meet, when it differs from the target (:func:`fit_latency`).
     ``judged_by``: where the candidates' errors came from, "weights" or "data" (recorded in the plan).
     ``widths`` (:func:`gather_widths`): channel-group widths offered beside the blocks for a target
@@ -393,6 +396,8 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
     if sum(x is not None for x in (target_latency, target_macs, max_error)) != 1:
         raise ValueError("give exactly one of target_latency, target_macs and max_error")
     by_time = target_latency is not None
+    if macs_cap is not None and not by_time:
+        raise ValueError("macs_cap goes with a latency target (a MAC target alone is target_macs)")
     if by_time and original_latency_s is None:
         raise ValueError("a latency target needs the original's measured latency")
 
@@ -418,23 +423,33 @@ def choose_blocks(plan: ConversionPlan, candidates: dict[str, list[Candidate]], 
             notes.append(f"target {target_latency if by_time else target_macs:g} of the original {what} is out of "
                          f"reach under these rules: the fastest candidate everywhere predicts "
                          f"{floor / whole:.3f}")
-        if widths:
-            chosen, groups = _choose_with_widths(candidates, widths, cost, by_time, budget_total - fixed)
-        else:
-            options = {name: [(i, c.error, cost(c)) for i, c in enumerate(opts)] for name, opts in candidates.items()}
+        def pick(blocks, group_widths):
+            if group_widths:
+                return _choose_with_widths(blocks, group_widths, cost, by_time, budget_total - fixed)
+            options = {name: [(i, c.error, cost(c)) for i, c in enumerate(opts)] for name, opts in blocks.items()}
             picked = least_error_within(options, budget_total - fixed)
-            chosen = {name: candidates[name][i] for name, i in picked.items()}
+            return {name: blocks[name][i] for name, i in picked.items()}, {}
+
+        if macs_cap is not None:
+            chosen, groups, macs_note = _within_macs(candidates, widths or {}, pick, plan.macs_before, macs_cap)
+            if macs_note:
+                notes.append(macs_note)
+        else:
+            chosen, groups = pick(candidates, widths)
     predicted = None
     if by_time:
         predicted = original_latency_s - sum(opts[0].time_s - chosen[name].time_s for name, opts in candidates.items()) \
             - combined_saving(groups.values(), True)
     goal = (f"≤{target_latency:g} of the original's latency" if by_time else
             f"≤{target_macs:g} of the MACs" if target_macs is not None else f"error ≤ {max_error:g}")
+    if macs_cap is not None:
+        goal += f" and ≤{macs_cap:g} of the MACs"
     thinned = {m: w for w in groups.values() for m in w.modules}
     decisions = [_decide(d, candidates[d.module_name], chosen[d.module_name], by_time, goal, plan.config,
                          thinned.get(d.module_name))
                  if d.replaced and d.module_name in candidates else d for d in plan.decisions]
-    choice = {"target_latency": target_latency, "target_macs": target_macs, "max_error": max_error,
+    choice = {"target_latency": target_latency, "target_macs": target_macs if macs_cap is None else macs_cap,
+              "max_error": max_error,
               "judged_by": judged_by, "chooser": "blocks",
               "families": sorted({c.family for opts in candidates.values() for c in opts if c.family != "keep"}),
               "original_latency_s": original_latency_s, "predicted_latency_s": predicted,
@@ -502,6 +517,62 @@ def _choose_with_widths(candidates: dict[str, list[Candidate]], widths: dict[int
     return best[1], best[2]
 
 
+def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[WidthCandidate]],
+                 pick: Callable, macs_before: int, cap: float) -> tuple[dict, dict, str | None]:
+    """``pick(blocks, widths) -> (chosen, groups)`` (least error within the latency budget), with the
+    plan's MACs also within ``cap`` of ``macs_before``.
+
+    A second budget, priced: each candidate's error is charged μ per MAC it keeps (a thinned
+    group's credited μ per MAC it saves), as a fraction of the original's MACs, and μ is searched —
+    0 first (the latency-only plan, taken if it fits), then doubled until a plan fits, then bisected
+    between the last price that missed and the first that fit, so the price is as low, and the
+    error as small, as the cap allows. The least-error plan within the cap of all those tried is
+    kept; if none is (the fewest MACs that fit the latency budget are still too many), the one with
+    the fewest MACs, and a note says so."""
+    scale = float(macs_before) or 1.0
+
+    def at(mu: float):
+        blocks = {n: [dataclasses.replace(c, error=c.error + mu * c.macs / scale) for c in opts]
+                  for n, opts in candidates.items()}
+        groups_ = {g: [dataclasses.replace(w, error=w.error - mu * w.macs_saved / scale) for w in opts]
+                   for g, opts in widths.items()}
+        chosen, groups = pick(blocks, groups_)
+        chosen = {n: candidates[n][_index(blocks[n], c)] for n, c in chosen.items()}
+        groups = {g: widths[g][_index(groups_[g], w)] for g, w in groups.items()}
+        macs = macs_before - sum(opts[0].macs - chosen[n].macs for n, opts in candidates.items()) \
+            - combined_saving(groups.values(), False)
+        error = sum(c.error for c in chosen.values()) + sum(w.error for w in groups.values())
+        return macs / scale, error, chosen, groups
+
+    tried = [at(0.0)]
+    if tried[0][0] > cap * (1 + 1e-9):
+        lo, hi, mu = 0.0, None, 1.0
+        while hi is None and mu <= 2.0 ** 40:
+            tried.append(at(mu))
+            if tried[-1][0] <= cap * (1 + 1e-9):
+                hi = mu
+            else:
+                lo, mu = mu, mu * 2
+        for _ in range(10 if hi is not None else 0):
+            mid = (lo + hi) / 2
+            tried.append(at(mid))
+            if tried[-1][0] <= cap * (1 + 1e-9):
+                hi = mid
+            else:
+                lo = mid
+    fits = [t for t in tried if t[0] <= cap * (1 + 1e-9)]
+    if fits:
+        _, _, chosen, groups = min(fits, key=lambda t: t[1])
+        return chosen, groups, None
+    fewest = min(tried, key=lambda t: t[0])
+    return fewest[2], fewest[3], (f"--target-macs {cap:g} is out of reach within this latency budget: the plan "
+                                  f"with the fewest MACs that fits it keeps {fewest[0]:.3f} of the original MACs")
+
+
+def _index(options: list, chosen) -> int:
+    return next(i for i, o in enumerate(options) if o is chosen)
+
+
 def combined_saving(groups, by_time: bool) -> float:
     """What thinning all of ``groups`` saves together: each conv's dense cost times 1 − the product of
     the shares it keeps along each thinned role (a conv thinned on both its inputs and its outputs
@@ -550,7 +621,8 @@ TOLERANCE = 0.05
 def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], target_latency: float,
                 original_latency_s: float, time_plan: Callable[[ConversionPlan], tuple[float, float]], *,
                 rounds: int = 6, environment: str = "", batch_size: int | None = None,
-                judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None) -> ConversionPlan:
+                judged_by: str = "weights", widths: dict[int, list[WidthCandidate]] | None = None,
+                macs_cap: float | None = None) -> ConversionPlan:
     """Blocks chosen for ``target_latency``, checked by timing the planned model end to end.
 
     Layers timed one by one do not add up to the model (threads, caches, kernels chosen
@@ -564,17 +636,18 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
     the target, else the fastest measured.
     A budget that gives a plan already measured is pushed 5% further without timing. Every
     timed round is recorded in ``rank_choice["rounds"]``. ``widths``: channel-group widths offered
-    beside the blocks (:func:`choose_blocks`).
+    beside the blocks (:func:`choose_blocks`). ``macs_cap``: every round's plan keeps the MACs within
+    this fraction of the original as well; a plan counts as on target only if it does.
     """
     if not candidates and not widths:  # nothing the rules would replace or thin: no plan can be faster
         plan = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
-                             environment=environment, batch_size=batch_size, judged_by=judged_by)
+                             environment=environment, batch_size=batch_size, judged_by=judged_by, macs_cap=macs_cap)
         return dataclasses.replace(plan, rank_choice=dict(plan.rank_choice, reachable=False, rounds=[]))
     budget, tried, seen, nudges = target_latency, [], {}, 0
     while len(tried) < rounds and nudges <= 20:
         candidate = choose_blocks(plan, candidates, target_latency=target_latency, original_latency_s=original_latency_s,
                                   environment=environment, batch_size=batch_size, budget=budget, judged_by=judged_by,
-                                  widths=widths)
+                                  widths=widths, macs_cap=macs_cap)
         signature = plan_signature(candidate)
         if signature in seen:  # the budget moved too little to change the plan: push it further, untimed
             nudges += 1
@@ -597,11 +670,12 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
         if budget is None:
             break
     plans = list(seen.values())
-    fits = [p for p in plans if p.rank_choice["measured_fraction"] <= target_latency]
-    chosen = min(fits, key=lambda p: p.rank_choice["error"]) if fits else \
+    in_time = [p for p in plans if p.rank_choice["measured_fraction"] <= target_latency]
+    fits = [p for p in in_time if macs_cap is None or p.macs_after <= macs_cap * p.macs_before * (1 + 1e-9)]
+    chosen = min(fits or in_time, key=lambda p: p.rank_choice["error"]) if in_time else \
         min(plans, key=lambda p: p.rank_choice["measured_fraction"])
     notes = list(chosen.notes)
-    if not fits:
+    if not in_time:
         notes.append(f"target {target_latency:g} of the original's latency not reached: the fastest plan found "
                      f"measured {chosen.rank_choice['measured_fraction']:.3f} of the original end to end")
     choice = dict(chosen.rank_choice, rounds=tried, reachable=bool(fits))
@@ -730,7 +804,8 @@ FEW_HELD_OUT = 64
 
 def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[ConversionPlan, str], dict],
                     by_time: bool, target: float,
-                    recheck: Callable[[ConversionPlan], tuple[float, float]] | None = None) -> ConversionPlan:
+                    recheck: Callable[[ConversionPlan], tuple[float, float]] | None = None,
+                    macs_cap: float | None = None) -> ConversionPlan:
     """Of plans made for one target (``options``: (label, plan), the full-choice plan first), the one
     whose model, applied and calibrated, has the least output error on the held-out calibration
     samples (``judge(plan, label) -> {"relative_error", "cosine", "top1_agreement", "samples",
@@ -747,10 +822,15 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
     target is the likeliest to have been measured lucky (a noisy check just under the target). So
     ``recheck(plan) -> (original_s, planned_s)`` times the candidate again, side by side, in order
     of error, and a plan is kept only if the mean of its two checks is within the target; one that
-    is not counts as missing the target (``fraction`` becomes that mean).
+    is not counts as missing the target (``fraction`` becomes that mean). ``macs_cap`` (with a
+    latency target): a plan above this fraction of the original's MACs misses the target too.
     """
     judged: dict[tuple, dict] = {}
     rows = []
+
+    def small_enough(plan: ConversionPlan) -> bool:
+        return macs_cap is None or plan.macs_after <= macs_cap * plan.macs_before * (1 + 1e-9)
+
     for label, plan in options:
         choice = plan.rank_choice or {}
         signature = plan_signature(plan)
@@ -758,7 +838,7 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
             judged[signature] = judge(plan, label)
         if by_time:
             fraction = choice.get("measured_fraction")
-            fits = fraction is not None and fraction <= target
+            fits = fraction is not None and fraction <= target and small_enough(plan)
         else:
             fraction = plan.macs_after / plan.macs_before if plan.macs_before else None
             fits = fraction is not None and fraction <= target * (1 + 1e-9)
@@ -777,7 +857,7 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
                 if plan_signature(p) == plan_signature(options[i][1]):
                     r["checks"] = [r["fraction"], again]
                     r["fraction"] = (r["fraction"] + again) / 2
-                    r["fits"] = r["fraction"] <= target
+                    r["fits"] = r["fraction"] <= target and small_enough(p)
         if rows[i]["fits"]:
             best = i
             break

@@ -262,7 +262,8 @@ def analyze(model_settings: ModelSettings, output_settings: OutputSettings, rule
               help="Activations calibration keeps in memory at most (e.g. 512MiB); beyond it they go to a "
                    "temporary directory, removed when calibration ends. 'none': no bound.")
 @click.option("--target-macs", type=float, default=None, metavar="FRACTION",
-              help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33).")
+              help="Choose each layer's rank for at most this fraction of the original MACs (e.g. 0.33); with "
+                   "--target-latency, the least-error plan within both.")
 @click.option("--max-error", type=float, default=None, metavar="E",
               help="Choose each layer's smallest rank whose error is at most E.")
 @click.option("--target-latency", type=float, default=None, metavar="FRACTION",
@@ -288,7 +289,8 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     Decides per conv with explicit rules (see --dry-run), initializes each block from the
     original weights, and reports params, MACs and output fidelity before and after.
     With --target-latency the block of each layer (separable, pointwise-first, spatial,
-    bottleneck at a rank, or keep) is chosen from timings on this machine.
+    bottleneck at a rank, or keep) is chosen from timings on this machine; add
+    --target-macs for a size budget beside the speed one.
 
     \b
     Examples:
@@ -313,10 +315,10 @@ def convert(model_settings: ModelSettings, rule_config, format: str, dry_run: bo
     memory_limit = _memory_limit(calibration_memory)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    targets = [f"--{n}" for n, v in (("target-latency", target_latency), ("target-macs", target_macs),
-                                      ("max-error", max_error)) if v is not None]
-    if len(targets) > 1:
-        raise UsageError(f"give one target, not {' and '.join(targets)}")
+    if max_error is not None and (target_latency is not None or target_macs is not None):
+        other = "--target-latency" if target_latency is not None else "--target-macs"
+        raise UsageError(f"--max-error bounds each layer's error and goes alone, not with {other} (--target-latency "
+                         "and --target-macs go together: the least-error plan within both)")
     if target_latency is not None and not 0 < target_latency < 1:
         raise UsageError(f"--target-latency is a fraction of the original's measured latency between 0 and 1, "
                          f"got {target_latency}")

@@ -180,7 +180,8 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
     1. The rules decide per conv call site (:func:`rule_decisions`).
     2. With a latency target, or block families beyond separable and ``target_macs`` /
        ``max_error``, each replaced module's block (family × rank, or keep) is chosen from
-       ``facts.blocks`` (:mod:`dsrewrite.choose`); otherwise, with ``target_macs`` (a fraction
+       ``facts.blocks`` (:mod:`dsrewrite.choose`) — with both a latency target and ``target_macs``,
+       within both; otherwise, with ``target_macs`` (a fraction
        of the original MACs) or ``max_error``, each replaced module's depth multiplier is
        chosen from ``facts.errors`` (:mod:`dsrewrite.rank`).
     3. With ``plan.group_widths`` and calibration data (``facts.widths``), the width of each
@@ -217,7 +218,7 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
 
                 made = fit_latency(base, blocks, latency, facts.original_latency_s, facts.plan_timer,
                                    environment=facts.environment, batch_size=facts.batch_size,
-                                   judged_by=facts.errors_from or "weights", widths=widths)
+                                   judged_by=facts.errors_from or "weights", widths=widths, macs_cap=target_macs)
                 made.environment = facts.environment
                 return made
             made = choose_blocks(base, blocks, target_macs=target_macs, max_error=max_error,
@@ -234,7 +235,8 @@ def plan_conversion(analysis, config: RuleConfig, facts=None, *, target_macs: fl
 
             options = [(label, make(blocks, widths)) for label, blocks, widths in offered]
             plan = compare_on_data(options, facts.plan_judge, latency is not None,
-                                   latency if latency is not None else target_macs, recheck=facts.plan_timer)
+                                   latency if latency is not None else target_macs, recheck=facts.plan_timer,
+                                   macs_cap=target_macs if latency is not None else None)
         else:
             plan = make(blocks, facts.widths)
         if slow_note:

@@ -258,6 +258,8 @@ def _choice_text(choice: dict) -> str:
     """One sentence: what the ranks or blocks were chosen for, how they were judged, and (latency) the prediction."""
     if choice.get("target_latency") is not None:
         goal = f"at most {choice['target_latency']:g} of the original's measured latency"
+        if choice.get("target_macs") is not None:
+            goal += f" and at most {choice['target_macs']:g} of the original MACs"
     elif choice.get("target_macs") is not None:
         goal = f"at most {choice['target_macs']:g} of the original MACs"
     else:

@@ -20,6 +20,7 @@ from dsrewrite.cli import cli
 from dsrewrite.errors import ConfigError
 from dsrewrite.layers import DepthwiseSeparableConv2d
 from dsrewrite.plan import PlanMismatch, load_plan
+from dsrewrite.report import render_plan
 from models import fashion_resnet
 
 SHAPE = (1, 3, 64, 64)
@@ -272,7 +273,7 @@ def in_repo(monkeypatch, request):
 
 @pytest.mark.parametrize("args,message", [
     (["--target-latency", "1.5"], "between 0 and 1"),
-    (["--target-latency", "0.5", "--target-macs", "0.5"], "one target"),
+    (["--target-latency", "0.5", "--max-error", "0.1"], "goes alone"),
     (["--set", "block.family=auto"], "target"),
 ])
 def test_cli_rejects_bad_targets(in_repo, args, message):
@@ -284,12 +285,14 @@ def test_cli_latency_plan_is_the_plan_applied(in_repo, tmp_path):
     plan_path = tmp_path / "plan.json"
     # one layer planned (stages.3.0.conv2: the others are kept by rule), to keep the weight judging short
     r = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--rules", "auto", "--target-latency",
-            "0.7", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=512", "--set",
-            'block.layer_family={"stages.3.1.*" = "keep"}', "--dry-run", "--format", "json", "-o", plan_path, "-q")
+            "0.7", "--target-macs", "0.95", "--repeats", "3", "--no-cache", "--set", "replace.min_in_channels=512",
+            "--set", 'block.layer_family={"stages.3.1.*" = "keep"}', "--dry-run", "--format", "json", "-o", plan_path,
+            "-q")
     assert r.exit_code == 0, r.output
     doc = json.loads(plan_path.read_text())
     choice = doc["rank_choice"]
     assert choice["target_latency"] == 0.7 and choice["rounds"] and choice["measured_fraction"] > 0
+    assert choice["target_macs"] == 0.95 and doc["macs_after"] <= 0.95 * doc["macs_before"]
     rows = [d for d in doc["decisions"] if d.get("candidates")]
     assert rows and all(sum(c["chosen"] for c in d["candidates"]) == 1 for d in rows)
     out = tmp_path / "model.pt"
@@ -301,6 +304,7 @@ def test_cli_latency_plan_is_the_plan_applied(in_repo, tmp_path):
             assert type(model.get_submodule(d["module_name"])) is CLASSES[d["family"]]
     text = run("convert", "examples/resnet.py", "--input-shape", "1,3,64,64", "--plan", plan_path, "--dry-run")
     assert "Candidates" in text.output and "measured end to end against the original" in text.output
+    assert "and at most 0.95 of the original MACs" in text.output
 
 
 def test_saved_plan_with_a_bad_family_rank_is_refused(resnet):
@@ -337,3 +341,47 @@ def test_a_width_resize_follows_the_family_blocks(small, family):
 
 def _name_of(blocks, block):
     return next(n for n, b in blocks.items() if b is block)
+
+
+def _timers(original_s=0.02):
+    """A layer timer where time and MACs disagree (spatial and bottleneck blocks 2.5× faster than the dense
+    conv at any rank, the others 1.25×), and an end-to-end timer that adds up what the plan's blocks save."""
+    from dsrewrite.measure import LayerTiming
+
+    def timer(conv, rank, bn, activation, family="separable"):
+        return LayerTiming(1e-3, 4e-4 if family in ("spatial", "bottleneck") else 8e-4)
+
+    def plan_timer(plan):
+        if plan is None:
+            return original_s, original_s
+        saved = sum(d.measured_original_s - d.measured_replacement_s for d in plan.replacements)
+        return original_s, original_s - saved
+
+    return timer, plan_timer
+
+
+def test_a_mac_target_beside_a_latency_target_bounds_both(small):
+    """``target_latency`` with ``target_macs``: the least-error plan within both. The latency plan alone
+    takes the fast blocks at their most accurate (high-MAC) ranks; a MAC cap below its MACs makes the
+    planner pay error for MACs, and the plan kept meets both targets; one out of reach is said."""
+    timer, plan_timer = _timers()
+    alone = dsrewrite.plan_model(small, SMALL, "auto", target_latency=0.8, layer_timer=timer, plan_timer=plan_timer)
+    assert alone.rank_choice["reachable"] and alone.rank_choice["measured_fraction"] <= 0.8
+    cap = round(0.8 * alone.macs_after / alone.macs_before, 3)
+    both = dsrewrite.plan_model(small, SMALL, "auto", target_latency=0.8, target_macs=cap, layer_timer=timer,
+                                plan_timer=plan_timer)
+    choice = both.rank_choice
+    assert choice["reachable"] and choice["measured_fraction"] <= 0.8
+    assert choice["target_latency"] == 0.8 and choice["target_macs"] == cap
+    assert both.macs_after <= cap * both.macs_before < alone.macs_after
+    assert choice["error"] > alone.rank_choice["error"], "fewer MACs at the same speed cost error here"
+    assert all(f"≤{cap:g} of the MACs" in d.reason for d in both.decisions if d.rule == "ChooseBlock")
+    assert f"and ≤{cap:g} of the MACs" not in "".join(d.reason for d in alone.decisions)
+    text = render_plan(both, "text")
+    assert f"at most 0.8 of the original's measured latency and at most {cap:g} of the original MACs" in text
+    tiny = dsrewrite.plan_model(small, SMALL, "auto", target_latency=0.8, target_macs=0.01, layer_timer=timer,
+                                plan_timer=plan_timer)
+    assert not tiny.rank_choice["reachable"]
+    assert any("--target-macs 0.01 is out of reach within this latency budget" in n for n in tiny.notes)
+    with pytest.raises(ValueError, match="max_error"):
+        dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, max_error=0.1)

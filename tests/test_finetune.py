@@ -322,7 +322,7 @@ def test_cli_calibrate_and_target(tmp_path):
     assert cal["memory_limit"] == 65536 and cal["activations_peak"] <= 65536 and cal["spilled_bytes"] > 0
     for args, words in [(["--calibrate", "nope.py:x"], "no such file"),
                         (["--calibrate", f"{data}:missing"], "defines no 'missing'"),
-                        (["--target-macs", "0.5", "--max-error", "0.1"], "one target"),
+                        (["--target-macs", "0.5", "--max-error", "0.1"], "goes alone"),
                         (["--target-macs", "3"], "between 0 and 1"),
                         (["--calibration-memory", "lots"], "--calibration-memory"),
                         (["--calibration-memory", "-1MiB"], "takes a size such as 512MiB")]:

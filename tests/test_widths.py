@@ -246,6 +246,16 @@ def test_compare_on_data_keeps_the_least_held_out_error_among_plans_that_meet_th
     assert spatial["checks"] == pytest.approx([0.50, 0.52]) and spatial["fraction"] == pytest.approx(0.51)
     assert spatial["chosen"] and rechecked == [plan_signature(options[1][1]), plan_signature(options[4][1])]
     assert "checks" not in rows[0]  # never reached: its error is higher than the kept plan's
+    # with a MAC cap beside the latency target, a plan above it misses the target however fast it measured
+    share = {label: p.macs_after / p.macs_before for label, p in options}
+    cap = share["blocks only"] * (1 - 1e-6)
+    assert share["all"] <= cap or share["spatial"] <= cap, share
+    capped = compare_on_data(options, judge, True, 0.65, macs_cap=cap)
+    rows = capped.rank_choice["compared"]
+    assert [r["fits"] for r in rows] == [measured[label] <= 0.65 and share[label] <= cap for label, _ in options]
+    assert not rows[1]["fits"] and rows[1]["fraction"] == 0.64, "blocks only: fast enough, too many MACs"
+    fitting = [(held_out[r["plan"]], i) for i, r in enumerate(rows) if r["fits"]]
+    assert [r["chosen"] for r in rows] == [i == min(fitting)[1] for i in range(len(rows))]
     # nothing meets the target: the plan with every option stays, unannotated
     for _, p in options:
         p.rank_choice["measured_fraction"] = 0.9
