@@ -202,7 +202,8 @@ def macs_only(args) -> int:
             choice = both.plan.rank_choice
             rows[-1] += [f"{speed['both']:.2f}× ({macs(both)}; {len(both.plan.replacements)} blocks; target "
                          f"{sep_fraction:.2f}, checked {choice['measured_fraction']:.2f}"
-                         + ("" if choice["reachable"] else ", out of reach") + ")",
+                         + ("" if choice["reachable"] else ", out of reach")
+                         + ("; the same plan as by weight error" if plans["both"] == plans["plain"] else "") + ")",
                          verdict("both"), f"{both_s:.0f}s"]
         elif not args.no_both:
             rows[-1] += [f"- (separable-only measured {sep_fraction:.2f} of the original: no faster)", "n/a", "-"]
@@ -227,7 +228,7 @@ def render_macs(rows, args) -> str:
         f"once with `--set replace.min_measured_speedup={args.min_speedup:g}` (every candidate block timed on its "
         "layer's input shape and offered only if it measured at least that much faster than the dense conv). "
         f"Speedups: the original's latency ÷ the converted model's, median of {args.rounds} interleaved rounds, "
-        "all four models in the same rounds (identical plans timed once). In brackets: the MAC fraction reached, "
+        "all models in the same rounds (identical plans timed once). In brackets: the MAC fraction reached, "
         "the blocks placed, and whether the speed floor changed the plan. "
         "**planning**: the timed plan, timing included." + (
             " **auto within both**: `--target-macs` at the same fraction *and* `--target-latency` at "
