@@ -524,9 +524,9 @@ def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[
 
     A second budget, priced: each candidate's error is charged μ per MAC it keeps (a thinned
     group's credited μ per MAC it saves), as a fraction of the original's MACs, and μ is searched —
-    0 first (the latency-only plan, taken if it fits), then doubled until a plan fits, then bisected
-    between the last price that missed and the first that fit, so the price is as low, and the
-    error as small, as the cap allows. The least-error plan within the cap of all those tried is
+    0 first (the latency-only plan, taken if it fits), then from 1 doubled until a plan fits or halved
+    until one does not, then bisected (geometrically) between the highest price that missed and the
+    lowest that fit, so the price is as low, and the error as small, as the cap allows. The least-error plan within the cap of all those tried is
     kept; if none is (the fewest MACs that fit the latency budget are still too many), the one with
     the fewest MACs, and a note says so."""
     scale = float(macs_before) or 1.0
@@ -544,25 +544,32 @@ def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[
         error = sum(c.error for c in chosen.values()) + sum(w.error for w in groups.values())
         return macs / scale, error, chosen, groups
 
+    def fits(t) -> bool:
+        return t[0] <= cap * (1 + 1e-9)
+
     tried = [at(0.0)]
-    if tried[0][0] > cap * (1 + 1e-9):
-        lo, hi, mu = 0.0, None, 1.0
-        while hi is None and mu <= 2.0 ** 40:
+    if not fits(tried[0]):
+        # the price's scale is the errors' (weight errors ~1, data errors far smaller): from 1, doubled
+        # until a plan fits or halved until one does not, then bisected geometrically between the two
+        lo, hi, mu = None, None, 1.0
+        while lo is None or hi is None:
             tried.append(at(mu))
-            if tried[-1][0] <= cap * (1 + 1e-9):
-                hi = mu
+            if fits(tried[-1]):
+                hi, mu = mu, mu / 2
             else:
                 lo, mu = mu, mu * 2
-        for _ in range(10 if hi is not None else 0):
-            mid = (lo + hi) / 2
+            if not 2.0 ** -40 <= mu <= 2.0 ** 40:
+                break
+        for _ in range(10 if lo is not None and hi is not None else 0):
+            mid = math.sqrt(lo * hi)
             tried.append(at(mid))
-            if tried[-1][0] <= cap * (1 + 1e-9):
+            if fits(tried[-1]):
                 hi = mid
             else:
                 lo = mid
-    fits = [t for t in tried if t[0] <= cap * (1 + 1e-9)]
-    if fits:
-        _, _, chosen, groups = min(fits, key=lambda t: t[1])
+    within = [t for t in tried if fits(t)]
+    if within:
+        _, _, chosen, groups = min(within, key=lambda t: t[1])
         return chosen, groups, None
     fewest = min(tried, key=lambda t: t[0])
     return fewest[2], fewest[3], (f"--target-macs {cap:g} is out of reach within this latency budget: the plan "

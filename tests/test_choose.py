@@ -385,3 +385,32 @@ def test_a_mac_target_beside_a_latency_target_bounds_both(small):
     assert any("--target-macs 0.01 is out of reach within this latency budget" in n for n in tiny.notes)
     with pytest.raises(ValueError, match="max_error"):
         dsrewrite.plan_model(small, SMALL, "auto", target_macs=0.5, max_error=0.1)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e4])
+def test_the_mac_price_search_finds_the_same_plan_whatever_the_errors_scale(scale):
+    """Data errors are orders of magnitude below weight errors: the price per MAC is searched from the
+    errors' own scale (doubled or halved from 1, then bisected geometrically), so scaling every error
+    leaves the plan within both budgets unchanged."""
+    from dsrewrite.choose import _within_macs
+    from dsrewrite.rank import least_error_within
+
+    def layers(s):
+        return {f"l{i}": [Candidate("keep", None, 100, 10, 0.0, 0.004),
+                          Candidate("spatial", 64, 60, 5, (0.2 + 0.01 * i) * s, 0.002),
+                          Candidate("spatial", 32, 35, 3, (0.5 + 0.01 * i) * s, 0.002),
+                          Candidate("bottleneck", 16, 10, 1, (0.9 + 0.01 * i) * s, 0.001)] for i in range(6)}
+
+    def pick(blocks, widths):  # least error within 0.018 s of the six layers' 0.024 s
+        options = {n: [(i, c.error, c.time_s) for i, c in enumerate(opts)] for n, opts in blocks.items()}
+        return {n: blocks[n][i] for n, i in least_error_within(options, 0.018).items()}, {}
+
+    plans = []
+    for s in (1.0, scale):
+        chosen, groups, note = _within_macs(layers(s), {}, pick, 1000, 0.7)
+        assert note is None and not groups
+        assert 1000 - sum(100 - c.macs for c in chosen.values()) <= 700
+        plans.append(sorted((n, c.family, c.rank) for n, c in chosen.items()))
+    alone, _ = pick(layers(1.0), {})
+    assert 1000 - sum(100 - c.macs for c in alone.values()) > 700, "the cap binds"
+    assert plans[0] == plans[1]
