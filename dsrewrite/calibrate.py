@@ -717,12 +717,6 @@ def _mutates(user: torch.fx.Node, node: torch.fx.Node, root: nn.Module) -> bool:
             and (user.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))))
 
 
-def _size(n: int | None) -> str:
-    from .units import format_bytes
-
-    return "no limit" if n is None else format_bytes(n)
-
-
 def _shapes(values: Sequence) -> list:
     return values.shapes() if isinstance(values, _Values) else [v.shape for v in values]
 
@@ -757,9 +751,12 @@ class _Spill:
             handle = _OnDisk(os.path.join(self.directory, f"{self.files}.pt"), value)
         except (OSError, RuntimeError) as e:  # a full disk: torch.save raises either
             from .errors import UsageError
+            from .units import format_bytes
 
+            # only a limit spills, so ``self.limit`` is a size here
             raise UsageError(f"calibration could not write its activations beyond the memory limit "
-                             f"({_size(self.limit)}) to {self.directory} after {_size(self.written)}: {e}; free "
+                             f"({format_bytes(self.limit)}) to {self.directory} after {format_bytes(self.written)}: "
+                             f"{e}; free "
                              f"space there, point TMPDIR elsewhere, or raise --calibration-memory") from e
         self.written += size
         return handle

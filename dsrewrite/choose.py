@@ -526,9 +526,9 @@ def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[
     group's credited μ per MAC it saves), as a fraction of the original's MACs, and μ is searched —
     0 first (the latency-only plan, taken if it fits), then from 1 doubled until a plan fits or halved
     until one does not, then bisected (geometrically) between the highest price that missed and the
-    lowest that fit, so the price is as low, and the error as small, as the cap allows. The least-error plan within the cap of all those tried is
-    kept; if none is (the fewest MACs that fit the latency budget are still too many), the one with
-    the fewest MACs, and a note says so."""
+    lowest that fit, so the price is as low, and the error as small, as the cap allows. The
+    least-error plan within the cap of all those tried is kept; if none is (the fewest MACs that
+    fit the latency budget are still too many), the one with the fewest MACs, and a note says so."""
     scale = float(macs_before) or 1.0
 
     def at(mu: float):
@@ -574,6 +574,11 @@ def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[
     fewest = min(tried, key=lambda t: t[0])
     return fewest[2], fewest[3], (f"--target-macs {cap:g} is out of reach within this latency budget: the plan "
                                   f"with the fewest MACs that fits it keeps {fewest[0]:.3f} of the original MACs")
+
+
+def macs_within(plan: ConversionPlan, fraction: float) -> bool:
+    """Whether ``plan`` keeps at most ``fraction`` of the original MACs (up to float rounding)."""
+    return plan.macs_after <= fraction * plan.macs_before * (1 + 1e-9)
 
 
 def _index(options: list, chosen) -> int:
@@ -678,7 +683,7 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
             break
     plans = list(seen.values())
     in_time = [p for p in plans if p.rank_choice["measured_fraction"] <= target_latency]
-    fits = [p for p in in_time if macs_cap is None or p.macs_after <= macs_cap * p.macs_before * (1 + 1e-9)]
+    fits = [p for p in in_time if macs_cap is None or macs_within(p, macs_cap)]
     chosen = min(fits or in_time, key=lambda p: p.rank_choice["error"]) if in_time else \
         min(plans, key=lambda p: p.rank_choice["measured_fraction"])
     notes = list(chosen.notes)
@@ -835,9 +840,6 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
     judged: dict[tuple, dict] = {}
     rows = []
 
-    def small_enough(plan: ConversionPlan) -> bool:
-        return macs_cap is None or plan.macs_after <= macs_cap * plan.macs_before * (1 + 1e-9)
-
     for label, plan in options:
         choice = plan.rank_choice or {}
         signature = plan_signature(plan)
@@ -845,10 +847,10 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
             judged[signature] = judge(plan, label)
         if by_time:
             fraction = choice.get("measured_fraction")
-            fits = fraction is not None and fraction <= target and small_enough(plan)
+            fits = fraction is not None and fraction <= target and (macs_cap is None or macs_within(plan, macs_cap))
         else:
             fraction = plan.macs_after / plan.macs_before if plan.macs_before else None
-            fits = fraction is not None and fraction <= target * (1 + 1e-9)
+            fits = fraction is not None and macs_within(plan, target)
         rows.append({"plan": label, "fraction": fraction, "by": "measured latency" if by_time else "MACs",
                      "predicted_error": choice.get("error"), "replaced": len(plan.modules_to_replace),
                      "thinned": len(plan.resize.changed) if plan.resize else 0, "fits": fits,
@@ -864,7 +866,7 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
                 if plan_signature(p) == plan_signature(options[i][1]):
                     r["checks"] = [r["fraction"], again]
                     r["fraction"] = (r["fraction"] + again) / 2
-                    r["fits"] = r["fraction"] <= target and small_enough(p)
+                    r["fits"] = r["fraction"] <= target and (macs_cap is None or macs_within(p, macs_cap))
         if rows[i]["fits"]:
             best = i
             break
