@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-speedup", type=float, default=1.0)
     parser.add_argument("--no-both", action="store_true", help="--macs-only without the plan within both the "
                         "MACs and separable-only's measured latency")
+    parser.add_argument("--quiet", action="store_true", help="no planner progress on stderr (by default the "
+                        "planner's progress lines go there: planning a model at batch 64 takes minutes to an hour)")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
     if args.output is None:
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         data = [torch.randn(min(8, args.calibration - i), *shape[1:], generator=generator)
                 for i in range(0, args.calibration, 8)] or None
         plan = dsrewrite.plan_model(model, shape, config, analysis=analysis, target_latency=args.target,
-                                    measure_settings=settings, progress=None, calibration=data)
+                                    measure_settings=settings, progress=None if args.quiet else say,
+                                    calibration=data)
         planning_s = time.perf_counter() - start
         say(f"{name}: planned in {planning_s:.0f}s; applying ...")
         auto = dsrewrite.convert(model, shape, config, analysis=analysis, plan=plan)
@@ -160,7 +163,8 @@ def macs_only(args) -> int:
         say(f"{name}: ... and with replace.min_measured_speedup={args.min_speedup:g} ...")
         start = time.perf_counter()
         timed = dsrewrite.convert(model, shape, dataclasses.replace(config, min_measured_speedup=args.min_speedup),
-                                  analysis=analysis, target_macs=fraction, measure_settings=settings)
+                                  analysis=analysis, target_macs=fraction, measure_settings=settings,
+                                  progress=None if args.quiet else say)
         planning_s = time.perf_counter() - start
         results = {"separable": separable, "plain": plain, "timed": timed}
         both = None
@@ -175,7 +179,7 @@ def macs_only(args) -> int:
                 start = time.perf_counter()
                 both = dsrewrite.convert(model, shape, config, analysis=analysis, target_macs=fraction,
                                          target_latency=sep_fraction, measure_settings=settings,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, progress=None if args.quiet else say)
                 both_s = time.perf_counter() - start
                 results["both"] = both
         say(f"{name}: timing end to end ...")
