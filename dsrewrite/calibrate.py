@@ -12,9 +12,11 @@ blocks (:mod:`dsrewrite.blocks`) step 1 and a least-squares refit of their last 
 3. before that, the depthwise filters and pointwise weights are fit together by alternating
    least squares on the block's linear part (the block is bilinear in them): one streamed
    pass collects the input-patch covariance Σ (C_in·K²+1)² and the cross-covariance with
-   the targets, then each half-step is an exact solve on those small matrices
-   (pointwise: (mid+1)²; depthwise: (mid·K²)², the Hadamard product PᵀP ⊙ Σ) — the
-   objective never goes up, so it is never worse than refitting the pointwise alone;
+   the targets, then each half-step works on those small matrices only (pointwise: an exact
+   (mid+1)² solve; depthwise: the (mid·K²)² system PᵀP ⊙ Σ, applied through Σ without being
+   formed, :func:`_depthwise_normal`, by a few warm-started conjugate-gradient steps,
+   :data:`CG_STEPS`) — every step lowers the objective, so the fit is never worse than
+   refitting the pointwise alone;
 4. the inserted BN is reset again for the new filters and the pointwise weights and bias are
    refit by least squares through the actual BN and activation, streamed over the batches:
    the fit keeps only the normal equations (mid+1)² and (mid+1)×C_out.
@@ -995,8 +997,8 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
             if rows is None:  # patches with a trailing 1, kept for the later rounds when they fit the budget
                 rows = _conv_patches(block.depthwise, inp, keep[i])
                 rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-                # a sampled fit is approximate anyway: its products in float32, summed per batch in float64
-                rows = rows.float() if keep[i] is not None else rows.double()
+                # a fast fit is approximate anyway: its products in float32, summed per batch in float64
+                rows = rows.float() if per_unknown is not None else rows.double()
                 if cached is not None:
                     cached[i] = rows
             targets = _flat(y, keep[i])
@@ -1006,16 +1008,18 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
             if round_ == 0:
                 sigma += (rows.T @ rows).double()
             cross += (targets.T.to(rows.dtype) @ rows).double()
-        # Σ and C restricted to the (mid channel, tap) pairs the depthwise filters see; the block
-        # structure of D means nothing larger than (mid·K²)² is ever formed
-        patch = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)[owner][:, :, owner]  # [mid, K², mid, K²]
+        # Σ over (input channel, tap) pairs, and C restricted to the (mid channel, tap) pairs the depthwise
+        # filters see. Mid channel m = c·r + j reads input channel c, so both half-steps' matrices are
+        # products of Σ with D or PᵀWP (:func:`_depthwise_normal`): nothing of (mid·K²)² is ever formed
+        s4 = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)
         mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
         cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
         for it in range(iterations):
             heartbeat(f"joint fit: alternation {it + 1}/{iterations}")
-            # pointwise half-step: features h = D x and a constant 1
+            # pointwise half-step: features h = D x and a constant 1; Σ_h = D Σ Dᵀ over matching channels
             gram = torch.empty(mid + 1, mid + 1, dtype=torch.float64)
-            gram[:mid, :mid] = torch.einsum("ik,ikj->ij", depthwise, torch.einsum("ikjl,jl->ikj", patch, depthwise))
+            d4 = depthwise.reshape(c_in, rank, taps)
+            gram[:mid, :mid] = torch.einsum("apk,akbq->apbq", d4, _sigma_times(s4, d4)).reshape(mid, mid)
             gram[:mid, mid] = gram[mid, :mid] = (depthwise * mean).sum(1)
             gram[mid, mid] = sigma[-1, -1]
             rhs_p = torch.cat([torch.einsum("mk,omk->mo", depthwise, cross_r), cross[:, -1].unsqueeze(0)], 0)
@@ -1024,13 +1028,12 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
                 [pointwise.T, bias.unsqueeze(0)], 0))
             pointwise, bias = solution[:mid].T, solution[mid]
             # depthwise half-step: (PᵀWP ⊙ Σ restricted) d = PᵀW(C − b·Σ₁) restricted (W: channel weights²)
-            system = ((pointwise.T @ (w2[:, None] * pointwise))[:, None, :, None] * patch).reshape(
-                mid * taps, mid * taps)
+            apply, diagonal = _depthwise_normal(s4, pointwise.T @ (w2[:, None] * pointwise), rank)
             rhs = torch.einsum("om,omk->mk", w2[:, None] * pointwise, cross_r - bias[:, None, None] * mean).reshape(-1)
-            damp = ridge * float(system.diagonal().mean().clamp_min(1e-12))
-            system.diagonal().add_(damp)
-            depthwise = _conjugate_gradient(system, rhs + damp * prior_dw.reshape(-1),
-                                            depthwise.reshape(-1)).reshape(mid, taps)
+            damp = ridge * float(diagonal.mean().clamp_min(1e-12))
+            depthwise = _conjugate_gradient(lambda v: apply(v) + damp * v, diagonal + damp,
+                                            rhs + damp * prior_dw.reshape(-1), depthwise.reshape(-1),
+                                            CG_STEPS if per_unknown is not None else CG_STEPS_THOROUGH).reshape(mid, taps)
     block.depthwise.weight.copy_(depthwise.reshape(block.depthwise.weight.shape).to(block.depthwise.weight.dtype))
     return depthwise, pointwise, bias
 
@@ -1187,16 +1190,48 @@ def _positions(conv: nn.Conv2d, padded: torch.Tensor) -> int:
     return padded.shape[0] * math.prod(spots)
 
 
-def _conjugate_gradient(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, iterations: int = 30,
-                        tolerance: float = 1e-6) -> torch.Tensor:
-    """Jacobi-preconditioned CG for the SPD system ``a x = b``, warm-started at ``x``.
+#: conjugate-gradient steps per depthwise half-step of the joint fit, fast and thorough mode: each half-step is
+#: warm-started from the last and every step lowers the error, so the alternation stays monotone with few
+#: (benchmarks/results/calibration.md: 10 steps fit as well as 30 at a third of the time)
+CG_STEPS, CG_STEPS_THOROUGH = 10, 30
+
+
+def _sigma_times(s4: torch.Tensor, d4: torch.Tensor) -> torch.Tensor:
+    """U[a, k, b, q] = Σ_l Σ[a, k, b, l] · d[b, q, l]: the input second moments ``s4`` [C_in, K², C_in, K²]
+    applied to per-mid-channel filters ``d4`` [C_in, r, K²] (mid channel b·r + q reads input channel b)."""
+    return torch.einsum("akbl,bql->akbq", s4, d4)
+
+
+def _depthwise_normal(s4: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[Callable, torch.Tensor]:
+    """The depthwise half-step's normal matrix M[(i, k), (j, l)] = A[i, j] · Σ[o(i), k, o(j), l]
+    (``a`` = PᵀWP [mid, mid], o(i) = i // r the input channel of mid channel i) as
+    ``(v -> M v, diag M)``, not formed for r > 1: a product costs C_in²·K²·r·(K² + r) multiply-adds
+    where M has (C_in·r·K²)² entries. At r = 1 M is as large as Σ and a dense product is the
+    faster one (about 6× per product at 128 channels), so it is formed."""
+    c_in, taps = s4.shape[0], s4.shape[1]
+    if rank == 1:
+        dense = (a[:, None, :, None] * s4).reshape(c_in * taps, c_in * taps)
+        return (lambda v: dense @ v), dense.diagonal()
+    a4 = a.reshape(c_in, rank, c_in, rank)
+    diagonal = (a.diagonal().reshape(c_in, rank, 1) * torch.einsum("akak->ak", s4).unsqueeze(1)).reshape(-1)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:  # Σ_{b,q} A[a,p,b,q] Σ_l Σ[a,k,b,l] v[b,q,l]
+        return torch.einsum("apbq,akbq->apk", a4, _sigma_times(s4, v.reshape(c_in, rank, taps))).reshape(-1)
+
+    return apply, diagonal
+
+
+def _conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], diagonal: torch.Tensor, b: torch.Tensor,
+                        x: torch.Tensor, iterations: int = 30, tolerance: float = 1e-6) -> torch.Tensor:
+    """Jacobi-preconditioned CG for the SPD system ``apply(x) = b`` (``diagonal``: the matrix's), warm-started
+    at ``x``.
 
     Every step lowers the quadratic ``½xᵀax − bᵀx`` (the least-squares error), so the
     alternating fit stays monotone; a warm start from the previous half-step needs few steps,
     and each costs one matrix-vector product instead of a cubic factorization.
     """
-    inv_diag = 1.0 / a.diagonal().clamp_min(1e-30)
-    r = b - a @ x
+    inv_diag = 1.0 / diagonal.clamp_min(1e-30)
+    r = b - apply(x)
     z = inv_diag * r
     p = z.clone()
     rz = r @ z
@@ -1204,7 +1239,7 @@ def _conjugate_gradient(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, itera
     for _ in range(iterations):
         if float(r.norm()) <= limit:
             break
-        ap = a @ p
+        ap = apply(p)
         alpha = rz / (p @ ap)
         x = x + alpha * p
         r = r - alpha * ap

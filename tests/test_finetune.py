@@ -104,6 +104,29 @@ def test_joint_depthwise_refit_is_never_worse_than_the_pointwise_refit(padding_m
     assert errors[True] < 0.9 * errors[False]
 
 
+@pytest.mark.parametrize("c_in,rank,taps", [(5, 1, 9), (4, 3, 9), (3, 2, 1), (6, 4, 25)])
+def test_the_joint_fits_depthwise_system_is_the_dense_one_never_formed(c_in, rank, taps):
+    """The depthwise half-step's matrix A[i, j]·Σ[o(i), k, o(j), l] (mid channel i reads input channel
+    o(i) = i // r) applied without forming it: the same products, diagonal and CG solution as the dense matrix."""
+    from dsrewrite.calibrate import _conjugate_gradient, _depthwise_normal
+
+    torch.manual_seed(0)
+    x = torch.randn(4 * c_in * taps, c_in * taps, dtype=torch.float64)
+    s4 = (x.T @ x).reshape(c_in, taps, c_in, taps)
+    mid = c_in * rank
+    owner = torch.arange(mid) // rank
+    p = torch.randn(7, mid, dtype=torch.float64)
+    a = p.T @ p + 0.1 * torch.eye(mid, dtype=torch.float64)
+    dense = (a[:, None, :, None] * s4[owner][:, :, owner]).reshape(mid * taps, mid * taps)
+    apply, diagonal = _depthwise_normal(s4, a, rank)
+    v = torch.randn(mid * taps, dtype=torch.float64)
+    assert torch.allclose(apply(v), dense @ v, rtol=1e-10, atol=1e-9)
+    assert torch.allclose(diagonal, dense.diagonal())
+    b = dense @ torch.randn(mid * taps, dtype=torch.float64)
+    solved = _conjugate_gradient(apply, diagonal, b, torch.zeros_like(b), iterations=500, tolerance=1e-12)
+    assert torch.allclose(solved, torch.linalg.solve(dense, b), rtol=1e-6, atol=1e-6)
+
+
 def _errors_by_relu_awareness(model):
     """{relu_aware: the calibrated model's output relative error} for one conversion of ``model``."""
     result = dsrewrite.convert(model, (2, 3, 12, 12), "aggressive", AGGRESSIVE + ["block.activation=none"])
