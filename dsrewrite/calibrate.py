@@ -13,8 +13,8 @@ blocks (:mod:`dsrewrite.blocks`) step 1 and a least-squares refit of their last 
    least squares on the block's linear part (the block is bilinear in them): one streamed
    pass collects the input-patch covariance Σ (C_in·K²+1)² and the cross-covariance with
    the targets, then each half-step works on those small matrices only (pointwise: an exact
-   (mid+1)² solve; depthwise: the (mid·K²)² system PᵀP ⊙ Σ, applied through Σ without being
-   formed, :func:`_depthwise_normal`, by a few warm-started conjugate-gradient steps,
+   (mid+1)² solve; depthwise: the (mid·K²)² system PᵀP ⊙ Σ, applied through Σ and formed only
+   where it is no larger than Σ, :func:`_depthwise_normal`, by a few warm-started conjugate-gradient steps,
    :data:`CG_STEPS`) — every step lowers the objective, so the fit is never worse than
    refitting the pointwise alone;
 4. the inserted BN is reset again for the new filters and the pointwise weights and bias are
@@ -1010,7 +1010,7 @@ def _fit_jointly(block: DepthwiseSeparableConv2d, layer: _LayerData, linear, rid
             cross += (targets.T.to(rows.dtype) @ rows).double()
         # Σ over (input channel, tap) pairs, and C restricted to the (mid channel, tap) pairs the depthwise
         # filters see. Mid channel m = c·r + j reads input channel c, so both half-steps' matrices are
-        # products of Σ with D or PᵀWP (:func:`_depthwise_normal`): nothing of (mid·K²)² is ever formed
+        # products of Σ with D or PᵀWP (:func:`_depthwise_normal`): nothing larger than Σ is formed
         s4 = sigma[:-1, :-1].reshape(c_in, taps, c_in, taps)
         mean = sigma[-1, :-1].reshape(c_in, taps)[owner]  # Σ x̃·1: [mid, K²]
         cross_r = cross[:, :-1].reshape(-1, c_in, taps)[:, owner]  # [C_out, mid, K²]
@@ -1192,7 +1192,7 @@ def _positions(conv: nn.Conv2d, padded: torch.Tensor) -> int:
 
 #: conjugate-gradient steps per depthwise half-step of the joint fit, fast and thorough mode: each half-step is
 #: warm-started from the last and every step lowers the error, so the alternation stays monotone with few
-#: (benchmarks/results/calibration.md: 10 steps fit as well as 30 at a third of the time)
+#: (benchmarks/results/joint_fit.md: with 10 the held-out error is as low and the joint fit takes half the time)
 CG_STEPS, CG_STEPS_THOROUGH = 10, 30
 
 
