@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 from common import fingerprint, md_table  # noqa: E402
 from fashion_cnns import build_model  # noqa: E402
-from finetune_fashion_mnist import train  # noqa: E402
+from finetune_fashion_mnist import loader, train  # noqa: E402
 
 import dsrewrite  # noqa: E402
 from dsrewrite.data import fashion_mnist  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     x, y = fashion_mnist("train")
     xt, yt = fashion_mnist("test")
-    x, xt = (t.float().div(255).unsqueeze(1) if t.dim() == 3 else t for t in (x, xt))
+    test = loader(xt[:5000], yt[:5000], 500, shuffle=False)
     calibration = [x[50000 + i:50000 + i + 64] for i in range(0, 1024, 64)]
     rows = []
     for kind in args.models.split(","):
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - start
             rows.append([kind, str(len(plan.replacements)), multipliers, str(repeat + 1), f"{forward_s:.2f}s",
                          f"{seconds:.1f}s ({seconds / forward_s:.0f}×)", f"{report.after['relative_error']:.5f}",
-                         f"{report.after['top1_agreement']:.4f}", f"{100 * _accuracy(model, xt, yt):.2f}%"])
+                         f"{report.after['top1_agreement']:.4f}", f"{100 * dsrewrite.evaluate(model, test):.2f}%"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     text = "\n".join([
         "# The separable block's joint fit at depth multipliers up to 4", "",
@@ -87,12 +87,6 @@ def main(argv=None) -> int:
     Path(args.output).write_text(text + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def _accuracy(model, images, labels, n: int = 5000) -> float:
-    with torch.no_grad():
-        right = sum(int((model(images[i:i + 500]).argmax(1) == labels[i:i + 500]).sum()) for i in range(0, n, 500))
-    return right / n
 
 
 if __name__ == "__main__":

@@ -576,9 +576,9 @@ def _within_macs(candidates: dict[str, list[Candidate]], widths: dict[int, list[
                                   f"with the fewest MACs that fits it keeps {fewest[0]:.3f} of the original MACs")
 
 
-def macs_within(plan: ConversionPlan, fraction: float) -> bool:
-    """Whether ``plan`` keeps at most ``fraction`` of the original MACs (up to float rounding)."""
-    return plan.macs_after <= fraction * plan.macs_before * (1 + 1e-9)
+def macs_within(plan: ConversionPlan, fraction: float | None) -> bool:
+    """Whether ``plan`` keeps at most ``fraction`` of the original MACs (up to float rounding); None: no cap."""
+    return fraction is None or plan.macs_after <= fraction * plan.macs_before * (1 + 1e-9)
 
 
 def _index(options: list, chosen) -> int:
@@ -683,7 +683,7 @@ def fit_latency(plan: ConversionPlan, candidates: dict[str, list[Candidate]], ta
             break
     plans = list(seen.values())
     in_time = [p for p in plans if p.rank_choice["measured_fraction"] <= target_latency]
-    fits = [p for p in in_time if macs_cap is None or macs_within(p, macs_cap)]
+    fits = [p for p in in_time if macs_within(p, macs_cap)]
     chosen = min(fits or in_time, key=lambda p: p.rank_choice["error"]) if in_time else \
         min(plans, key=lambda p: p.rank_choice["measured_fraction"])
     notes = list(chosen.notes)
@@ -847,7 +847,7 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
             judged[signature] = judge(plan, label)
         if by_time:
             fraction = choice.get("measured_fraction")
-            fits = fraction is not None and fraction <= target and (macs_cap is None or macs_within(plan, macs_cap))
+            fits = fraction is not None and fraction <= target and macs_within(plan, macs_cap)
         else:
             fraction = plan.macs_after / plan.macs_before if plan.macs_before else None
             fits = fraction is not None and macs_within(plan, target)
@@ -866,7 +866,7 @@ def compare_on_data(options: list[tuple[str, ConversionPlan]], judge: Callable[[
                 if plan_signature(p) == plan_signature(options[i][1]):
                     r["checks"] = [r["fraction"], again]
                     r["fraction"] = (r["fraction"] + again) / 2
-                    r["fits"] = r["fraction"] <= target and (macs_cap is None or macs_within(p, macs_cap))
+                    r["fits"] = r["fraction"] <= target and macs_within(p, macs_cap)
         if rows[i]["fits"]:
             best = i
             break

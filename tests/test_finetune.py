@@ -105,9 +105,10 @@ def test_joint_depthwise_refit_is_never_worse_than_the_pointwise_refit(padding_m
 
 
 @pytest.mark.parametrize("c_in,rank,taps", [(5, 1, 9), (4, 3, 9), (3, 2, 1), (6, 4, 25)])
-def test_the_joint_fits_depthwise_system_is_the_dense_one_never_formed(c_in, rank, taps):
+def test_the_joint_fits_depthwise_system_acts_as_the_dense_matrix(c_in, rank, taps):
     """The depthwise half-step's matrix A[i, j]·Σ[o(i), k, o(j), l] (mid channel i reads input channel
-    o(i) = i // r) applied without forming it: the same products, diagonal and CG solution as the dense matrix."""
+    o(i) = i // r), applied through Σ (formed only at r = 1): the same products, diagonal and CG solution as
+    the dense matrix."""
     from dsrewrite.calibrate import _conjugate_gradient, _depthwise_normal
 
     torch.manual_seed(0)
